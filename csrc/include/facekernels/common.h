@@ -1,0 +1,35 @@
+// Small math shared by the CPU and CUDA builds. This header includes nothing from torch, so plain
+// `nvcc -c` can compile every kernel file that uses it.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FK_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FK_HOST_DEVICE inline
+#endif
+
+namespace facekernels {
+
+using std::fmax;
+using std::fmin;
+using std::sqrt;
+
+// x_hat = x / max(||x||, kNormEps): the eps of torch.nn.functional.normalize and of
+// facekernels/_params.py's NORM_EPS.
+constexpr double kNormEps = 1e-12;
+
+template <typename Acc>
+FK_HOST_DEVICE Acc inv_norm(Acc squared_norm) {
+  return Acc(1) / fmax(sqrt(squared_norm), Acc(kNormEps));
+}
+
+// c = clamp(x_hat . w_hat, -1, 1) from the three dot products x.w, x.x and w.w.
+template <typename Acc>
+FK_HOST_DEVICE Acc cosine_from_dots(Acc x_dot_w, Acc x_dot_x, Acc w_dot_w) {
+  return fmin(fmax(x_dot_w * inv_norm(x_dot_x) * inv_norm(w_dot_w), Acc(-1)), Acc(1));
+}
+
+}  // namespace facekernels

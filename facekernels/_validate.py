@@ -1,0 +1,149 @@
+"""The one validation path shared by every backend.
+
+Constructors and functional forms call these before any backend runs, so a malformed input gets the same
+``ValueError`` / ``TypeError`` (naming the argument and what was expected) whatever the backend.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from ._params import (
+    DISTANCES,
+    HEAD_BACKENDS,
+    MARGIN_GRADS,
+    MINING_MODES,
+    REDUCTIONS,
+    TRIPLET_BACKENDS,
+    TRIPLET_REDUCTIONS,
+)
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Checking that every label lies in [0, C) reads the labels on the host, which synchronises a CUDA
+# stream. It is on by default (a wrong label silently trains a wrong model); trainers that have already
+# checked their data can turn it off with facekernels.set_label_checks(False).
+_check_label_values = True
+
+
+def set_label_checks(enabled: bool) -> None:
+    """Turn the host-side range check of label values on or off (on by default)."""
+    global _check_label_values
+    _check_label_values = bool(enabled)
+
+
+def _fmt_choices(choices) -> str:
+    return ", ".join(repr(c) for c in choices)
+
+
+def check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, one of {_fmt_choices(choices)}; got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {_fmt_choices(choices)}; got {value!r}")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+
+
+def check_int(name: str, value, minimum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+
+
+def check_float(name: str, value, *, low=None, high=None, low_open=False, high_open=False) -> None:
+    """A finite real number in [low, high] (or the open ends asked for)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float; got {type(value).__name__}")
+    value = float(value)
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    interval = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+    bad = not math.isfinite(value)
+    if low is not None:
+        bad = bad or value < low or (low_open and value == low)
+    if high is not None:
+        bad = bad or value > high or (high_open and value == high)
+    if bad:
+        raise ValueError(f"{name} must be a finite number in {interval}; got {value}")
+
+
+def check_head_options(reduction: str, ignore_index: int, margin_grad: str, backend: str) -> None:
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_int("ignore_index", ignore_index)
+    check_choice("margin_grad", margin_grad, MARGIN_GRADS)
+    check_choice("backend", backend, HEAD_BACKENDS)
+
+
+def check_triplet_options(margin, mining, distance, normalize, soft, reduction, backend) -> None:
+    check_float("margin", margin, low=0.0)
+    check_choice("mining", mining, MINING_MODES)
+    check_choice("distance", distance, DISTANCES)
+    check_bool("normalize", normalize)
+    check_bool("soft", soft)
+    check_choice("reduction", reduction, TRIPLET_REDUCTIONS)
+    check_choice("backend", backend, TRIPLET_BACKENDS)
+
+
+def _check_float_matrix(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D; got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {x.dtype}")
+
+
+def _check_labels(labels, batch: int) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an int64 (or int32) tensor; got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != batch:
+        raise ValueError(f"labels must have shape ({batch},) to match embeddings; got {tuple(labels.shape)}")
+
+
+def check_head_inputs(embeddings, weight, labels, ignore_index: int) -> torch.Tensor:
+    """Validate a head's forward inputs; returns the labels as int64."""
+    _check_float_matrix("embeddings", embeddings)
+    _check_float_matrix("weight", weight)
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one class (row); got 0")
+    if embeddings.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"embeddings must have {weight.shape[1]} features (weight is {tuple(weight.shape)}); "
+            f"got shape {tuple(embeddings.shape)}"
+        )
+    _check_labels(labels, embeddings.shape[0])
+    if not (embeddings.device == weight.device == labels.device):
+        raise ValueError(
+            f"embeddings, weight and labels must be on one device; got {embeddings.device}, "
+            f"{weight.device} and {labels.device}"
+        )
+    labels = labels.long()
+    if _check_label_values and labels.numel() > 0:
+        num_classes = weight.shape[0]
+        bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+        if bool(bad.any()):
+            first = int(labels[bad][0])
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; found {first}"
+            )
+    return labels
+
+
+def check_triplet_inputs(embeddings, labels) -> torch.Tensor:
+    _check_float_matrix("embeddings", embeddings)
+    _check_labels(labels, embeddings.shape[0])
+    if embeddings.device != labels.device:
+        raise ValueError(
+            f"embeddings and labels must be on one device; got {embeddings.device} and {labels.device}"
+        )
+    return labels.long()

@@ -1,0 +1,1 @@
+"""Benchmark harness behind the ``facekernels-bench`` console script."""

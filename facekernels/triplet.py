@@ -1,0 +1,37 @@
+"""The triplet loss with in-batch mining as an ``nn.Module`` (``shared/spec/api.md``)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import _validate as V
+from .functional import triplet_margin_loss
+
+
+class TripletMarginLoss(nn.Module):
+    """FaceNet / TF-Addons semi-hard, batch-hard and batch-all triplet loss (``shared/spec/triplet.md``).
+
+    ``forward(embeddings, labels)`` returns the loss, or ``(terms, triplets)`` with reduction="none".
+    """
+
+    def __init__(self, margin=0.2, mining="semihard", distance="squared_euclidean", normalize=True,
+                 soft=False, reduction="mean", backend="auto"):  # fmt: skip
+        super().__init__()
+        V.check_triplet_options(margin, mining, distance, normalize, soft, reduction, backend)
+        self.margin = float(margin)
+        self.mining = mining
+        self.distance = distance
+        self.normalize = normalize
+        self.soft = soft
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, embeddings, labels):
+        return triplet_margin_loss(embeddings, labels, self.margin, self.mining, self.distance, self.normalize,
+                                   self.soft, self.reduction, self.backend)  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"margin={self.margin}, mining={self.mining!r}, distance={self.distance!r}, "
+            f"normalize={self.normalize}, soft={self.soft}, reduction={self.reduction!r}, backend={self.backend!r}"
+        )

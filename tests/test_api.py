@@ -1,0 +1,149 @@
+"""The public API of shared/spec/api.md: names, defaults, dispatch and argument validation."""
+
+import pytest
+import torch
+
+import facekernels as fk
+from facekernels import functional as fkf
+from facekernels._backends import head_backend
+
+HEADS = [fk.NormSoftmax, fk.ArcFace, fk.CosFace, fk.CombinedMargin, fk.MVSoftmax, fk.CurricularFace]
+
+
+@pytest.mark.parametrize("cls", HEADS)
+def test_head_owns_a_normal_weight_and_returns_the_loss(cls):
+    head = cls(130, 301, backend="reference")
+    assert isinstance(head.weight, torch.nn.Parameter) and head.weight.shape == (301, 130)
+    assert abs(head.weight.std().item() - 0.01) < 1e-3 and abs(head.weight.mean().item()) < 1e-3
+    x, y = torch.randn(7, 130), torch.randint(0, 301, (7,))
+    loss = head(x, y)
+    assert loss.dim() == 0 and loss.dtype == torch.float32 and torch.isfinite(loss)
+    head.params = fk.head_params(head.head, reduction="none", **head.margins)
+    assert head(x, y).shape == (7,)
+    assert repr(head).startswith(cls.__name__)
+
+
+def test_published_defaults():
+    assert fk.ArcFace(2, 2).params == fk.head_params("arcface", s=64.0, m=0.5)
+    assert fk.ArcFace(2, 2).params.m2 == 0.5 and fk.ArcFace(2, 2).params.s == 64.0
+    assert fk.CosFace(2, 2).params.m3 == 0.35
+    mv = fk.MVSoftmax(2, 2).params
+    assert (mv.s, mv.m3, mv.mv_t) == (32.0, 0.35, 0.2)
+    cf = fk.CurricularFace(2, 2)
+    assert (cf.params.s, cf.params.m2, cf.params.momentum) == (64.0, 0.5, 0.01)
+    assert cf.t.shape == () and cf.t.dtype == torch.float32 and cf.t.item() == 0.0
+    tl = fk.TripletMarginLoss()
+    assert (tl.margin, tl.mining, tl.distance, tl.normalize, tl.soft, tl.reduction, tl.backend) == (
+        0.2, "semihard", "squared_euclidean", True, False, "mean", "auto")  # fmt: skip
+
+
+def test_functional_equals_module():
+    head = fk.CurricularFace(16, 9, m=0.4, momentum=0.1, backend="reference")
+    x, y = torch.randn(5, 16), torch.randint(0, 9, (5,))
+    t = torch.zeros(())
+    got = fkf.margin_cross_entropy(x, head.weight, y, "curricular", t=t, m=0.4, momentum=0.1, backend="reference")
+    want = head(x, y)
+    assert torch.equal(got, want) and torch.equal(t, head.t)
+    mv = fk.MVSoftmax(16, 9, t=0.3, is_am=False, backend="reference")
+    got = fkf.margin_cross_entropy(x, mv.weight, y, "mv_softmax", t=0.3, is_am=False, backend="reference")
+    assert torch.equal(got, mv(x, y))
+
+
+def test_unavailable_backends_raise_not_fall_back():
+    x, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    for backend in ("triton",):
+        with pytest.raises(fk.BackendUnavailableError, match="not available"):
+            fk.ArcFace(4, 3, backend=backend)(x, y)
+    with pytest.raises(fk.BackendUnavailableError, match="no head backend for meta"):
+        head_backend("auto", torch.device("meta"))
+    with pytest.raises(fk.BackendUnavailableError, match="CUDA tensors"):
+        fk.TripletMarginLoss(backend="cuda")(x, y)
+
+
+# (callable, exception, words the message must contain)
+BAD_CONSTRUCTORS = [
+    (lambda: fk.ArcFace(0, 10), ValueError, "in_features"),
+    (lambda: fk.ArcFace(8, 0), ValueError, "num_classes"),
+    (lambda: fk.ArcFace(8.0, 10), TypeError, "in_features"),
+    (lambda: fk.ArcFace(8, 10, s=0.0), ValueError, "s must"),
+    (lambda: fk.ArcFace(8, 10, s=float("nan")), ValueError, "s must"),
+    (lambda: fk.ArcFace(8, 10, m=-0.1), ValueError, "m must"),
+    (lambda: fk.ArcFace(8, 10, m=3.2), ValueError, "m must"),
+    (lambda: fk.ArcFace(8, 10, easy_margin=1), TypeError, "easy_margin"),
+    (lambda: fk.CosFace(8, 10, m=-0.35), ValueError, "m must"),
+    (lambda: fk.CombinedMargin(8, 10, m1=0.0), ValueError, "m1"),
+    (lambda: fk.CombinedMargin(8, 10, m3=-1.0), ValueError, "m3"),
+    (lambda: fk.MVSoftmax(8, 10, t=-0.2), ValueError, "t must"),
+    (lambda: fk.CurricularFace(8, 10, momentum=1.5), ValueError, "momentum"),
+    (lambda: fk.ArcFace(8, 10, reduction="avg"), ValueError, "reduction"),
+    (lambda: fk.ArcFace(8, 10, margin_grad="ste"), ValueError, "margin_grad"),
+    (lambda: fk.ArcFace(8, 10, backend="cuda"), ValueError, "backend"),
+    (lambda: fk.ArcFace(8, 10, ignore_index=1.5), TypeError, "ignore_index"),
+    (lambda: fk.TripletMarginLoss(margin=-1.0), ValueError, "margin"),
+    (lambda: fk.TripletMarginLoss(mining="easy"), ValueError, "mining"),
+    (lambda: fk.TripletMarginLoss(distance="l1"), ValueError, "distance"),
+    (lambda: fk.TripletMarginLoss(reduction="max"), ValueError, "reduction"),
+    (lambda: fk.TripletMarginLoss(backend="triton"), ValueError, "backend"),
+    (lambda: fk.TripletMarginLoss(normalize="yes"), TypeError, "normalize"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(BAD_CONSTRUCTORS)))
+def test_bad_constructor_arguments(i):
+    fn, exc, words = BAD_CONSTRUCTORS[i]
+    with pytest.raises(exc, match=words):
+        fn()
+
+
+def _head():
+    return fk.ArcFace(8, 10, backend="reference")
+
+
+BAD_FORWARDS = [
+    (lambda h: h(torch.randn(4, 8), torch.tensor([0, 1, 2, 10])), ValueError, r"labels must lie in \[0, 10\)"),
+    (lambda h: h(torch.randn(4, 8), torch.tensor([0, 1, 2, -3])), ValueError, "labels must lie"),
+    (lambda h: h(torch.randn(4, 8), torch.tensor([0.0, 1, 2, 3])), TypeError, "labels must be an int64"),
+    (lambda h: h(torch.randn(4, 8), torch.tensor([0, 1, 2])), ValueError, "labels must have shape"),
+    (lambda h: h(torch.randn(4, 8), torch.zeros(4, 1, dtype=torch.long)), ValueError, "labels must have shape"),
+    (lambda h: h(torch.randn(4, 7), torch.zeros(4, dtype=torch.long)), ValueError, "embeddings must have 8 features"),
+    (lambda h: h(torch.randn(4, 8, 1), torch.zeros(4, dtype=torch.long)), ValueError, "embeddings must be 2-D"),
+    (lambda h: h(torch.randint(0, 3, (4, 8)), torch.zeros(4, dtype=torch.long)), TypeError, "embeddings must be float"),
+    (lambda h: h([[0.0] * 8], torch.zeros(1, dtype=torch.long)), TypeError, "embeddings must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(BAD_FORWARDS)))
+def test_bad_forward_inputs(i):
+    fn, exc, words = BAD_FORWARDS[i]
+    with pytest.raises(exc, match=words):
+        fn(_head())
+
+
+def test_curricular_t_argument_is_checked():
+    w, x, y = torch.randn(5, 4), torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="t is required"):
+        fkf.margin_cross_entropy(x, w, y, "curricular", backend="reference")
+    with pytest.raises(ValueError, match="0-dim float32"):
+        fkf.margin_cross_entropy(x, w, y, "curricular", t=torch.zeros(1), backend="reference")
+    with pytest.raises(ValueError, match="only an argument"):
+        fkf.margin_cross_entropy(x, w, y, "arcface", t=0.2, backend="reference")
+    with pytest.raises(TypeError, match="unexpected argument"):
+        fkf.margin_cross_entropy(x, w, y, "cosface", m2=0.1, backend="reference")
+
+
+def test_label_checks_can_be_turned_off():
+    h = _head()
+    fk.set_label_checks(False)
+    try:
+        h(torch.randn(2, 8), torch.tensor([0, 1]))  # still fine; the range check is skipped, not the rest
+        with pytest.raises(ValueError, match="labels must have shape"):
+            h(torch.randn(2, 8), torch.tensor([0]))
+    finally:
+        fk.set_label_checks(True)
+
+
+def test_triplet_bad_inputs():
+    with pytest.raises(ValueError, match="labels must have shape"):
+        fkf.triplet_margin_loss(torch.randn(4, 3), torch.tensor([0, 1]), backend="reference")
+    with pytest.raises(TypeError, match="labels must be an int64"):
+        fkf.triplet_margin_loss(torch.randn(4, 3), torch.randn(4), backend="reference")
