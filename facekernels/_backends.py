@@ -7,8 +7,6 @@ Triton. There is no silent fallback: a backend that cannot run raises ``BackendU
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 
@@ -16,35 +14,56 @@ class BackendUnavailableError(RuntimeError):
     """The backend asked for cannot run in this installation or on these tensors."""
 
 
-# backend name -> (module, function); each function has the signature of the reference one:
+# Each loader imports one backend with an import statement (which torch.compile can trace, unlike
+# importlib) and returns its function, whose signature is the reference one:
 #   heads:   fn(embeddings, weight, labels, params: HeadParams, t, training) -> loss
 #   triplet: fn(embeddings, labels, params: TripletParams) -> loss | (terms, triplets)
-_HEAD_IMPLS = {
-    "reference": ("facekernels.reference.heads", "margin_cross_entropy"),
-    "cpu": ("facekernels.ops.cpu_heads", "margin_cross_entropy"),
-    "triton": ("facekernels.triton.heads", "margin_cross_entropy"),
-}
-_TRIPLET_IMPLS = {
-    "reference": ("facekernels.reference.triplet", "triplet_margin_loss"),
-    "cpu": ("facekernels.ops.triplet", "triplet_margin_loss"),
-    "cuda": ("facekernels.ops.triplet", "triplet_margin_loss"),
-}
+def _reference_heads():
+    from .reference.heads import margin_cross_entropy
+
+    return margin_cross_entropy
+
+
+def _cpu_heads():
+    from .ops.cpu_heads import margin_cross_entropy
+
+    return margin_cross_entropy
+
+
+def _triton_heads():
+    from .triton.heads import margin_cross_entropy
+
+    return margin_cross_entropy
+
+
+def _reference_triplet():
+    from .reference.triplet import triplet_margin_loss
+
+    return triplet_margin_loss
+
+
+def _compiled_triplet():
+    from .ops.triplet import triplet_margin_loss
+
+    return triplet_margin_loss
+
+
+_HEAD_IMPLS = {"reference": _reference_heads, "cpu": _cpu_heads, "triton": _triton_heads}
+_TRIPLET_IMPLS = {"reference": _reference_triplet, "cpu": _compiled_triplet, "cuda": _compiled_triplet}
 _AUTO_HEAD = {"cuda": "triton", "cpu": "cpu"}
 _AUTO_TRIPLET = {"cuda": "cuda", "cpu": "cpu"}
 
 
 def _load(table: dict, kind: str, backend: str):
-    module_name, fn_name = table[backend]
     try:
-        module = importlib.import_module(module_name)
+        return table[backend]()
     except ModuleNotFoundError as err:
-        if err.name is None or not module_name.startswith(err.name):
-            raise
+        if not (err.name or "").startswith("facekernels."):
+            raise  # a missing third-party dependency: let its own message through
         raise BackendUnavailableError(
             f"backend={backend!r} for {kind} is not available yet in this version of facekernels; "
             f"use backend='reference'"
         ) from None
-    return getattr(module, fn_name)
 
 
 def _resolve(backend: str, device: torch.device, auto: dict, kind: str) -> str:

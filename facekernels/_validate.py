@@ -25,7 +25,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Checking that every label lies in [0, C) reads the labels on the host, which synchronises a CUDA
 # stream. It is on by default (a wrong label silently trains a wrong model); trainers that have already
-# checked their data can turn it off with facekernels.set_label_checks(False).
+# checked their data can turn it off with facekernels.set_label_checks(False). Inside torch.compile the
+# check is skipped: a data-dependent branch cannot be traced into one graph.
 _check_label_values = True
 
 
@@ -128,7 +129,7 @@ def check_head_inputs(embeddings, weight, labels, ignore_index: int) -> torch.Te
             f"{weight.device} and {labels.device}"
         )
     labels = labels.long()
-    if _check_label_values and labels.numel() > 0:
+    if _check_label_values and labels.numel() > 0 and not torch.compiler.is_compiling():
         num_classes = weight.shape[0]
         bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
         if bool(bad.any()):

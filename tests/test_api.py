@@ -147,3 +147,20 @@ def test_triplet_bad_inputs():
         fkf.triplet_margin_loss(torch.randn(4, 3), torch.tensor([0, 1]), backend="reference")
     with pytest.raises(TypeError, match="labels must be an int64"):
         fkf.triplet_margin_loss(torch.randn(4, 3), torch.randn(4), backend="reference")
+
+
+def test_heads_compile_fullgraph_with_the_reference_backend():
+    # dispatch and validation must not break the graph (no importlib, no host-side label check)
+    head = fk.CurricularFace(16, 37, backend="reference")
+    x, y = torch.randn(9, 16, requires_grad=True), torch.randint(0, 37, (9,))
+    compiled = torch.compile(head, fullgraph=True)
+    loss = compiled(x, y)
+    loss.backward()
+    t_after_compiled = head.t.clone()
+    head.t.zero_()
+    x_eager = x.detach().clone().requires_grad_()
+    want = head(x_eager, y)
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(x.grad, x_eager.grad)
+    torch.testing.assert_close(t_after_compiled, head.t)
