@@ -9,9 +9,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# property-based tests: a quick profile by default (CI), `--hypothesis-profile=long` for >= 500 examples
+settings.register_profile("quick", max_examples=25, deadline=None, derandomize=False,
+                          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+settings.register_profile("long", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def pytest_configure(config):
+    if not config.getoption("hypothesis_profile", None):
+        settings.load_profile("quick")
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped, with the reason, without one)")
     config.addinivalue_line("markers", "slow: long-running; deselect with -m 'not slow'")
 

@@ -89,7 +89,8 @@ def margin_cross_entropy(
 
     valid = labels != p.ignore_index
     safe_labels = torch.where(valid, labels, 0).unsqueeze(1)
-    c_target = cos.gather(1, safe_labels).squeeze(1)
+    # the per-row target math runs in float32 at least: phi' reaches 1/SIN_THETA_EPS, beyond float16
+    c_target = cos.gather(1, safe_labels).squeeze(1).to(torch.promote_types(dtype, torch.float32))
     phi, dphi, tau = target_logit(c_target, p)
     # value phi, gradient dphi * dc (c - c.detach() is exactly 0 in the forward)
     phi = phi + dphi * (c_target - c_target.detach())
@@ -99,14 +100,14 @@ def margin_cross_entropy(
     if p.negatives == Negatives.PLAIN:
         neg = cos
     else:
-        hard = cos.detach() > tau.unsqueeze(1)  # a constant for differentiation
+        hard = cos.detach() > tau.unsqueeze(1).to(dtype)  # a constant for differentiation
         if p.negatives == Negatives.MV:
             reweighted = (p.mv_t + 1) * cos + p.mv_t
         else:
             reweighted = cos * (t.to(dtype) + cos)  # t is a buffer: not differentiated
         neg = torch.where(hard, reweighted, cos)
-    logits = p.s * neg.scatter(1, safe_labels, phi.unsqueeze(1))
-    row_loss = torch.logsumexp(logits, dim=1) - p.s * phi
+    logits = p.s * neg.scatter(1, safe_labels, phi.to(neg.dtype).unsqueeze(1))  # bf16 under autocast
+    row_loss = torch.logsumexp(logits, dim=1).to(phi.dtype) - p.s * phi
     row_loss = torch.where(valid, row_loss, 0)
 
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32

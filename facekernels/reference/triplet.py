@@ -33,9 +33,9 @@ def pairwise_distances(embeddings: torch.Tensor, distance: str, normalize: bool)
     sq_dist = torch.where(eye, 0, sq_dist)
     if distance == "squared_euclidean":
         return sq_dist
-    positive = sq_dist > 0
-    # sqrt with a zero (sub)gradient where the distance is 0, as torch.cdist's backward does
-    return torch.where(positive, torch.where(positive, sq_dist, 1).sqrt(), 0)
+    zero = sq_dist == 0
+    # sqrt with a zero (sub)gradient where the distance is 0, as torch.cdist's backward does (NaN stays NaN)
+    return torch.where(zero, 0, torch.where(zero, 1, sq_dist).sqrt())
 
 
 def _masked_argmin(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

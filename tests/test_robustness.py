@@ -1,0 +1,312 @@
+"""Robustness: defined results at the edges, property-based tests against the oracles, long runs,
+determinism, torch.compile and autocast, for every backend that runs on this machine."""
+
+import math
+
+import oracle
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import facekernels as fk
+from facekernels import functional as fkf
+from facekernels._extension import is_available as extension_built
+
+# The backends that must run here (CPU tensors). Triton runs under its interpreter (TRITON_INTERPRET=1
+# from conftest) on CPU tensors; CUDA-only backends are covered by gpu-marked tests elsewhere.
+HEAD_BACKENDS = ["reference"]
+TRIPLET_BACKENDS = ["reference"]
+
+
+def _case_params(case, **options):
+    head, kw = oracle.HEAD_CASES[case]
+    return head, kw, fk.head_params(head, **options, **kw)
+
+
+def _loss(backend, x, w, y, case, t=None, **options):
+    head, kw = oracle.HEAD_CASES[case]
+    if head == "mv_softmax":
+        kw = dict(kw)
+        kw.pop("t")
+        return fkf.margin_cross_entropy(x, w, y, head, t=oracle.HEAD_CASES[case][1]["t"], backend=backend,
+                                        **options, **kw)  # fmt: skip
+    return fkf.margin_cross_entropy(x, w, y, head, t=t, backend=backend, **options, **kw)
+
+
+# ------------------------------------------------------------------------------------ edges: heads
+
+
+@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+@pytest.mark.parametrize("case", oracle.HEADS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_embeddings_give_nan_loss(backend, case, bad):
+    x, w = torch.randn(5, 8), torch.randn(7, 8)
+    x[2, 3] = bad
+    t = torch.zeros(()) if case == "curricular" else None
+    loss = _loss(backend, x, w, torch.randint(0, 7, (5,)), case, t=t)
+    assert torch.isnan(loss), f"{case}: {loss}"
+
+
+@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+@pytest.mark.parametrize("case", oracle.HEADS)
+def test_edge_inputs_give_finite_loss_and_gradients(backend, case):
+    w = torch.randn(6, 8)
+    x = torch.randn(6, 8)
+    x[0] = 0  # zero-norm embedding
+    x[1] = w[1] * 3  # equal to its class weight: theta = 0
+    x[2] = -w[2]  # opposite its class weight: theta = pi
+    w_zero = w.clone()
+    w_zero[5] = 0  # a zero-norm class
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    for weight in (w, w_zero):
+        xg, wg = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        t = torch.zeros(()) if case == "curricular" else None
+        loss = _loss(backend, xg, wg, y, case, t=t)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(xg.grad).all() and torch.isfinite(wg.grad).all()
+
+
+@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+def test_one_class_empty_batch_all_ignored(backend):
+    w = torch.randn(1, 4, requires_grad=True)
+    x = torch.randn(3, 4, requires_grad=True)
+    loss = fkf.margin_cross_entropy(x, w, torch.zeros(3, dtype=torch.long), "arcface", backend=backend)
+    loss.backward()
+    # one class: the loss is s * (c - phi(c)) >= 0, finite
+    assert torch.isfinite(loss) and loss.item() >= 0 and torch.isfinite(x.grad).all()
+    empty = fkf.margin_cross_entropy(x[:0], w, torch.zeros(0, dtype=torch.long), "cosface", backend=backend)
+    assert empty.item() == 0
+    none = fkf.margin_cross_entropy(x, w, torch.full((3,), -100), "cosface", reduction="none", backend=backend)
+    assert torch.equal(none, torch.zeros(3))
+
+
+@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_at_s64_are_finite(backend, dtype):
+    x, w = torch.randn(9, 16), torch.randn(11, 16)
+    x[:4] = w[:4] * 2  # near-1 target cosines: logits near s = 64
+    y = torch.arange(9)
+    xg, wg = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+    loss = fkf.margin_cross_entropy(xg, wg, y, "arcface", s=64.0, backend=backend)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert torch.isfinite(xg.grad.float()).all() and torch.isfinite(wg.grad.float()).all()
+    want = fkf.margin_cross_entropy(x.double(), w.double(), y, "arcface", s=64.0, backend="reference")
+    assert abs(loss.item() - want.item()) < 0.05 * max(1.0, want.item())
+
+
+@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+def test_non_contiguous_inputs(backend):
+    x_big, w_big = torch.randn(10, 20, dtype=torch.float64), torch.randn(12, 30, dtype=torch.float64)
+    x, w = x_big[::2, ::2], w_big[:, 5:15]  # strided rows and columns
+    y = torch.randint(0, 12, (5,))
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    got = fkf.margin_cross_entropy(x.to(dtype), w.to(dtype), y, "cosface", backend=backend)
+    want = fkf.margin_cross_entropy(x.contiguous(), w.contiguous(), y, "cosface", backend="reference")
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------- edges: triplet
+
+
+@pytest.mark.parametrize("backend", TRIPLET_BACKENDS)
+@pytest.mark.parametrize("mining", ["semihard", "hard", "all"])
+@pytest.mark.parametrize("labels", [[4], [2, 2, 2], [0, 1, 2, 3, 4]])
+def test_triplet_degenerate_batches(backend, mining, labels):
+    e = torch.randn(len(labels), 5, requires_grad=True)
+    loss = fkf.triplet_margin_loss(e, torch.tensor(labels), mining=mining, backend=backend)
+    loss.backward()
+    assert loss.item() == 0 and torch.all(e.grad == 0)
+
+
+@pytest.mark.parametrize("backend", TRIPLET_BACKENDS)
+@pytest.mark.parametrize("distance", ["squared_euclidean", "euclidean", "cosine"])
+def test_triplet_duplicates_and_nan(backend, distance):
+    e = torch.randn(8, 5)
+    e[1] = e[0]
+    e[5] = e[4]
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    for mining in ("semihard", "hard", "all"):
+        eg = e.clone().requires_grad_()
+        loss = fkf.triplet_margin_loss(eg, y, mining=mining, distance=distance, backend=backend)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(eg.grad).all()
+    e[3, 0] = float("nan")
+    assert torch.isnan(fkf.triplet_margin_loss(e, y, mining="all", distance=distance, backend=backend))
+
+
+# ------------------------------------------------------------------------------- property-based tests
+
+
+@st.composite
+def head_problems(draw):
+    batch = draw(st.integers(0, 9))
+    classes = draw(st.integers(1, 19))
+    features = draw(st.integers(1, 17))
+    case = draw(st.sampled_from(oracle.HEADS))
+    options = dict(
+        margin_grad=draw(st.sampled_from(["exact", "straight_through"])),
+        reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+    )
+    seed = draw(st.integers(0, 2**31 - 1))
+    ignore = draw(st.floats(0.0, 0.6))
+    return batch, classes, features, case, options, seed, ignore
+
+
+def _head_inputs(batch, classes, features, seed, ignore):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, features, generator=g, dtype=torch.float64)
+    w = torch.randn(classes, features, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (batch,), generator=g)
+    y[torch.rand(batch, generator=g) < ignore] = -100
+    near = torch.rand(batch, generator=g) < 0.5  # targets near their class: margins and hard negatives
+    x[near] = 2 * w[y.clamp_min(0)][near] + 0.5 * torch.randn(int(near.sum()), features, generator=g,
+                                                                dtype=torch.float64)  # fmt: skip
+    return x, w, y
+
+
+@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+@given(problem=head_problems())
+def test_heads_property_against_oracle(backend, problem):
+    batch, classes, features, case, options, seed, ignore = problem
+    x, w, y = _head_inputs(batch, classes, features, seed, ignore)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    xg, wg = x.to(dtype).clone().requires_grad_(), w.to(dtype).clone().requires_grad_()
+    xo, wo = x.clone().requires_grad_(), w.clone().requires_grad_()
+    t0 = float(torch.tensor(0.1, dtype=torch.float32))
+    t = torch.tensor(t0) if case == "curricular" else None
+    got = _loss(backend, xg, wg, y, case, t=t, **options)
+    want, t_want = oracle.head_loss(xo, wo, y, case, t=t0, **options)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(got.double(), want, **tol)
+    if t is not None:
+        assert t.item() == pytest.approx(t_want, abs=1e-6)
+    if want.requires_grad:
+        g = torch.randn(want.shape, dtype=torch.float64)
+        (got.double() * g).sum().backward()
+        (want * g).sum().backward()
+        torch.testing.assert_close(xg.grad.double(), xo.grad, **tol)
+        torch.testing.assert_close(wg.grad.double(), wo.grad, **tol)
+
+
+@st.composite
+def triplet_problems(draw):
+    batch = draw(st.integers(1, 12))
+    classes = draw(st.integers(1, 4))
+    features = draw(st.integers(1, 6))
+    opts = dict(
+        margin=draw(st.sampled_from([0.0, 0.2, 1.0])),
+        mining=draw(st.sampled_from(["semihard", "hard", "all"])),
+        distance=draw(st.sampled_from(["squared_euclidean", "euclidean", "cosine"])),
+        normalize=draw(st.booleans()),
+        soft=draw(st.booleans()),
+        reduction=draw(st.sampled_from(["mean", "mean_nonzero", "sum", "none"])),
+    )
+    return batch, classes, features, opts, draw(st.integers(0, 2**31 - 1))
+
+
+@pytest.mark.parametrize("backend", TRIPLET_BACKENDS)
+@given(problem=triplet_problems())
+def test_triplet_property_against_brute_force(backend, problem):
+    batch, classes, features, opts, seed = problem
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(batch, features, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (batch,), generator=g)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    eg, eo = e.to(dtype).clone().requires_grad_(), e.clone().requires_grad_()
+    got = fkf.triplet_margin_loss(eg, y, backend=backend, **opts)
+    want = oracle.triplet_loss(eo, y, **opts)
+    if opts["reduction"] == "none":
+        (got, got_idx), (want, want_idx) = got, want
+        assert torch.equal(got_idx, want_idx)
+    tol = dict(rtol=1e-8, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.double(), want, **tol)
+    if want.requires_grad and want.numel():
+        w = torch.randn(want.shape, dtype=torch.float64, generator=g)
+        (got.double() * w).sum().backward()
+        (want * w).sum().backward()
+        torch.testing.assert_close(eg.grad.double(), eo.grad, **tol)
+
+
+# ---------------------------------------------------------------------------- long run, determinism
+
+
+@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+def test_long_run_curricular_t_and_flat_memory(backend):
+    import resource
+
+    steps, alpha = 10_000, 0.01
+    head = fk.CurricularFace(8, 13, momentum=alpha, backend=backend)
+    x, y = torch.randn(6, 8), torch.randint(0, 13, (6,))
+    with torch.no_grad():
+        mean_c = fk.reference.normalize_rows(x).mul(fk.reference.normalize_rows(head.weight)[y]).sum(1).mean()
+    rss = []
+    for step in range(steps):
+        head(x, y).backward()  # the weight does not change: the target cosines are the same every step
+        if step in (steps // 10, steps - 1):
+            rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    # closed form of t_k = alpha * c + (1 - alpha) * t_(k-1), t_0 = 0
+    assert head.t.item() == pytest.approx((1 - (1 - alpha) ** steps) * mean_c.item(), abs=1e-5)
+    assert rss[1] - rss[0] < 20 * 1024, f"peak RSS grew by {rss[1] - rss[0]} KiB over the run"
+
+
+@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+def test_repeated_cpu_runs_are_bitwise_equal(backend):
+    x, w, y = torch.randn(33, 64), torch.randn(130, 64), torch.randint(0, 130, (33,))
+    results = []
+    for _ in range(3):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fkf.margin_cross_entropy(xg, wg, y, "arcface", backend=backend)
+        loss.backward()
+        results.append((loss, xg.grad, wg.grad))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+# ----------------------------------------------------------------------------- compile and autocast
+
+
+@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+def test_model_with_every_head_compiles_fullgraph(backend):
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.nn.Linear(12, 8)
+            self.heads = torch.nn.ModuleList(
+                cls(8, 17, backend=backend)
+                for cls in (fk.NormSoftmax, fk.ArcFace, fk.CosFace, fk.CombinedMargin, fk.MVSoftmax, fk.CurricularFace)
+            )
+
+        def forward(self, inputs, labels):
+            emb = self.backbone(inputs)
+            return sum(head(emb, labels) for head in self.heads)
+
+    model = Model()
+    inputs, labels = torch.randn(7, 12), torch.randint(0, 17, (7,))
+    eager = model(inputs, labels)
+    model.heads[-1].t.zero_()
+    compiled = torch.compile(model, fullgraph=True)(inputs, labels)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+def test_autocast_bf16_on_cpu(backend):
+    head = fk.ArcFace(16, 21, backend=backend)
+    x, y = torch.randn(5, 16, requires_grad=True), torch.randint(0, 21, (5,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = torch.nn.functional.linear(x, torch.eye(16))  # bf16 under autocast
+        loss = head(emb, y)
+    loss.backward()
+    want = fkf.margin_cross_entropy(x.double(), head.weight.double(), y, "arcface", backend="reference")
+    assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+    assert abs(loss.item() - want.item()) < 0.05 * max(1.0, want.item())
+    assert head.weight.grad is not None and head.weight.grad.dtype == torch.float32
+
+
+def test_every_registered_op_passes_opcheck():
+    assert extension_built()
+    x, w, y = torch.randn(7, 5), torch.randn(4, 5), torch.randint(0, 4, (7,))
+    torch.library.opcheck(torch.ops.facekernels.target_cosine.default, (x, w, y, 0))
