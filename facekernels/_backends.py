@@ -8,6 +8,7 @@ Triton. There is no silent fallback: a backend that cannot run raises ``BackendU
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 
@@ -35,6 +36,11 @@ _AUTO_TRIPLET = {"cuda": "cuda", "cpu": "cpu"}
 
 def _load(table: dict, kind: str, backend: str):
     module_name, fn_name = table[backend]
+    # an already imported backend is taken from sys.modules: torch.compile (Dynamo) traces that lookup but
+    # not importlib, so a compiled module works once its backend module has been imported
+    module = sys.modules.get(module_name)
+    if module is not None:
+        return getattr(module, fn_name)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
