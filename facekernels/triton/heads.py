@@ -15,6 +15,7 @@ its pointer, so a new t neither syncs nor recompiles.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -46,16 +47,27 @@ POISON_OUTPUTS = False
 @dataclass(frozen=True)
 class KernelConfig:
     block_b: int  # rows per tile
-    block_c: int  # classes per tile
+    block_c: int  # classes per forward tile (and the unit of the class splits)
     block_k: int  # reduction step over d when recomputing cosines
-    block_d: int  # feature slice a backward program owns
+    dx_block_c: int  # classes per dX tile
+    dx_block_d: int  # feature slice a dX program owns
+    dw_block_c: int  # classes a dW program owns
+    dw_block_d: int  # feature slice a dW program owns
     n_splits: int  # class splits of the forward and of dX
     num_warps: int = 8
     num_stages: int = 2
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def select_config(batch: int, classes: int, features: int, device: torch.device) -> KernelConfig:
-    """Tiles for B <= ~1024 and C up to millions (not yet tuned on a GPU: the first tuning run is owed).
+    """Tiles for B <= ~1024 and C up to millions. NOT yet timed on a GPU (the tuning run is owed): chosen
+    from ptxas resource usage of AOT builds for sm_90 (bfloat16, triton 3.9): forward 64x128x64 at 8 warps
+    and dW 32 classes x 256 features compile without spills; dX 64x64 with a 128-feature slice spills 64
+    bytes, wider slices spill more.
 
     The class splits are sized so that (row blocks x splits) fills the SMs a few times over, and capped so
     the float32 dX partial buffer (n_splits, B, d) stays small next to W.
@@ -63,15 +75,15 @@ def select_config(batch: int, classes: int, features: int, device: torch.device)
     block_b = min(64, max(16, triton.next_power_of_2(batch)))
     block_c = 128
     block_k = min(64, max(16, triton.next_power_of_2(features)))
-    block_d = min(256, max(16, triton.next_power_of_2(features)))
+    slice_d = max(16, triton.next_power_of_2(features))
     class_tiles = triton.cdiv(classes, block_c)
     row_blocks = triton.cdiv(batch, block_b)
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        n_splits = min(class_tiles, max(1, triton.cdiv(4 * sms, row_blocks)), 64)
+        n_splits = min(class_tiles, max(1, triton.cdiv(4 * _sm_count(device.index or 0), row_blocks)), 64)
     else:  # the interpreter: a couple of splits, to exercise the combine step
         n_splits = min(class_tiles, 2)
-    return KernelConfig(block_b, block_c, block_k, block_d, n_splits)
+    return KernelConfig(block_b, block_c, block_k, dx_block_c=64, dx_block_d=min(128, slice_d), dw_block_c=32,
+                        dw_block_d=min(256, slice_d), n_splits=n_splits)  # fmt: skip
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -179,15 +191,15 @@ def _margin_ce_backward(
     per_split, n_splits = _split_classes(classes, cfg)
     precision = _dot_precision(x.dtype)
     g = torch.where(target >= 0, grad_rows.float(), 0.0).contiguous()  # ignored rows get no gradient
-    feature_slices = triton.cdiv(features, cfg.block_d)
-    common = dict(NEGATIVES=negatives, BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, BLOCK_K=cfg.block_k,
-                  BLOCK_D=cfg.block_d, DOT_PRECISION=precision, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)  # fmt: skip
+    common = dict(NEGATIVES=negatives, BLOCK_B=cfg.block_b, BLOCK_K=cfg.block_k, DOT_PRECISION=precision,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
     if batch > 0:
         dx_part = _empty((n_splits, batch, features), torch.float32, x.device)
-        _dx_partial_kernel[(triton.cdiv(batch, cfg.block_b), n_splits, feature_slices)](
+        grid = (triton.cdiv(batch, cfg.block_b), n_splits, triton.cdiv(features, cfg.dx_block_d))
+        _dx_partial_kernel[grid](
             x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, g, dx_part,
-            batch, classes, features, x.stride(0), w.stride(0), per_split, s, mv_t, **common,
+            batch, classes, features, x.stride(0), w.stride(0), per_split, s, mv_t,
+            BLOCK_C=cfg.dx_block_c, BLOCK_D=cfg.dx_block_d, **common,
         )  # fmt: skip
         dx = dx_part.sum(dim=0).to(x.dtype)
     else:
@@ -195,9 +207,10 @@ def _margin_ce_backward(
     if not need_dw:
         return dx, w.new_empty(0)
     dw = _empty(w.shape, w.dtype, w.device)
-    _dw_kernel[(triton.cdiv(classes, cfg.block_c), feature_slices)](
+    _dw_kernel[(triton.cdiv(classes, cfg.dw_block_c), triton.cdiv(features, cfg.dw_block_d))](
         x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, g, dw,
-        batch, classes, features, x.stride(0), w.stride(0), dw.stride(0), s, mv_t, **common,
+        batch, classes, features, x.stride(0), w.stride(0), dw.stride(0), s, mv_t,
+        BLOCK_C=cfg.dw_block_c, BLOCK_D=cfg.dw_block_d, **common,
     )  # fmt: skip
     return dx, dw
 
