@@ -120,8 +120,8 @@ def test_matches_reference(case, margin_grad, reduction, ignore_index):
 @pytest.mark.parametrize("case", ["arcface", "combined_general", "mv_am", "curricular"])
 def test_small_tiles_many_splits_and_feature_slices(case, monkeypatch):
     # tiles far smaller than the shapes: several row blocks, class splits of several tiles, feature slices
-    tiny = heads.KernelConfig(block_b=16, block_c=32, block_k=16, dx_block_c=16, dx_block_d=16, dw_block_c=16,
-                              dw_block_d=32, n_splits=3)
+    tiny = heads.KernelConfig(block_b=16, block_c=32, block_k=16, dx_block_b=32, dx_block_c=16, dx_block_d=16,
+                              dw_block_b=16, dw_block_c=16, dw_block_d=32, n_splits=3)
     monkeypatch.setattr(heads, "select_config", lambda *args: tiny)
     x, w, y = _inputs(37, 131, 67, ignore_frac=0.2)
     (got, dx, dw, t), (want, dx_ref, dw_ref, t_ref) = _run_both(case, x, w, y, reduction="none")
@@ -345,11 +345,11 @@ def compile_big_kernels_for_h100():
     """Build the big kernels for sm_90 (bf16, CurricularFace negatives, the general acos target)."""
     from facekernels.triton import margin_ce_bwd, margin_ce_fwd
 
-    cfg = dict(NEGATIVES=2, BLOCK_B=64, BLOCK_K=64, DOT_PRECISION="ieee")
+    cfg = dict(NEGATIVES=2, BLOCK_K=64, DOT_PRECISION="ieee")
     kernels = [
-        (margin_ce_fwd._lse_partial_kernel, dict(cfg, BLOCK_C=128)),
-        (margin_ce_bwd._dx_partial_kernel, dict(cfg, BLOCK_C=64, BLOCK_D=128)),
-        (margin_ce_bwd._dw_kernel, dict(cfg, BLOCK_C=32, BLOCK_D=256)),
+        (margin_ce_fwd._lse_partial_kernel, dict(cfg, BLOCK_B=64, BLOCK_C=128)),
+        (margin_ce_bwd._dx_partial_kernel, dict(cfg, BLOCK_B=32, BLOCK_C=32, BLOCK_D=512)),
+        (margin_ce_bwd._dw_kernel, dict(cfg, BLOCK_B=32, BLOCK_C=32, BLOCK_D=512)),
         (margin_ce_fwd._target_kernel, dict(TARGET_FORM=2, FALLBACK=0, STRAIGHT_THROUGH=False, BLOCK_R=32,
                                             BLOCK_K=128)),  # fmt: skip
     ]

@@ -46,11 +46,13 @@ POISON_OUTPUTS = False
 
 @dataclass(frozen=True)
 class KernelConfig:
-    block_b: int  # rows per tile
+    block_b: int  # rows per forward tile
     block_c: int  # classes per forward tile (and the unit of the class splits)
     block_k: int  # reduction step over d when recomputing cosines
+    dx_block_b: int  # rows per dX tile
     dx_block_c: int  # classes per dX tile
     dx_block_d: int  # feature slice a dX program owns
+    dw_block_b: int  # rows per dW tile
     dw_block_c: int  # classes a dW program owns
     dw_block_d: int  # feature slice a dW program owns
     n_splits: int  # class splits of the forward and of dX
@@ -64,26 +66,37 @@ def _sm_count(device_index: int) -> int:
 
 
 def select_config(batch: int, classes: int, features: int, device: torch.device) -> KernelConfig:
-    """Tiles for B <= ~1024 and C up to millions. NOT yet timed on a GPU (the tuning run is owed): chosen
-    from ptxas resource usage of AOT builds for sm_90 (bfloat16, triton 3.9): forward 64x128x64 at 8 warps
-    and dW 32 classes x 256 features compile without spills; dX 64x64 with a 128-feature slice spills 64
-    bytes, wider slices spill more.
+    """Tiles for B <= ~1024 and C up to millions. NOT yet timed on a GPU (the tuning run is owed).
+
+    Chosen from the ptxas resource usage of AOT builds for sm_90 (8 warps, triton 3.6 and 3.9, bfloat16,
+    float16 and float32): a backward program that owns a feature slice narrower than d recomputes its
+    cosine tiles once per slice, so the backward tiles hold the whole of d <= 512 in one slice, at widths
+    that build with at most ~128 bytes of register spill: dX 32 rows x 32 classes x 512 features, dW
+    32 x 32 x 512 (32 x 64 x 256 and 64 x 32 x 256 for d <= 256), forward 64 x 128 x 64. Wider d takes
+    several slices.
 
     The class splits are sized so that (row blocks x splits) fills the SMs a few times over, and capped so
     the float32 dX partial buffer (n_splits, B, d) stays small next to W.
     """
-    block_b = min(64, max(16, triton.next_power_of_2(batch)))
-    block_c = 128
+    def rows(cap):
+        return min(cap, max(16, triton.next_power_of_2(batch)))
+
+    slice_d = min(512, max(16, triton.next_power_of_2(features)))
+    wide = slice_d > 256
+    block_b, block_c = rows(64), 128
     block_k = min(64, max(16, triton.next_power_of_2(features)))
-    slice_d = max(16, triton.next_power_of_2(features))
     class_tiles = triton.cdiv(classes, block_c)
-    row_blocks = triton.cdiv(batch, block_b)
     if device.type == "cuda":
-        n_splits = min(class_tiles, max(1, triton.cdiv(4 * _sm_count(device.index or 0), row_blocks)), 64)
+        programs = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        n_splits = min(class_tiles, max(1, triton.cdiv(programs, triton.cdiv(batch, block_b))), 64)
     else:  # the interpreter: a couple of splits, to exercise the combine step
         n_splits = min(class_tiles, 2)
-    return KernelConfig(block_b, block_c, block_k, dx_block_c=64, dx_block_d=min(128, slice_d), dw_block_c=32,
-                        dw_block_d=min(256, slice_d), n_splits=n_splits)  # fmt: skip
+    return KernelConfig(
+        block_b, block_c, block_k,
+        dx_block_b=rows(32), dx_block_c=32 if wide else 64, dx_block_d=slice_d,
+        dw_block_b=rows(32 if wide else 64), dw_block_c=32, dw_block_d=slice_d,
+        n_splits=n_splits,
+    )  # fmt: skip
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -191,15 +204,15 @@ def _margin_ce_backward(
     per_split, n_splits = _split_classes(classes, cfg)
     precision = _dot_precision(x.dtype)
     g = torch.where(target >= 0, grad_rows.float(), 0.0).contiguous()  # ignored rows get no gradient
-    common = dict(NEGATIVES=negatives, BLOCK_B=cfg.block_b, BLOCK_K=cfg.block_k, DOT_PRECISION=precision,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+    common = dict(NEGATIVES=negatives, BLOCK_K=cfg.block_k, DOT_PRECISION=precision, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)  # fmt: skip
     if batch > 0:
         dx_part = _empty((n_splits, batch, features), torch.float32, x.device)
-        grid = (triton.cdiv(batch, cfg.block_b), n_splits, triton.cdiv(features, cfg.dx_block_d))
+        grid = (triton.cdiv(batch, cfg.dx_block_b), n_splits, triton.cdiv(features, cfg.dx_block_d))
         _dx_partial_kernel[grid](
             x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, g, dx_part,
             batch, classes, features, x.stride(0), w.stride(0), per_split, s, mv_t,
-            BLOCK_C=cfg.dx_block_c, BLOCK_D=cfg.dx_block_d, **common,
+            BLOCK_B=cfg.dx_block_b, BLOCK_C=cfg.dx_block_c, BLOCK_D=cfg.dx_block_d, **common,
         )  # fmt: skip
         dx = dx_part.sum(dim=0).to(x.dtype)
     else:
@@ -210,7 +223,7 @@ def _margin_ce_backward(
     _dw_kernel[(triton.cdiv(classes, cfg.dw_block_c), triton.cdiv(features, cfg.dw_block_d))](
         x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, g, dw,
         batch, classes, features, x.stride(0), w.stride(0), dw.stride(0), s, mv_t,
-        BLOCK_C=cfg.dw_block_c, BLOCK_D=cfg.dw_block_d, **common,
+        BLOCK_B=cfg.dw_block_b, BLOCK_C=cfg.dw_block_c, BLOCK_D=cfg.dw_block_d, **common,
     )  # fmt: skip
     return dx, dw
 
