@@ -15,6 +15,7 @@ its pointer, so a new t neither syncs nor recompiles.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -106,6 +107,18 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return out
 
 
+def _on_input_device(op):
+    """Run op with the device of its first tensor argument current: Triton launches on the current
+    device, which need not be the inputs' one."""
+
+    @functools.wraps(op)
+    def run(x, *args):
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            return op(x, *args)
+
+    return run
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32 inputs follow torch's matmul setting (the reference's x_hat @ w_hat.T does the same)
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
@@ -124,6 +137,7 @@ def _split_classes(classes: int, cfg: KernelConfig) -> tuple[int, int]:
 
 
 @torch.library.custom_op("facekernels::triton_head_prepass", mutates_args=())
+@_on_input_device
 def _prepass(
     x: torch.Tensor, w: torch.Tensor, target: torch.Tensor, m1: float, m2: float, m3: float,
     target_form: int, fallback: int, threshold: float, offset: float, straight_through: bool,
@@ -158,6 +172,7 @@ def _(x, w, target, m1, m2, m3, target_form, fallback, threshold, offset, straig
 
 
 @torch.library.custom_op("facekernels::triton_margin_ce", mutates_args=())
+@_on_input_device
 def _margin_ce(
     x: torch.Tensor, w: torch.Tensor, target: torch.Tensor, inv_x: torch.Tensor, inv_w: torch.Tensor,
     phi: torch.Tensor, dphi: torch.Tensor, tau: torch.Tensor, t: torch.Tensor, s: float, negatives: int,
@@ -193,6 +208,7 @@ def _(x, w, target, inv_x, inv_w, phi, dphi, tau, t, s, negatives, mv_t):
 
 
 @torch.library.custom_op("facekernels::triton_margin_ce_backward", mutates_args=())
+@_on_input_device
 def _margin_ce_backward(
     grad_rows: torch.Tensor, x: torch.Tensor, w: torch.Tensor, target: torch.Tensor, inv_x: torch.Tensor,
     inv_w: torch.Tensor, phi: torch.Tensor, dphi: torch.Tensor, tau: torch.Tensor, t: torch.Tensor,
