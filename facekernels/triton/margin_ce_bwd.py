@@ -15,7 +15,7 @@ Work split (no atomics, deterministic):
 * dX: a reduction over all C classes. A program owns (row block, class split, feature slice) and writes
   its partial into a float32 (n_splits, B, d) buffer that torch sums over splits. Chosen over float32
   atomics into (B, d): deterministic, no contention on the few B*d addresses that all C/BLOCK_C class
-  tiles would hit, and n_splits is capped so the buffer stays a few times B*d.
+  tiles would hit; n_splits <= 64 caps the buffer at 64 * B * d floats (128 MB at B = 1024, d = 512).
 Both recompute the cosine tile with the full d: a feature slice narrower than d costs one recompute per
 slice, which is why BLOCK_D is as wide as the registers allow.
 (Cut Cross-Entropy instead lets every (row, class) tile add into both gradients with locks/atomics and
