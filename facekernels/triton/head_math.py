@@ -40,6 +40,13 @@ def acos_f32(c):
 
 
 @triton.jit
+def clamp_cosine(raw):
+    """clamp(raw, -1, 1) that keeps NaN: tl.maximum / tl.minimum drop NaN operands (fmax semantics), which
+    would turn a NaN embedding into a finite loss instead of a NaN one."""
+    return tl.where(raw != raw, raw, tl.minimum(tl.maximum(raw, -1.0), 1.0))
+
+
+@triton.jit
 def target_logit(c, m1, cos_m2, sin_m2, m2, m3, threshold, offset, sin_theta_eps,
                  TARGET_FORM: tl.constexpr, FALLBACK: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr):
     """(phi, phi', tau) of target cosines c (float32), like facekernels.reference.heads.target_logit.

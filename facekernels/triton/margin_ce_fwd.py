@@ -13,7 +13,7 @@ million classes).
 import triton
 import triton.language as tl
 
-from .head_math import negative_logit, target_logit
+from .head_math import clamp_cosine, negative_logit, target_logit
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def _target_kernel(X, W, target_ptr, inv_x_ptr, inv_w_ptr, c_ptr, phi_ptr, dphi_
         dot += tl.sum(x * w, axis=1)
     inv_x = tl.load(inv_x_ptr + rows, mask=valid, other=0.0)
     inv_w = tl.load(inv_w_ptr + safe, mask=valid, other=0.0)
-    c = tl.minimum(tl.maximum(dot * inv_x * inv_w, -1.0), 1.0)
+    c = clamp_cosine(dot * inv_x * inv_w)
     phi, dphi, tau = target_logit(c, m1, cos_m2, sin_m2, m2, m3, threshold, offset, sin_theta_eps,
                                   TARGET_FORM, FALLBACK, STRAIGHT_THROUGH)
     tl.store(c_ptr + rows, c, mask=row_mask)
@@ -81,7 +81,7 @@ def logit_tile(raw, cols, target, phi, dphi, tau, t, mv_t, s, NEGATIVES: tl.cons
     """Logits z = s * (phi on the target column, N(c) elsewhere) of a raw cosine tile, and dz/d(raw):
     s * (phi' or N'(c)) times the clamp's derivative (1 strictly inside (-1, 1), else 0).
     The hard-negative mask c > tau is a constant (spec)."""
-    c = tl.minimum(tl.maximum(raw, -1.0), 1.0)
+    c = clamp_cosine(raw)
     is_target = cols[None, :] == target[:, None]
     n, dn = negative_logit(c, c > tau[:, None], t, mv_t, NEGATIVES)
     z = s * tl.where(is_target, phi[:, None], n)
