@@ -51,7 +51,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _grad_from_slopes(w: torch.Tensor, rows: torch.Tensor, distance: str) -> torch.Tensor:
-    """dL/dE from W = dL/dr (see the module docstring), in the accumulation dtype."""
+    """dL/dE from W = dL/dr (see the module docstring), in the accumulation dtype. Only W + W^T and
+    rowsum W + colsum W enter, so W^T (what the CUDA op returns, for coalesced writes) gives the same."""
     e = rows.to(w.dtype)
     w_sym = w + w.t()
     if distance == "cosine":

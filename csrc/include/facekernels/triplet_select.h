@@ -1,11 +1,13 @@
 // Triplet mining of shared/spec/triplet.md, written once for the CPU (csrc/cpu/triplet.cpp) and CUDA
 // (csrc/cuda/triplet.cu) kernels. No torch: plain `nvcc -c` compiles every file that includes it.
 //
-// Both kernels work on the (B, B) Gram matrix g = E E^T of the rows the loss sees (already L2-normalised
-// by the Python wrapper when normalize=True or distance=cosine, so the chain through the normalisation
-// is left to autograd there). One anchor a is handled by one CPU iteration / one CUDA thread, reading
-// row a of g, and visits its triplets in (p, n) order. For every term the kernels also produce the slope
-// of the term with respect to the "raw" quantity of each distance it reads:
+// Both kernels start from the (B, B) Gram matrix g = E E^T of the rows the loss sees (already
+// L2-normalised by the Python wrapper when normalize=True or distance=cosine, so the chain through the
+// normalisation is left to autograd there) and turn it into the distance matrix D with pair_distance,
+// which reads each unordered pair the same way so that D is exactly symmetric: row a of D is also its
+// column a, which lets a CUDA thread per anchor read it coalesced. One anchor a is then handled by one CPU
+// iteration / one CUDA thread, which visits its triplets in (p, n) order. For every term the kernels also
+// produce the slope of the term with respect to the "raw" quantity behind each distance it reads:
 //   squared_euclidean, euclidean: raw = ||e_a - e_b||^2 = g_aa + g_bb - 2 g_ab  (before the floor)
 //   cosine:                       raw = e_a . e_b = g_ab                        (rows are unit vectors)
 // so the backward is one formula on the (B, B) matrix W of accumulated slopes (facekernels/ops/triplet.py):
@@ -50,10 +52,34 @@ FK_HOST_DEVICE Term<Acc> triplet_term(Acc gap, Acc margin, bool soft) {
   return h > Acc(0) ? Term<Acc>{h, Acc(1)} : Term<Acc>{Acc(0), Acc(0)};
 }
 
-// Distances of one anchor to every row of the batch, from row `anchor` of the Gram matrix.
+// d(i, j) from the Gram matrix (gram: (batch, batch) row-major): exactly 0 on the diagonal, floored at 0;
+// the same value for (i, j) and (j, i) (only the upper triangle is read).
+template <typename Acc>
+FK_HOST_DEVICE Acc pair_distance(Distance distance, const Acc* gram, int64_t batch, int64_t i, int64_t j) {
+  if (i == j) return Acc(0);
+  const int64_t lo = i < j ? i : j, hi = i < j ? j : i;
+  const Acc dot = gram[lo * batch + hi];
+  if (distance == Distance::kCosine) return fmax(Acc(1) - dot, Acc(0));
+  const Acc sq = fmax(gram[lo * batch + lo] + gram[hi * batch + hi] - Acc(2) * dot, Acc(0));
+  return distance == Distance::kEuclidean ? sqrt(sq) : sq;
+}
+
+// d d / d raw as a function of the distance d itself: 0 where a floor is active or the distance is 0
+// (relu's subgradient, and torch.cdist's choice for sqrt at 0). d > 0 exactly when the floored quantity
+// (raw for the euclidean kinds, 1 - raw for cosine) is > 0.
+template <typename Acc>
+FK_HOST_DEVICE Acc distance_slope(Distance distance, Acc d) {
+  if (!(d > Acc(0))) return Acc(0);
+  if (distance == Distance::kCosine) return Acc(-1);
+  return distance == Distance::kEuclidean ? Acc(0.5) / d : Acc(1);
+}
+
+// One anchor's view of the batch: its distances D[anchor, j] = dist[j * stride] (stride 1 for a row of D,
+// batch for a column, the same values since D is symmetric) and the labels.
 template <typename Acc>
 struct AnchorRow {
-  const Acc* gram;  // (batch, batch), row-major
+  const Acc* dist_row;
+  int64_t stride;
   const int64_t* labels;
   int64_t batch;
   int64_t anchor;
@@ -61,32 +87,8 @@ struct AnchorRow {
 
   FK_HOST_DEVICE bool is_positive(int64_t j) const { return j != anchor && labels[j] == labels[anchor]; }
   FK_HOST_DEVICE bool is_negative(int64_t j) const { return labels[j] != labels[anchor]; }
-
-  // raw quantity of the distance (see the file comment); squared distances floored at 0 by the callers
-  FK_HOST_DEVICE Acc raw(int64_t j) const {
-    const Acc dot = gram[anchor * batch + j];
-    if (distance == Distance::kCosine) return dot;
-    return gram[anchor * batch + anchor] + gram[j * batch + j] - Acc(2) * dot;
-  }
-
-  // d(a, j): exactly 0 on the diagonal, floored at 0
-  FK_HOST_DEVICE Acc dist(int64_t j) const {
-    if (j == anchor) return Acc(0);
-    const Acc r = raw(j);
-    if (distance == Distance::kCosine) return fmax(Acc(1) - r, Acc(0));
-    const Acc sq = fmax(r, Acc(0));
-    return distance == Distance::kEuclidean ? sqrt(sq) : sq;
-  }
-
-  // d d(a, j) / d raw(a, j): 0 where a floor is active or the distance is 0 (relu and sqrt subgradients,
-  // torch.cdist's choice for sqrt at 0)
-  FK_HOST_DEVICE Acc dist_slope(int64_t j) const {
-    if (j == anchor) return Acc(0);
-    const Acc r = raw(j);
-    if (distance == Distance::kCosine) return Acc(1) - r > Acc(0) ? Acc(-1) : Acc(0);
-    if (!(r > Acc(0))) return Acc(0);
-    return distance == Distance::kEuclidean ? Acc(0.5) / sqrt(r) : Acc(1);
-  }
+  FK_HOST_DEVICE Acc dist(int64_t j) const { return dist_row[j * stride]; }
+  FK_HOST_DEVICE Acc dist_slope(int64_t j) const { return distance_slope(distance, dist(j)); }
 
   FK_HOST_DEVICE int64_t count_positives() const {
     int64_t c = 0;
@@ -174,18 +176,18 @@ FK_HOST_DEVICE void for_each_anchor_term(const AnchorRow<Acc>& row, Mining minin
 }
 
 // Per-anchor statistics of a reduced loss (stats[0..2] = sum of terms, number of terms, number of terms
-// > 0) and row `anchor` of W (coef_row[j] += d (sum of terms) / d raw(a, j); zero-initialised by the
-// caller). Everything is written by the owner of the anchor: no atomics, deterministic.
+// > 0) and row `anchor` of W (coef_row[j * coef_stride] += d (sum of terms) / d raw(a, j); zero-initialised
+// by the caller). Everything is written by the owner of the anchor: no atomics, deterministic.
 template <typename Acc>
 FK_HOST_DEVICE void reduce_anchor(const AnchorRow<Acc>& row, Mining mining, Acc margin, bool soft, Acc* stats,
-                                  Acc* coef_row) {
+                                  Acc* coef_row, int64_t coef_stride) {
   Acc total = Acc(0), count = Acc(0), nonzero = Acc(0);
   for_each_anchor_term(row, mining, margin, soft, [&](int64_t p, int64_t n, Acc value, Acc s_ap, Acc s_an) {
     total += value;
     count += Acc(1);
     nonzero += value > Acc(0) ? Acc(1) : Acc(0);
-    coef_row[p] += s_ap;
-    coef_row[n] += s_an;
+    coef_row[p * coef_stride] += s_ap;
+    coef_row[n * coef_stride] += s_an;
   });
   stats[0] = total;
   stats[1] = count;
