@@ -99,8 +99,11 @@ def _check_low_precision(e, y, device, opts, backend=None):
     def error(x, ref):
         return (x.double().cpu() - ref).abs().max().item() if x.numel() else 0.0
 
-    assert error(got, want) <= 4 * error(base, want) + 1e-6
-    assert error(got_grad, want_grad) <= 4 * error(base_grad.to(e.dtype), want_grad) + 1e-6
+    def floor(ref):  # a few float32 ulps of the largest value: the baseline's error can be 0 by luck
+        return 1e-6 * (1 + (ref.abs().max().item() if ref.numel() else 0.0))
+
+    assert error(got, want) <= 4 * error(base, want) + floor(want)
+    assert error(got_grad, want_grad) <= 4 * error(base_grad.to(e.dtype), want_grad) + floor(want_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

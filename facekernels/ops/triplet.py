@@ -75,11 +75,14 @@ class TripletFunction(torch.autograd.Function):
             ctx.mark_non_differentiable(triplets)
             return terms, triplets
         stats, coef = ops.triplet_reduce(rows, labels, params.mining, params.distance, params.margin, params.soft)
-        total, count, nonzero = stats.sum(0).unbind()
-        # counts are exact integers in float; the denominators carry no gradient (as in the reference)
+        total = stats[:, 0].sum()
+        # per-anchor counts are exact integers in the accumulation dtype, their total is summed in float64
+        # (exact up to 2^53; float32 is exact only up to 2^24 terms); no gradient flows through them
+        count, nonzero = stats[:, 1:].double().sum(0).unbind()
         denominator = (nonzero if params.reduction == "mean_nonzero" else count).clamp_min(1)
         if params.reduction == "sum":
             denominator = torch.ones_like(denominator)
+        denominator = denominator.to(total.dtype)
         ctx.save_for_backward(rows, coef, denominator)
         return total / denominator
 
