@@ -317,3 +317,27 @@ def test_cuda_degenerate_batches(mining, labels):
     terms, idx = fkf.triplet_margin_loss(e, torch.tensor(labels, device="cuda"), mining=mining, reduction="none",
                                          backend="cuda")  # fmt: skip
     assert terms.shape == (0,) and idx.shape == (0, 3)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backend_function_compiles_fullgraph(reduction):
+    # the backend function itself (facekernels.functional's backend lookup imports modules, which dynamo
+    # does not trace): the ops' shape functions, including the data-dependent T of reduction="none"
+    from facekernels._params import TripletParams
+    from facekernels.ops.triplet import triplet_margin_loss
+
+    params = TripletParams(margin=0.3, mining="semihard", distance="euclidean", reduction=reduction)
+    e, y = _batch(12, 3, features=6, dtype=torch.float32)
+
+    def loss(e):
+        out = triplet_margin_loss(e, y, params)
+        return out[0].sum() if reduction == "none" else out
+
+    eager = e.clone().requires_grad_()
+    compiled = e.clone().requires_grad_()
+    want = loss(eager)  # also loads the extension: torch.compile cannot trace an import
+    got = torch.compile(loss, fullgraph=True, backend="aot_eager")(compiled)
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(compiled.grad, eager.grad)

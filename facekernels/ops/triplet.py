@@ -65,7 +65,7 @@ class TripletFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, labels, params: TripletParams):
-        ops = _ops()
+        ops = torch.ops.facekernels  # loaded by triplet_margin_loss
         ctx.distance = params.distance
         ctx.reduction = params.reduction
         if params.reduction == "none":
@@ -104,6 +104,8 @@ class TripletFunction(torch.autograd.Function):
 def triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor, params: TripletParams):
     """Same semantics and return types as ``facekernels.reference.triplet.triplet_margin_loss``: the loss
     (float32; float64 for float64 inputs), or (terms, triplets) with reduction="none"."""
+    if not torch.compiler.is_compiling():
+        _ops()  # load the extension and the shape functions (eagerly: torch.compile cannot trace an import)
     rows = embeddings
     if params.normalize or params.distance == "cosine":
         # x / max(||x||, eps) in the accumulation dtype (an O(B d) copy for half inputs)
