@@ -76,8 +76,8 @@ class TripletFunction(torch.autograd.Function):
             return terms, triplets
         stats, coef = ops.triplet_reduce(rows, labels, params.mining, params.distance, params.margin, params.soft)
         total = stats[:, 0].sum()
-        # per-anchor counts are exact integers in the accumulation dtype, their total is summed in float64
-        # (exact up to 2^53; float32 is exact only up to 2^24 terms); no gradient flows through them
+        # per-anchor counts are integers (exact in float32 below 2^24 terms per anchor); their total is
+        # summed in float64 (float32 would round past 2^24 terms in the batch); no gradient flows there
         count, nonzero = stats[:, 1:].double().sum(0).unbind()
         denominator = (nonzero if params.reduction == "mean_nonzero" else count).clamp_min(1)
         if params.reduction == "sum":

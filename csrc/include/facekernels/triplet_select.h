@@ -28,10 +28,10 @@ using std::log1p;
 enum class Mining : int { kSemihard = 0, kHard = 1, kAll = 2 };
 enum class Distance : int { kSquaredEuclidean = 0, kEuclidean = 1, kCosine = 2 };
 
-// The hinge max(gap + margin, 0), or softplus(gap) when soft, and its derivative with respect to the gap:
-// 1 where the hinge is strictly positive and 0 elsewhere (relu's subgradient at 0), sigmoid(gap) for soft.
 constexpr double kSoftplusThreshold = 20.0;
 
+// The hinge max(gap + margin, 0), or softplus(gap) when soft, and its derivative with respect to the gap:
+// 1 where the hinge is strictly positive and 0 elsewhere (relu's subgradient at 0), sigmoid(gap) for soft.
 template <typename Acc>
 struct Term {
   Acc value;
@@ -181,17 +181,18 @@ FK_HOST_DEVICE void for_each_anchor_term(const AnchorRow<Acc>& row, Mining minin
 template <typename Acc>
 FK_HOST_DEVICE void reduce_anchor(const AnchorRow<Acc>& row, Mining mining, Acc margin, bool soft, Acc* stats,
                                   Acc* coef_row, int64_t coef_stride) {
-  Acc total = Acc(0), count = Acc(0), nonzero = Acc(0);
+  Acc total = Acc(0);
+  int64_t count = 0, nonzero = 0;  // exact; rounded once when stored (float32 is exact below 2^24)
   for_each_anchor_term(row, mining, margin, soft, [&](int64_t p, int64_t n, Acc value, Acc s_ap, Acc s_an) {
     total += value;
-    count += Acc(1);
-    nonzero += value > Acc(0) ? Acc(1) : Acc(0);
+    count += 1;
+    nonzero += value > Acc(0) ? 1 : 0;
     coef_row[p * coef_stride] += s_ap;
     coef_row[n * coef_stride] += s_an;
   });
   stats[0] = total;
-  stats[1] = count;
-  stats[2] = nonzero;
+  stats[1] = static_cast<Acc>(count);
+  stats[2] = static_cast<Acc>(nonzero);
 }
 
 // Writes the anchor's terms from position `offset` on (offset = the number of terms of all lower anchors):
