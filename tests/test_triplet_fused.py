@@ -341,3 +341,15 @@ def test_backend_function_compiles_fullgraph(reduction):
     got.backward()
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(compiled.grad, eager.grad)
+
+
+def test_strided_embeddings_and_int32_labels():
+    e, y = _batch(15, 3, features=7)
+    strided = torch.randn(7, 15, dtype=torch.float64).t()  # column-major rows
+    strided.copy_(e)
+    for mining in MODES:
+        opts = _options(mining, "euclidean", False, False, "mean")
+        got, _, got_grad = _run(strided, y.int(), "cpu", **opts)
+        want, _, want_grad = _run(e, y, "reference", **opts)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-8, atol=1e-10)
