@@ -97,7 +97,9 @@ class TripletFunction(torch.autograd.Function):
             w.index_put_((a, n), grad_terms * slopes[:, 1], accumulate=True)
         else:
             rows, coef, denominator = ctx.saved_tensors
-            w = coef * (grads[0].to(coef.dtype) / denominator)
+            # the gradient is linear in W: scale the (B, d) result rather than the (B, B) matrix
+            scale = grads[0].to(coef.dtype) / denominator
+            return (_grad_from_slopes(coef, rows, ctx.distance) * scale).to(rows.dtype), None, None
         return _grad_from_slopes(w, rows, ctx.distance).to(rows.dtype), None, None
 
 
