@@ -189,7 +189,8 @@ def test_ties_go_to_the_lowest_index():
 def test_integer_batches_with_many_ties_match_reference_exactly(device, dtype, mining):
     # small integer rows: every Gram entry and squared distance is exact in float32 whatever the summation
     # order (BLAS, cuBLAS, the reference's float64), so even the many exact ties must be broken identically;
-    # on CUDA B = 300 spans three blocks of 128 anchors, and backend="auto" must pick the fused kernel
+    # on CUDA B = 300 spans several blocks of anchors (not a multiple of 32), and backend="auto" must pick the
+    # fused kernel
     if device == "cuda":
         _require_cuda_build()
     batch = 300 if device == "cuda" else 61

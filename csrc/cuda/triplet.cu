@@ -11,7 +11,9 @@
 namespace facekernels {
 namespace {
 
-constexpr int kThreads = 128;
+// One warp per block: with one thread per anchor a batch of 4096 is only 128 warps, and small blocks
+// spread them over every SM instead of a quarter of them.
+constexpr int kThreads = 32;
 constexpr int kTileX = 32, kTileY = 8;  // distance kernel: a warp per 32 consecutive columns
 
 __device__ __forceinline__ int64_t anchor_index() {
