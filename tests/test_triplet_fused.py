@@ -276,6 +276,16 @@ def test_mean_nonzero_equals_pml(mining):
     assert got.item() == pytest.approx(want.item(), rel=1e-9)
 
 
+@pytest.mark.parametrize("distance,squared", [("euclidean", False), ("squared_euclidean", True)])
+def test_semihard_equals_tfa(distance, squared):
+    from test_reference_triplet import _tfa_semihard  # TF-Addons' algorithm re-derived as loops
+
+    e, y = _batch(19, 3, features=6)
+    got = fkf.triplet_margin_loss(e, y, margin=0.5, mining="semihard", distance=distance, normalize=False,
+                                  reduction="mean", backend="cpu")  # fmt: skip
+    assert got.item() == pytest.approx(_tfa_semihard(e, y, 0.5, squared), rel=1e-9)
+
+
 # ------------------------------------------------------------------------------------------------- GPU
 
 

@@ -3,7 +3,8 @@
 Forward: ``torch.ops.facekernels.triplet_reduce`` / ``triplet_terms`` compute the Gram matrix of the rows
 and mine every anchor with the selection code of ``csrc/include/facekernels/triplet_select.h`` (shared by
 the C++ and CUDA kernels), never building a (B, B, B) tensor; "all" with a reduction does not even
-enumerate its triplets. Memory: the (B, B) Gram and slope matrices, O(B^2).
+enumerate its triplets. Memory: the (B, B) Gram, distance and slope matrices, O(B^2); with
+reduction="none" also the T mined terms, which are the output.
 
 Backward: the ops return the slopes of the terms with respect to the "raw" quantity behind each distance
 (r_ab = ||e_a - e_b||^2 for the euclidean kinds, r_ab = e_a . e_b of unit rows for cosine), accumulated in
@@ -88,18 +89,17 @@ class TripletFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        if ctx.reduction == "none":
-            rows, triplets, slopes = ctx.saved_tensors
-            grad_terms = grads[0].to(slopes.dtype)
-            a, p, n = triplets.unbind(1)
-            w = slopes.new_zeros(rows.shape[0], rows.shape[0])
-            w.index_put_((a, p), grad_terms * slopes[:, 0], accumulate=True)
-            w.index_put_((a, n), grad_terms * slopes[:, 1], accumulate=True)
-        else:
+        if ctx.reduction != "none":
             rows, coef, denominator = ctx.saved_tensors
             # the gradient is linear in W: scale the (B, d) result rather than the (B, B) matrix
             scale = grads[0].to(coef.dtype) / denominator
             return (_grad_from_slopes(coef, rows, ctx.distance) * scale).to(rows.dtype), None, None
+        rows, triplets, slopes = ctx.saved_tensors
+        grad_terms = grads[0].to(slopes.dtype)
+        a, p, n = triplets.unbind(1)
+        w = slopes.new_zeros(rows.shape[0], rows.shape[0])
+        w.index_put_((a, p), grad_terms * slopes[:, 0], accumulate=True)
+        w.index_put_((a, n), grad_terms * slopes[:, 1], accumulate=True)
         return _grad_from_slopes(w, rows, ctx.distance).to(rows.dtype), None, None
 
 
