@@ -17,4 +17,23 @@ cudaError_t launch_target_cosine(DType dtype, const void* x, int64_t x_stride, c
                                  const int64_t* labels, void* out, int64_t rows, int64_t num_classes,
                                  int64_t features, int64_t class_start, cudaStream_t stream);
 
+// Fused triplet mining (csrc/cuda/triplet.cu; semantics and outputs in csrc/cpu/triplet.cpp and
+// csrc/include/facekernels/triplet_select.h). acc_dtype: kFloat32 or kFloat64, the dtype of every
+// floating buffer; mining and distance: the values of facekernels::Mining and facekernels::Distance;
+// labels: (batch,) int64.
+// dist (batch, batch) = the distances of pair_distance from gram, the (batch, batch) Gram matrix.
+cudaError_t launch_triplet_distance(DType acc_dtype, const void* gram, int64_t batch, int distance, void* dist,
+                                    cudaStream_t stream);
+// stats: (batch, 3); coef: (batch, batch), zero-filled by the caller, receives W^T.
+cudaError_t launch_triplet_reduce(DType acc_dtype, const void* dist, const int64_t* labels, int64_t batch,
+                                  int mining, int distance, double margin, bool soft, void* stats, void* coef,
+                                  cudaStream_t stream);
+// counts[a] = the number of terms of anchor a (depends on the labels only).
+cudaError_t launch_triplet_count(const int64_t* labels, int64_t batch, int mining, int64_t* counts,
+                                 cudaStream_t stream);
+// Anchor a writes its terms from offsets[a] on: terms (T,), triplets (T, 3) int64, slopes (T, 2).
+cudaError_t launch_triplet_fill(DType acc_dtype, const void* dist, const int64_t* labels, int64_t batch,
+                                int mining, int distance, double margin, bool soft, const int64_t* offsets,
+                                void* terms, int64_t* triplets, void* slopes, cudaStream_t stream);
+
 }  // namespace facekernels

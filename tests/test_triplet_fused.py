@@ -1,0 +1,366 @@
+"""The fused triplet loss (backends "cpu" and "cuda", facekernels/ops/triplet.py on the ops of
+csrc/cpu/triplet.cpp and csrc/cuda/triplet.cu) against the eager reference and the brute-force oracle,
+degenerate batches, ties, the memory contract, the direct ops, and pytorch-metric-learning."""
+
+import itertools
+
+import oracle
+import pytest
+import torch
+from pytorch_metric_learning import losses, miners  # a test extra, installed by .ci/run
+
+from facekernels import TripletMarginLoss, _extension
+from facekernels import functional as fkf
+
+MODES = ["semihard", "hard", "all"]
+DISTANCES = ["squared_euclidean", "euclidean", "cosine"]
+REDUCTIONS = ["mean", "mean_nonzero", "sum", "none"]
+ALL_OPTIONS = list(itertools.product(MODES, DISTANCES, [True, False], [False, True], REDUCTIONS))
+
+
+def _options(mining, distance, normalize, soft, reduction, margin=0.3):
+    return dict(margin=margin, mining=mining, distance=distance, normalize=normalize, soft=soft, reduction=reduction)
+
+
+def _run(e, y, backend, **opts):
+    """(loss or terms, triplets or None, gradient of a fixed random projection of the output)."""
+    e = e.detach().clone().requires_grad_()
+    out = fkf.triplet_margin_loss(e, y, backend=backend, **opts)
+    out, idx = out if opts["reduction"] == "none" else (out, None)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    (out * g.to(out.device, out.dtype)).sum().backward()
+    return out, idx, e.grad
+
+
+def _assert_same_triplets(got_idx, want_idx):
+    assert got_idx.dtype == torch.int64 and got_idx.shape == want_idx.shape
+    assert torch.equal(got_idx.cpu(), want_idx.cpu())
+
+
+def _check_against_reference(e, y, device, opts, loss_tol, grad_tol):
+    """The fused backend on `device` against the reference on the same (rounded) inputs in float64."""
+    backend = "cpu" if device == "cpu" else "cuda"
+    got, got_idx, got_grad = _run(e.to(device), y.to(device), backend, **opts)
+    want, want_idx, want_grad = _run(e.double(), y, "reference", **opts)
+    assert got.dtype == (torch.float64 if e.dtype == torch.float64 else torch.float32)
+    assert got_grad.dtype == e.dtype
+    if got_idx is not None:
+        _assert_same_triplets(got_idx, want_idx)
+    torch.testing.assert_close(got.double().cpu(), want, **loss_tol)
+    torch.testing.assert_close(got_grad.double().cpu(), want_grad, **grad_tol)
+
+
+def _batch(n, classes, features=5, dtype=torch.float64):
+    return torch.randn(n, features, dtype=dtype), torch.randint(0, classes, (n,))
+
+
+# ------------------------------------------------------------------------------------------ float64 CPU
+
+
+@pytest.mark.parametrize("mining,distance,normalize,soft,reduction", ALL_OPTIONS)
+def test_cpu_matches_reference_float64(mining, distance, normalize, soft, reduction):
+    e, y = _batch(13, 3)
+    opts = _options(mining, distance, normalize, soft, reduction)
+    _check_against_reference(e, y, "cpu", opts, dict(rtol=1e-10, atol=1e-12), dict(rtol=1e-8, atol=1e-10))
+
+
+@pytest.mark.parametrize("mining,distance,normalize,soft,reduction", ALL_OPTIONS)
+def test_cpu_matches_brute_force_oracle(mining, distance, normalize, soft, reduction):
+    e, y = _batch(9, 3)
+    opts = _options(mining, distance, normalize, soft, reduction)
+    got, got_idx, got_grad = _run(e, y, "cpu", **opts)
+    e_orc = e.clone().requires_grad_()
+    want = oracle.triplet_loss(e_orc, y, **opts)
+    if reduction == "none":
+        want, want_idx = want
+        _assert_same_triplets(got_idx, want_idx)
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    (want * g).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad, e_orc.grad, rtol=1e-8, atol=1e-10)
+
+
+# -------------------------------------------------------------------------------- low precision on CPU
+
+
+def _check_low_precision(e, y, device, opts, backend=None):
+    """Error-ratio check (flash-attention, CCE): against the float64 reference on the same rounded inputs,
+    the fused backend's error is at most a few times that of the same eager math in float32 (the
+    reference on float32 rows, its gradient rounded to the input dtype as the fused one is). The mined
+    triplets must be identical."""
+    backend = backend or ("cpu" if device == "cpu" else "cuda")
+    got, got_idx, got_grad = _run(e.to(device), y.to(device), backend, **opts)
+    want, want_idx, want_grad = _run(e.double(), y, "reference", **opts)
+    base, _, base_grad = _run(e.float(), y, "reference", **opts)
+    assert got.dtype == torch.float32 and got_grad.dtype == e.dtype
+    if got_idx is not None:
+        _assert_same_triplets(got_idx, want_idx)
+
+    def error(x, ref):
+        return (x.double().cpu() - ref).abs().max().item() if x.numel() else 0.0
+
+    def floor(ref):  # a few float32 ulps of the largest value: the baseline's error can be 0 by luck
+        return 1e-6 * (1 + (ref.abs().max().item() if ref.numel() else 0.0))
+
+    assert error(got, want) <= 4 * error(base, want) + floor(want)
+    assert error(got_grad, want_grad) <= 4 * error(base_grad.to(e.dtype), want_grad) + floor(want_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mining", MODES)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cpu_low_precision_inputs(dtype, mining, distance, reduction):
+    e, y = _batch(21, 4, features=37, dtype=dtype)
+    for normalize in (True, False):
+        opts = _options(mining, distance, normalize, False, reduction)
+        _check_low_precision(e, y, "cpu", opts)
+
+
+# ------------------------------------------------------------------------------------------ degenerate
+
+
+@pytest.mark.parametrize("mining", MODES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("labels", [[0], [0, 1], [0, 0], [3, 3, 3, 3], [0, 1, 2, 3, 4]])
+def test_degenerate_batches_give_zero_with_zero_gradient(mining, reduction, labels):
+    e = torch.randn(len(labels), 4, dtype=torch.float64, requires_grad=True)
+    out = fkf.triplet_margin_loss(e, torch.tensor(labels), mining=mining, reduction=reduction, backend="cpu")
+    if reduction == "none":
+        terms, idx = out
+        assert terms.shape == (0,) and idx.shape == (0, 3) and idx.dtype == torch.int64
+        terms.sum().backward()
+    else:
+        assert out.item() == 0.0 and out.dtype == torch.float64
+        out.backward()
+    assert torch.all(e.grad == 0)
+
+
+@pytest.mark.parametrize("mining", MODES)
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_duplicate_embeddings_give_finite_gradients_matching_reference(mining, distance):
+    e = torch.randn(8, 4, dtype=torch.float64)
+    e[1] = e[0]
+    e[4] = e[2]
+    e[6] = e[0]  # a negative at distance 0 from anchors 0 and 1
+    e[7] = 0  # a zero row: the normalisation's eps branch
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    for normalize, reduction in itertools.product([True, False], ["mean", "none"]):
+        opts = _options(mining, distance, normalize, False, reduction, margin=0.2)
+        got, _, grad = _run(e, y, "cpu", **opts)
+        assert torch.isfinite(got).all() and torch.isfinite(grad).all()
+        _check_against_reference(e, y, "cpu", opts, dict(rtol=1e-10, atol=1e-12), dict(rtol=1e-8, atol=1e-10))
+
+
+def test_uneven_classes_module_form_and_auto_backend():
+    e, y = _batch(17, 4, dtype=torch.float32)
+    y[:9] = 0
+    for mining in MODES:
+        loss = TripletMarginLoss(mining=mining, backend="auto")(e, y)
+        want = oracle.triplet_loss(e, y, mining=mining)
+        assert loss.dtype == torch.float32
+        assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_ties_go_to_the_lowest_index():
+    # anchor 0; positives 1 and 2 at the same distance; negatives 3 and 4 at the same distance
+    e = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 0, 1, 1])
+    e.requires_grad_()
+    terms, idx = fkf.triplet_margin_loss(e, y, margin=10.0, mining="hard", normalize=False, reduction="none",
+                                         backend="cpu")  # fmt: skip
+    assert idx[0].tolist() == [0, 1, 3]
+    terms[0].backward()
+    # the tied twins 2 and 4 get nothing: the lowest index takes the whole gradient
+    assert e.grad[2].abs().sum() == 0 and e.grad[4].abs().sum() == 0
+    assert e.grad[1].abs().sum() > 0 and e.grad[3].abs().sum() > 0
+    # semi-hard: negatives 3 and 4 tie as the closest farther one, and as the farthest fallback
+    _, idx = fkf.triplet_margin_loss(e, y, mining="semihard", normalize=False, reduction="none", backend="cpu")
+    assert idx[:2].tolist() == [[0, 1, 3], [0, 2, 3]]
+    e2 = torch.tensor([[0.0, 0.0], [5.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    _, idx = fkf.triplet_margin_loss(e2, torch.tensor([0, 0, 1, 1]), mining="semihard", normalize=False,
+                                     reduction="none", backend="cpu")  # fmt: skip
+    assert idx[0].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mining", MODES)
+def test_integer_batches_with_many_ties_match_reference_exactly(device, dtype, mining):
+    # small integer rows: every Gram entry and squared distance is exact in float32 whatever the summation
+    # order (BLAS, cuBLAS, the reference's float64), so even the many exact ties must be broken identically;
+    # on CUDA B = 300 spans several blocks of anchors (not a multiple of 32), and backend="auto" must pick the
+    # fused kernel
+    if device == "cuda":
+        _require_cuda_build()
+    batch = 300 if device == "cuda" else 61
+    e = torch.randint(-3, 4, (batch, 16)).to(dtype)
+    y = torch.randint(0, batch // 6, (batch,))
+    for distance, reduction in itertools.product(["squared_euclidean", "euclidean"], REDUCTIONS):
+        _check_low_precision(e, y, device, _options(mining, distance, False, False, reduction, margin=1.0), "auto")
+
+
+# ------------------------------------------------------------------------------------- memory contract
+
+
+def _largest_allocation(fn) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # every aten op (at::empty inside the C++ ops included) is an event; its usage is what it allocated
+    return max(ev.cpu_memory_usage for ev in prof.events())
+
+
+@pytest.mark.parametrize("mining", MODES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_cubic_allocation(mining, reduction):
+    batch, features = 96, 8
+    e = torch.randn(batch, features, requires_grad=True)
+    y = torch.arange(batch) % 24  # K = 4
+
+    def step(backend):
+        def run():
+            out = fkf.triplet_margin_loss(e, y, mining=mining, reduction=reduction, backend=backend)
+            loss = out[0].sum() if reduction == "none" else out
+            loss.backward()
+
+        return run
+
+    cubic = batch**3  # bytes of a (B, B, B) bool mask, the smallest (B, B, B) tensor
+    # the detector sees the reference's (chunk, B, B) masks, so it can fail...
+    if mining == "all":
+        assert _largest_allocation(step("reference")) >= cubic
+    # ...and the fused backend stays O(B^2), plus its output with reduction="none": T terms (float32),
+    # triplets (int64) and slopes (float32); the op's event counts all three
+    count = batch * 3 * (batch - 4) if mining == "all" else batch * 3 if mining == "semihard" else batch
+    outputs = (4 + 3 * 8 + 2 * 4) * count if reduction == "none" else 0
+    assert _largest_allocation(step("cpu")) <= max(8 * batch * batch, outputs)
+
+
+# ------------------------------------------------------------------------------------------ direct ops
+
+
+def test_ops_reject_bad_arguments():
+    ops = _extension.ops()
+    e, y = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(TypeError, match="int64"):
+        ops.triplet_reduce(e, y.int(), "hard", "cosine", 0.2, False)
+    with pytest.raises(ValueError, match="mining"):
+        ops.triplet_reduce(e, y, "hardest", "cosine", 0.2, False)
+    with pytest.raises(ValueError, match="distance"):
+        ops.triplet_terms(e, y, "hard", "l2", 0.2, False)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        ops.triplet_terms(e, y[:3], "hard", "cosine", 0.2, False)
+    with pytest.raises(ValueError, match="2-D"):
+        ops.triplet_terms(e[0], y, "hard", "cosine", 0.2, False)
+
+
+@pytest.mark.parametrize("op", ["triplet_reduce", "triplet_terms"])
+def test_ops_opcheck(op):
+    import facekernels.ops.triplet as fused
+
+    fused._ops()  # registers the shape functions
+    e, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    torch.library.opcheck(getattr(torch.ops.facekernels, op).default, (e, y, "semihard", "euclidean", 0.2, False))
+
+
+# ------------------------------------------------------------------ pytorch-metric-learning equivalences
+
+
+@pytest.mark.parametrize("mining", ["all", "hard"])
+def test_mean_nonzero_equals_pml(mining):
+    e, y = _batch(23, 4, features=8)
+    got = fkf.triplet_margin_loss(e, y, margin=0.2, mining=mining, distance="euclidean", normalize=True,
+                                  reduction="mean_nonzero", backend="cpu")  # fmt: skip
+    pairs = miners.BatchHardMiner()(e, y) if mining == "hard" else None
+    want = losses.TripletMarginLoss(margin=0.2)(e, y, pairs)
+    assert got.item() == pytest.approx(want.item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("distance,squared", [("euclidean", False), ("squared_euclidean", True)])
+def test_semihard_equals_tfa(distance, squared):
+    from test_reference_triplet import _tfa_semihard  # TF-Addons' algorithm re-derived as loops
+
+    e, y = _batch(19, 3, features=6)
+    got = fkf.triplet_margin_loss(e, y, margin=0.5, mining="semihard", distance=distance, normalize=False,
+                                  reduction="mean", backend="cpu")  # fmt: skip
+    assert got.item() == pytest.approx(_tfa_semihard(e, y, 0.5, squared), rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+
+def _require_cuda_build():
+    if not _extension.cuda_built():
+        pytest.fail("a CUDA device is present but facekernels._C was built without CUDA")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mining,distance,normalize,soft,reduction", ALL_OPTIONS)
+def test_cuda_matches_reference_float64(mining, distance, normalize, soft, reduction):
+    _require_cuda_build()
+    e, y = _batch(37, 5)
+    opts = _options(mining, distance, normalize, soft, reduction)
+    _check_against_reference(e, y, "cuda", opts, dict(rtol=1e-10, atol=1e-12), dict(rtol=1e-8, atol=1e-10))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mining", MODES)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cuda_low_precision_inputs(dtype, mining, distance, reduction):
+    _require_cuda_build()
+    e, y = _batch(29, 5, features=131, dtype=dtype)
+    for normalize, soft in itertools.product([True, False], [False, True]):
+        opts = _options(mining, distance, normalize, soft, reduction)
+        _check_low_precision(e, y, "cuda", opts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mining", MODES)
+@pytest.mark.parametrize("labels", [[0], [0, 1], [0, 0], [3, 3, 3, 3], [0, 1, 2, 3, 4]])
+def test_cuda_degenerate_batches(mining, labels):
+    _require_cuda_build()
+    e = torch.randn(len(labels), 4, device="cuda", requires_grad=True)
+    loss = fkf.triplet_margin_loss(e, torch.tensor(labels, device="cuda"), mining=mining, backend="cuda")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(e.grad == 0)
+    terms, idx = fkf.triplet_margin_loss(e, torch.tensor(labels, device="cuda"), mining=mining, reduction="none",
+                                         backend="cuda")  # fmt: skip
+    assert terms.shape == (0,) and idx.shape == (0, 3)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backend_function_compiles_fullgraph(reduction):
+    # the backend function itself (facekernels.functional's backend lookup imports modules, which dynamo
+    # does not trace): the ops' shape functions, including the data-dependent T of reduction="none"
+    from facekernels._params import TripletParams
+    from facekernels.ops.triplet import triplet_margin_loss
+
+    params = TripletParams(margin=0.3, mining="semihard", distance="euclidean", reduction=reduction)
+    e, y = _batch(12, 3, features=6, dtype=torch.float32)
+
+    def loss(e):
+        out = triplet_margin_loss(e, y, params)
+        return out[0].sum() if reduction == "none" else out
+
+    eager = e.clone().requires_grad_()
+    compiled = e.clone().requires_grad_()
+    want = loss(eager)  # also loads the extension: torch.compile cannot trace an import
+    got = torch.compile(loss, fullgraph=True, backend="aot_eager")(compiled)
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(compiled.grad, eager.grad)
+
+
+def test_strided_embeddings_and_int32_labels():
+    e, y = _batch(15, 3, features=7)
+    strided = torch.randn(7, 15, dtype=torch.float64).t()  # column-major rows
+    strided.copy_(e)
+    for mining in MODES:
+        opts = _options(mining, "euclidean", False, False, "mean")
+        got, _, got_grad = _run(strided, y.int(), "cpu", **opts)
+        want, _, want_grad = _run(e, y, "reference", **opts)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-8, atol=1e-10)
