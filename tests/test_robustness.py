@@ -16,10 +16,13 @@ from facekernels._extension import is_available as extension_built
 # The backends that must run here (CPU tensors). Triton runs under its interpreter (TRITON_INTERPRET=1
 # from conftest) on CPU tensors; CUDA-only backends are covered by gpu-marked tests elsewhere.
 HEAD_BACKENDS = ["reference", "triton"]
-TRIPLET_BACKENDS = ["reference"]
+TRIPLET_BACKENDS = ["reference", "cpu"]
 # 10,000 steps, an inductor compile of six heads, or bf16 arithmetic are not for the Triton interpreter
 # (Triton's compile test is in test_triton_heads.py, its bf16/fp16 tests are gpu-marked there)
 CPU_HEAD_BACKENDS = ["reference"]
+# the most precise dtype each backend computes in (compared with the float64 oracles)
+HEAD_PRECISE_DTYPE = {"reference": torch.float64, "triton": torch.float32}
+TRIPLET_PRECISE_DTYPE = {"reference": torch.float64, "cpu": torch.float64}
 
 
 def _case_params(case, **options):
@@ -174,7 +177,7 @@ def _head_inputs(batch, classes, features, seed, ignore):
 def test_heads_property_against_oracle(backend, problem):
     batch, classes, features, case, options, seed, ignore = problem
     x, w, y = _head_inputs(batch, classes, features, seed, ignore)
-    dtype = torch.float64 if backend == "reference" else torch.float32
+    dtype = HEAD_PRECISE_DTYPE[backend]
     xg, wg = x.to(dtype).clone().requires_grad_(), w.to(dtype).clone().requires_grad_()
     xo, wo = x.clone().requires_grad_(), w.clone().requires_grad_()
     t0 = float(torch.tensor(0.1, dtype=torch.float32))
@@ -216,7 +219,7 @@ def test_triplet_property_against_brute_force(backend, problem):
     g = torch.Generator().manual_seed(seed)
     e = torch.randn(batch, features, generator=g, dtype=torch.float64)
     y = torch.randint(0, classes, (batch,), generator=g)
-    dtype = torch.float64 if backend == "reference" else torch.float32
+    dtype = TRIPLET_PRECISE_DTYPE[backend]
     eg, eo = e.to(dtype).clone().requires_grad_(), e.clone().requires_grad_()
     got = fkf.triplet_margin_loss(eg, y, backend=backend, **opts)
     want = oracle.triplet_loss(eo, y, **opts)
@@ -313,3 +316,18 @@ def test_every_registered_op_passes_opcheck():
     assert extension_built()
     x, w, y = torch.randn(7, 5), torch.randn(4, 5), torch.randint(0, 4, (7,))
     torch.library.opcheck(torch.ops.facekernels.target_cosine.default, (x, w, y, 0))
+
+
+# the eager reference mines with data-dependent shapes (torch.nonzero): only the fused op compiles whole
+@pytest.mark.parametrize("backend", [b for b in TRIPLET_BACKENDS if b != "reference"])
+@pytest.mark.parametrize("mining", ["semihard", "hard", "all"])
+def test_triplet_loss_compiles_fullgraph(backend, mining):
+    loss_fn = fk.TripletMarginLoss(mining=mining, backend=backend)
+    e, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    e_compiled, e_eager = e.clone().requires_grad_(), e.clone().requires_grad_()
+    got = torch.compile(loss_fn, fullgraph=True)(e_compiled, y)
+    got.backward()
+    want = loss_fn(e_eager, y)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(e_compiled.grad, e_eager.grad)

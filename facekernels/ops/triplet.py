@@ -17,8 +17,6 @@ here with torch ops before the fused part, so autograd chains through x / max(||
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -26,25 +24,25 @@ from .. import _extension
 from .._params import NORM_EPS, TripletParams
 
 
-@functools.lru_cache(maxsize=None)
-def _ops():
-    """torch.ops.facekernels, with the shape functions of the triplet ops registered (torch.compile)."""
-    ops = _extension.ops()
+# Importing this module loads the extension (a clear ExtensionUnavailableError when it is not built) and
+# registers the shape functions torch.compile needs; the backend dispatch imports it with an import
+# statement, which torch.compile executes, so a compiled model works on its first call too.
+_extension.ops()
 
-    @torch.library.register_fake("facekernels::triplet_reduce")
-    def _(embeddings, labels, mining, distance, margin, soft):
-        acc = _acc_dtype(embeddings.dtype)
-        batch = embeddings.shape[0]
-        return embeddings.new_empty(batch, 3, dtype=acc), embeddings.new_empty(batch, batch, dtype=acc)
 
-    @torch.library.register_fake("facekernels::triplet_terms")
-    def _(embeddings, labels, mining, distance, margin, soft):
-        acc = _acc_dtype(embeddings.dtype)
-        count = torch.library.get_ctx().new_dynamic_size()
-        return (embeddings.new_empty(count, dtype=acc), labels.new_empty(count, 3),
-                embeddings.new_empty(count, 2, dtype=acc))  # fmt: skip
+@torch.library.register_fake("facekernels::triplet_reduce")
+def _(embeddings, labels, mining, distance, margin, soft):
+    acc = _acc_dtype(embeddings.dtype)
+    batch = embeddings.shape[0]
+    return embeddings.new_empty(batch, 3, dtype=acc), embeddings.new_empty(batch, batch, dtype=acc)
 
-    return ops
+
+@torch.library.register_fake("facekernels::triplet_terms")
+def _(embeddings, labels, mining, distance, margin, soft):
+    acc = _acc_dtype(embeddings.dtype)
+    count = torch.library.get_ctx().new_dynamic_size()
+    return (embeddings.new_empty(count, dtype=acc), labels.new_empty(count, 3),
+            embeddings.new_empty(count, 2, dtype=acc))  # fmt: skip
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -66,7 +64,7 @@ class TripletFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, labels, params: TripletParams):
-        ops = torch.ops.facekernels  # loaded by triplet_margin_loss
+        ops = torch.ops.facekernels  # loaded when this module was imported
         ctx.distance = params.distance
         ctx.reduction = params.reduction
         if params.reduction == "none":
@@ -106,8 +104,6 @@ class TripletFunction(torch.autograd.Function):
 def triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor, params: TripletParams):
     """Same semantics and return types as ``facekernels.reference.triplet.triplet_margin_loss``: the loss
     (float32; float64 for float64 inputs), or (terms, triplets) with reduction="none"."""
-    if not torch.compiler.is_compiling():
-        _ops()  # load the extension and the shape functions (eagerly: torch.compile cannot trace an import)
     rows = embeddings
     if params.normalize or params.distance == "cosine":
         # x / max(||x||, eps) in the accumulation dtype (an O(B d) copy for half inputs)

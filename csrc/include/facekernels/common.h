@@ -26,6 +26,12 @@ FK_HOST_DEVICE Acc inv_norm(Acc squared_norm) {
   return Acc(1) / fmax(sqrt(squared_norm), Acc(kNormEps));
 }
 
+// max(x, 0) that keeps NaN (fmax(NaN, 0) is 0): a NaN input must give a NaN loss, never a finite one.
+template <typename Acc>
+FK_HOST_DEVICE Acc relu_keep_nan(Acc x) {
+  return (x > Acc(0) || x != x) ? x : Acc(0);
+}
+
 // c = clamp(x_hat . w_hat, -1, 1) from the three dot products x.w, x.x and w.w.
 template <typename Acc>
 FK_HOST_DEVICE Acc cosine_from_dots(Acc x_dot_w, Acc x_dot_x, Acc w_dot_w) {

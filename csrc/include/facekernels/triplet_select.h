@@ -49,7 +49,7 @@ FK_HOST_DEVICE Term<Acc> triplet_term(Acc gap, Acc margin, bool soft) {
     return {fmax(gap, Acc(0)) + log1p(z), sigmoid};
   }
   const Acc h = gap + margin;
-  return h > Acc(0) ? Term<Acc>{h, Acc(1)} : Term<Acc>{Acc(0), Acc(0)};
+  return (h > Acc(0) || h != h) ? Term<Acc>{h, Acc(1)} : Term<Acc>{Acc(0), Acc(0)};  // NaN stays NaN
 }
 
 // d(i, j) from the Gram matrix (gram: (batch, batch) row-major): exactly 0 on the diagonal, floored at 0;
@@ -59,8 +59,8 @@ FK_HOST_DEVICE Acc pair_distance(Distance distance, const Acc* gram, int64_t bat
   if (i == j) return Acc(0);
   const int64_t lo = i < j ? i : j, hi = i < j ? j : i;
   const Acc dot = gram[lo * batch + hi];
-  if (distance == Distance::kCosine) return fmax(Acc(1) - dot, Acc(0));
-  const Acc sq = fmax(gram[lo * batch + lo] + gram[hi * batch + hi] - Acc(2) * dot, Acc(0));
+  if (distance == Distance::kCosine) return relu_keep_nan(Acc(1) - dot);
+  const Acc sq = relu_keep_nan(gram[lo * batch + lo] + gram[hi * batch + hi] - Acc(2) * dot);
   return distance == Distance::kEuclidean ? sqrt(sq) : sq;
 }
 
