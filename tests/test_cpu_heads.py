@@ -1,0 +1,367 @@
+"""The compiled CPU heads (facekernels/ops/cpu_heads.py, csrc/cpu/margin_ce.cpp) against the float64
+reference: every head case x margin_grad x reduction x ignore_index, several tiles and t steps, low precision
+by the error-ratio rule, the no-(B, C)-buffer contract, requires_grad combinations, errors and opcheck."""
+
+import os
+import subprocess
+import sys
+
+import oracle
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import facekernels as fk
+from facekernels import _extension
+from facekernels import functional as fkf
+from facekernels.ops import cpu_heads
+from facekernels.reference import margin_cross_entropy as ref_loss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.skipif(not _extension.is_available(), reason="needs the compiled extension facekernels._C")
+
+
+@pytest.fixture
+def small_tile(monkeypatch):
+    """Tiles of 8 classes, so that small shapes span many tiles with a ragged last one."""
+    monkeypatch.setattr(cpu_heads, "CLASS_TILE", 8)
+
+
+def _inputs(batch, classes, features, dtype=torch.float64, ignore_frac=0.0):
+    x = torch.randn(batch, features, dtype=torch.float64)
+    w = torch.randn(classes, features, dtype=torch.float64)
+    y = torch.randint(0, classes, (batch,))
+    if ignore_frac:
+        y[torch.rand(batch) < ignore_frac] = -100
+    # targets near their class so that margins, fallbacks and hard negatives all occur
+    near = torch.rand(batch) < 0.5
+    x[near] = w[y.clamp_min(0)][near] * 3 + 0.6 * torch.randn(int(near.sum()), features, dtype=torch.float64)
+    return x.to(dtype), w.to(dtype), y
+
+
+def _params(case, **options):
+    head, kw = oracle.HEAD_CASES[case]
+    return fk.head_params(head, **options, **kw)
+
+
+def _t0(case):
+    return torch.tensor(0.15, dtype=torch.float32) if case == "curricular" else None
+
+
+def _loss_and_grads(fn, x, w, y, params, t, training=True, g=None):
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = fn(xa, wa, y, params, t, training)
+    if g is None:
+        g = torch.randn(loss.shape, dtype=torch.float64)
+    (loss * g.to(loss.dtype)).sum().backward()
+    return loss, xa.grad, wa.grad, g
+
+
+def _close(got, want, rtol, atol, what):
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("case", oracle.HEADS)
+@pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignore", [False, True])
+def test_cpu_matches_reference_float64(case, margin_grad, reduction, ignore, small_tile):
+    x, w, y = _inputs(13, 37, 19, ignore_frac=0.3 if ignore else 0.0)
+    if ignore:
+        y[0] = -100
+    params = _params(case, margin_grad=margin_grad, reduction=reduction)
+    t_cpu, t_ref = _t0(case), _t0(case)
+    got, dx, dw, g = _loss_and_grads(cpu_heads.margin_cross_entropy, x, w, y, params, t_cpu)
+    want, dx_ref, dw_ref, _ = _loss_and_grads(ref_loss, x, w, y, params, t_ref, g=g)
+    assert got.dtype == torch.float64 and got.shape == want.shape
+    _close(got, want, 1e-10, 1e-10, "loss")
+    _close(dx, dx_ref, 1e-9, 1e-10, "d embeddings")
+    _close(dw, dw_ref, 1e-9, 1e-10, "d weight")
+    if t_cpu is not None:
+        assert t_cpu.item() != 0.15 and t_cpu.item() == t_ref.item()
+    if ignore:
+        assert torch.all(dx[y == -100] == 0)
+        if reduction == "none":
+            assert torch.all(got[y == -100] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_curricular_t_over_several_steps_and_eval(dtype, small_tile):
+    params = _params("curricular")
+    t_cpu, t_ref = torch.zeros(()), torch.zeros(())
+    for step in range(4):
+        x, w, y = _inputs(11, 29, 9, dtype=dtype, ignore_frac=0.2)
+        got, dx, dw, g = _loss_and_grads(cpu_heads.margin_cross_entropy, x, w, y, params, t_cpu)
+        want, dx_ref, dw_ref, _ = _loss_and_grads(ref_loss, x.double(), w.double(), y, params, t_ref, g=g)
+        tol = 1e-10 if dtype == torch.float64 else 2e-5
+        _close(got, want, tol, tol, f"loss at step {step}")
+        _close(dx, dx_ref, tol, tol, f"d embeddings at step {step}")
+        _close(dw, dw_ref, tol, tol, f"d weight at step {step}")
+        assert t_cpu.item() == pytest.approx(t_ref.item(), abs=1e-7 if dtype == torch.float64 else 1e-6)
+    assert t_cpu.item() > 0.0
+    # eval mode reads t and leaves it; a batch without a valid row leaves it in training too
+    before = t_cpu.clone()
+    x, w, y = _inputs(6, 29, 9)
+    got, *_ = _loss_and_grads(cpu_heads.margin_cross_entropy, x, w, y, params, t_cpu, training=False)
+    want, *_ = _loss_and_grads(ref_loss, x, w, y, params, before.clone(), training=False)
+    assert torch.equal(t_cpu, before)
+    _close(got, want, 1e-10, 1e-10, "eval loss")
+    y_none = torch.full_like(y, -100)
+    loss, dx, dw, _ = _loss_and_grads(cpu_heads.margin_cross_entropy, x, w, y_none, params, t_cpu)
+    assert torch.equal(t_cpu, before) and loss.item() == 0 and torch.all(dx == 0) and torch.all(dw == 0)
+
+
+@pytest.mark.parametrize("case", ["arcface", "combined_general", "mv_arc", "curricular"])
+@pytest.mark.parametrize("shape", [(7, 2500, 33), (1, 1, 5), (0, 13, 4), (5, 1025, 3)])
+def test_float32_odd_shapes_default_tile(case, shape):
+    # the default tile (1024 classes) with C above it and ragged; B = 0 and C = 1 edge cases
+    batch, classes, features = shape
+    x, w, y = _inputs(batch, classes, features, dtype=torch.float32)
+    params = _params(case)
+    t_cpu, t_ref = _t0(case), _t0(case)
+    got, dx, dw, g = _loss_and_grads(cpu_heads.margin_cross_entropy, x, w, y, params, t_cpu)
+    want, dx_ref, dw_ref, _ = _loss_and_grads(ref_loss, x.double(), w.double(), y, params, t_ref, g=g)
+    assert got.dtype == torch.float32 and dx.dtype == torch.float32 and dw.dtype == torch.float32
+    _close(got, want, 1e-5, 1e-5, "loss")
+    _close(dx, dx_ref, 1e-4, 1e-5, "d embeddings")
+    _close(dw, dw_ref, 1e-4, 1e-6, "d weight")
+    if t_cpu is not None:
+        assert t_cpu.item() == pytest.approx(t_ref.item(), abs=1e-6)
+
+
+def _max_err(got, want):
+    return (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["arcface", "cosface", "mv_am", "curricular"])
+def test_low_precision_error_ratio(dtype, case, small_tile):
+    # error-ratio rule: error of the cpu op in `dtype` <= 2 x the error of the eager reference computing in
+    # `dtype`, both against the float64 reference on the same rounded inputs (plus a tiny floor)
+    x, w, y = _inputs(21, 45, 24, dtype=dtype, ignore_frac=0.2)
+    params = _params(case, reduction="none")
+    t = [_t0(case) for _ in range(3)]
+    got, dx, dw, g = _loss_and_grads(cpu_heads.margin_cross_entropy, x, w, y, params, t[0])
+    low, dx_low, dw_low, _ = _loss_and_grads(ref_loss, x, w, y, params, t[1], g=g)
+    want, dx_ref, dw_ref, _ = _loss_and_grads(ref_loss, x.double(), w.double(), y, params, t[2], g=g)
+    assert got.dtype == torch.float32 and dx.dtype == dtype and dw.dtype == dtype
+    for name, a, b, c in [("loss", got, low, want), ("dx", dx, dx_low, dx_ref), ("dw", dw, dw_low, dw_ref)]:
+        err, err_eager = _max_err(a, c), _max_err(b, c)
+        assert err <= 2 * err_eager + 1e-6, f"{name}: cpu error {err} vs eager {dtype} error {err_eager}"
+
+
+def test_public_api_auto_and_cpu_backends_use_the_compiled_op(small_tile):
+    x, w, y = _inputs(9, 20, 16, dtype=torch.float32)
+    want = fkf.margin_cross_entropy(x, w, y, "arcface", backend="reference")
+    for backend in ("auto", "cpu"):
+        got = fkf.margin_cross_entropy(x, w, y, "arcface", backend=backend)
+        _close(got, want, 1e-5, 1e-6, backend)
+    head = fk.CurricularFace(16, 20, backend="cpu")
+    head_ref = fk.CurricularFace(16, 20, backend="reference")
+    head_ref.load_state_dict(head.state_dict())
+    _close(head(x, y), head_ref(x, y), 1e-5, 1e-6, "CurricularFace module")
+    assert head.t.item() == pytest.approx(head_ref.t.item(), abs=1e-7) and head.t.item() != 0
+    # the autograd graph of the cpu backend holds the compiled op, not the reference's matmul
+    loss = fkf.margin_cross_entropy(x.requires_grad_(), w, y, "arcface", backend="auto")
+    names = _graph_names(loss)
+    assert any("facekernels_margin_ce" in n for n in names), names
+    assert not any("Mm" in n or "Logsumexp" in n for n in names), names
+    assert any("Mm" in n for n in _graph_names(fkf.margin_cross_entropy(x, w, y, "arcface", backend="reference")))
+
+
+def _graph_names(loss):
+    names, todo = set(), [loss.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None:
+            names.add(fn.name())
+            todo += [f for f, _ in fn.next_functions]
+    return names
+
+
+@pytest.mark.parametrize("need_dx, need_dw", [(True, True), (True, False), (False, True), (False, False)])
+def test_requires_grad_combinations(need_dx, need_dw):
+    x, w, y = _inputs(6, 11, 5, dtype=torch.float32)
+    params = _params("arcface")
+    xa, wa = x.clone().requires_grad_(need_dx), w.clone().requires_grad_(need_dw)
+    xb, wb = x.double().requires_grad_(need_dx), w.double().requires_grad_(need_dw)
+    got = cpu_heads.margin_cross_entropy(xa, wa, y, params)
+    want = ref_loss(xb, wb, y, params)
+    _close(got, want, 1e-5, 1e-6, "loss")
+    assert got.requires_grad == (need_dx or need_dw)
+    if got.requires_grad:
+        got.backward()
+        want.backward()
+    assert (xa.grad is None) == (not need_dx) and (wa.grad is None) == (not need_dw)
+    if need_dx:
+        _close(xa.grad, xb.grad, 1e-4, 1e-6, "d embeddings")
+    if need_dw:
+        _close(wa.grad, wb.grad, 1e-4, 1e-6, "d weight")
+
+
+def test_frozen_weight_skips_the_weight_gradient():
+    x, w, y = _inputs(6, 11, 5, dtype=torch.float32)
+    args = (x, w, y, None, 64.0, 1.0, 0.5, 0.0, 1, 0, 0.0, -100)
+    _, lse = torch.ops.facekernels.margin_ce(*args, True, 0)
+    grad = torch.ones(6)
+    dx, dw = torch.ops.facekernels.margin_ce_backward(grad, *args[:4], lse, *args[4:], True, True, False, 0)
+    assert dx.shape == x.shape and dw.numel() == 0
+    dx, dw = torch.ops.facekernels.margin_ce_backward(grad, *args[:4], lse, *args[4:], True, False, True, 0)
+    assert dx.numel() == 0 and dw.shape == w.shape
+
+
+class _RecordSizes(TorchDispatchMode):
+    """Records the shape of every tensor an op returns (the Python-visible side of the graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor):
+                self.shapes.append((str(func), tuple(o.shape)))
+        return out
+
+
+def test_no_batch_by_classes_tensor_from_python(small_tile):
+    x, w, y = _inputs(13, 97, 7, dtype=torch.float32)
+    for case in ("curricular", "mv_am", "arcface"):
+        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with _RecordSizes() as rec:
+            cpu_heads.margin_cross_entropy(xa, wa, y, _params(case), _t0(case)).backward()
+        big = [(f, s) for f, s in rec.shapes if len(s) == 2 and 13 in s and 97 in s]
+        assert not big, big
+        assert any("margin_ce" in f for f, _ in rec.shapes)
+        # and the same recorder does see the reference's logits
+        with _RecordSizes() as rec:
+            ref_loss(xa, wa, y, _params(case), _t0(case)).backward()
+        assert any(s == (13, 97) for _, s in rec.shapes)
+
+
+_RSS_SCRIPT = r"""
+import resource, sys, torch
+from facekernels.ops import cpu_heads
+import facekernels as fk
+torch.manual_seed(0)
+backend = sys.argv[1]
+batch, classes, features = 512, 200_000, 8
+x = torch.randn(batch, features, requires_grad=True)
+w = torch.randn(classes, features, requires_grad=True)
+y = torch.randint(0, classes, (batch,))
+t = torch.zeros(())
+params = fk.head_params("curricular")
+fn = cpu_heads.margin_cross_entropy if backend == "cpu" else fk.reference.margin_cross_entropy
+fn(x[:2], w[:50], y[:2] % 50, params, t).backward()  # load the extension, warm the allocator
+x.grad = w.grad = None
+w.grad = torch.zeros_like(w)  # the gradient buffer itself is not what is measured
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+fn(x, w, y, params, t).backward()
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) / 1024)
+"""
+
+
+def _peak_rss_delta_mib(backend):
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, backend], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": ROOT})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return float(out.stdout.split()[-1])
+
+
+def test_no_batch_by_classes_buffer_peak_rss():
+    # (B, C) float32 here is 512 * 200000 * 4 B = 390 MiB, while everything the fused op may allocate (blocks
+    # of (B, 1024) per thread, w tiles, x_hat, dW's temporary) stays far below 100 MiB: any materialised
+    # logits, cosines or softmax, in C++ or Python, shows in the process's RSS high-water mark.
+    logits_mib = 512 * 200_000 * 4 / 2**20
+    cpu = _peak_rss_delta_mib("cpu")
+    assert cpu < logits_mib / 4, f"cpu backend peak RSS grew by {cpu:.0f} MiB (logits: {logits_mib:.0f} MiB)"
+    eager = _peak_rss_delta_mib("reference")  # the check can fail: the eager head does trip it
+    assert eager > logits_mib, eager
+
+
+def _raw_args(**change):
+    x, w, y = _inputs(6, 11, 5, dtype=torch.float32)
+    args = dict(embeddings=x, weight=w, labels=y, t=None, s=64.0, m1=1.0, m2=0.5, m3=0.0, fallback=1, negatives=0,
+                mv_t=0.0, ignore_index=-100, exact_margin_grad=True)  # fmt: skip
+    args.update(change)
+    return args
+
+
+BAD_RAW = [
+    (dict(weight=torch.randn(11, 5, dtype=torch.float64)), TypeError, "one dtype"),
+    (dict(weight=torch.randn(11, 4)), ValueError, "same number of features"),
+    (dict(labels=torch.zeros(6, dtype=torch.int32)), TypeError, "int64"),
+    (dict(labels=torch.zeros(5, dtype=torch.long)), ValueError, "labels must have shape"),
+    (dict(labels=torch.full((6,), 11)), ValueError, "labels must lie in"),
+    (dict(labels=torch.full((6,), -1)), ValueError, "labels must lie in"),
+    (dict(embeddings=torch.randn(6)), ValueError, "2-D"),
+    (dict(embeddings=torch.zeros(6, 5, dtype=torch.long), weight=torch.zeros(11, 5, dtype=torch.long)), TypeError,
+     "floating-point"),
+    (dict(negatives=2), ValueError, "t is required"),
+    (dict(negatives=2, t=torch.zeros((), dtype=torch.float64)), TypeError, "t must be float32"),
+    (dict(negatives=2, t=torch.zeros(1)), ValueError, "0-dim"),
+    (dict(fallback=7), ValueError, "fallback"),
+    (dict(negatives=-1), ValueError, "negatives"),
+    (dict(s=0.0), ValueError, "s must"),
+    (dict(weight=torch.randn(0, 5)), ValueError, "at least one class"),
+]
+
+
+@pytest.mark.parametrize("change, error, words", BAD_RAW)
+def test_raw_ops_reject_bad_arguments(change, error, words):
+    cpu_heads.ops()
+    args = _raw_args(**change)
+    with pytest.raises(error, match=words):
+        torch.ops.facekernels.margin_ce(**args)
+    lse = torch.zeros(args["embeddings"].shape[0] if args["embeddings"].dim() else 0)
+    with pytest.raises(error, match=words):
+        torch.ops.facekernels.margin_ce_backward(torch.ones_like(lse), lse=lse, need_embeddings_grad=True,
+                                                 need_weight_grad=True, **args)  # fmt: skip
+
+
+def test_raw_update_t_rejects_bad_arguments():
+    x, w, y = _inputs(6, 11, 5, dtype=torch.float32)
+    with pytest.raises(TypeError, match="t must be float32"):
+        torch.ops.facekernels.curricular_update_t_(torch.zeros((), dtype=torch.float64), x, w, y, -100, 0.1)
+    with pytest.raises(ValueError, match="momentum"):
+        torch.ops.facekernels.curricular_update_t_(torch.zeros(()), x, w, y, -100, 1.5)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        torch.ops.facekernels.curricular_update_t_(torch.zeros(()), x, w, y + 11, -100, 0.1)
+
+
+@pytest.mark.parametrize("case", ["arcface", "mv_am", "curricular"])
+def test_opcheck(case):
+    fko = cpu_heads.ops()
+    x, w, y = _inputs(9, 21, 6, dtype=torch.float32, ignore_frac=0.2)
+    p = _params(case)
+    t = _t0(case)
+    head = (p.s, p.m1, p.m2, p.m3, int(p.fallback), int(p.negatives), p.mv_t, p.ignore_index)
+    fwd_args = (x.requires_grad_(), w.requires_grad_(), y, t, *head, True, 8)
+    torch.library.opcheck(fko.margin_ce.default, fwd_args)
+    _, lse = fko.margin_ce(*fwd_args)
+    bwd_args = (torch.randn(9), x.detach(), w.detach(), y, t, lse.detach(), *head, True, True, True, 8)
+    torch.library.opcheck(fko.margin_ce_backward.default, bwd_args)
+    torch.library.opcheck(fko.curricular_update_t_.default, (torch.zeros(()), x.detach(), w.detach(), y, -100, 0.1))
+
+
+def test_torch_compile_fullgraph_traces_the_ops(small_tile):
+    x, w, y = _inputs(7, 19, 6, dtype=torch.float32)
+    params = _params("curricular")
+    t_compiled, t_eager = torch.zeros(()), torch.zeros(())
+
+    def step(a, b, t):
+        return cpu_heads.margin_cross_entropy(a, b, y, params, t, True)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
+    got, want = compiled(xa, wa, t_compiled), step(xb, wb, t_eager)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(wa.grad, wb.grad)
+    assert torch.equal(t_compiled, t_eager) and t_compiled.item() != 0
