@@ -127,9 +127,10 @@ FK_HOST_DEVICE NegativeLogit<T> negative_logit(T c, T tau, T t, const HeadMath& 
 }
 
 // c = clamp(raw, -1, 1); d c / d raw = 1 strictly inside (-1, 1), 0 elsewhere (spec: dc/dx_hat).
+// Comparisons, not fmin / fmax, so that a NaN cosine stays NaN (like torch.clamp) instead of becoming +-1.
 template <typename T>
 FK_HOST_DEVICE T clamp_unit(T raw) {
-  return fmin(fmax(raw, T(-1)), T(1));
+  return raw < T(-1) ? T(-1) : (raw > T(1) ? T(1) : raw);
 }
 
 template <typename T>
