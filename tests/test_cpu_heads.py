@@ -144,6 +144,33 @@ def test_nan_embedding_row_stays_nan(case, small_tile):
     _close(got[keep], want[keep], 1e-10, 1e-10, "finite rows")
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float64), (torch.bfloat16, torch.float32)])
+def test_mixed_dtypes_promote_like_the_reference(dtypes, small_tile):
+    x, w, y = _inputs(7, 23, 6)
+    x, w = x.to(dtypes[0]), w.to(dtypes[1])
+    params = _params("mv_arc")
+    got, dx, dw, g = _loss_and_grads(cpu_heads.margin_cross_entropy, x, w, y, params, None)
+    want, dx_ref, dw_ref, _ = _loss_and_grads(ref_loss, x, w, y, params, None, g=g)
+    assert (got.dtype, dx.dtype, dw.dtype) == (want.dtype, dx_ref.dtype, dw_ref.dtype) == (
+        torch.promote_types(*dtypes) if torch.float64 in dtypes else torch.float32, *dtypes)
+    tol = 1e-5 if torch.float64 in dtypes else 2e-2
+    _close(got, want, tol, tol, "loss")
+    _close(dx, dx_ref, tol, tol, "d embeddings")
+    _close(dw, dw_ref, tol, tol, "d weight")
+
+
+def test_public_api_bad_inputs_same_errors_as_reference():
+    x, w = torch.randn(4, 6), torch.randn(5, 6)
+    for labels, error, words in [(torch.tensor([0, 1, 2, 9]), ValueError, "labels must lie in"),
+                                 (torch.tensor([0.0, 1, 2, 3]), TypeError, "labels"),
+                                 (torch.tensor([0, 1, 2]), ValueError, "labels")]:  # fmt: skip
+        for backend in ("cpu", "reference"):
+            with pytest.raises(error, match=words):
+                fkf.margin_cross_entropy(x, w, labels, "arcface", backend=backend)
+    with pytest.raises(ValueError, match="t must be a 0-dim float32"):
+        fkf.margin_cross_entropy(x, w, torch.tensor([0, 1, 2, 3]), "curricular", t=torch.zeros(1), backend="cpu")
+
+
 def _max_err(got, want):
     return (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
 

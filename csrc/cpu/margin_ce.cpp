@@ -234,8 +234,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::T
     acc_t m = -acc_t(kInf);
     for (int64_t k = 0; k < threads; ++k) m = std::max(m, run_max[k * batch + i]);
     acc_t sum = 0;
-    for (int64_t k = 0; k < threads; ++k) {
-      if (run_sum[k * batch + i] > 0) sum += run_sum[k * batch + i] * std::exp(run_max[k * batch + i] - m);
+    for (int64_t k = 0; k < threads; ++k) {  // skip threads that saw no tile (their max is still -inf)
+      if (run_max[k * batch + i] != -acc_t(kInf)) sum += run_sum[k * batch + i] * std::exp(run_max[k * batch + i] - m);
     }
     lp[i] = m + std::log(sum);
     rp[i] = lp[i] - s * rows.target[i].phi;

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
+from .._backends import BackendUnavailableError
 from .._params import HeadParams
 
 # Classes per tile; 0 lets the C++ op choose (kDefaultClassTile). Tests set it small to cover many tiles.
@@ -78,6 +79,15 @@ def ops():
     return torch.ops.facekernels
 
 
+# Register when the backend is first imported (eagerly, also when the import happens while torch.compile
+# traces the dispatch), so that a traced call only reads the flag. Without the extension, the first call
+# raises ExtensionUnavailableError with the build hint instead.
+try:
+    _register()
+except _extension.ExtensionUnavailableError:
+    pass
+
+
 def margin_cross_entropy(
     embeddings: torch.Tensor,
     weight: torch.Tensor,
@@ -90,10 +100,10 @@ def margin_cross_entropy(
     facekernels.functional): float32 loss (float64 for float64 inputs), ``t`` updated in place from the
     target cosines before the negatives are formed when the head uses it and ``training``."""
     if embeddings.device.type != "cpu" or weight.device.type != "cpu":
-        from .._backends import BackendUnavailableError
-
         raise BackendUnavailableError(f"backend='cpu' needs CPU tensors; got {embeddings.device.type} tensors")
-    fk = ops()
+    if not _registered:
+        _register()
+    fk = torch.ops.facekernels
     p = params
     dtype = torch.promote_types(embeddings.dtype, weight.dtype)
     x, w = embeddings.to(dtype), weight.to(dtype)
