@@ -113,21 +113,24 @@ def test_curricular_t_over_several_steps_and_eval(dtype, small_tile):
 
 
 @pytest.mark.parametrize("case", ["arcface", "combined_general", "mv_arc", "curricular"])
-@pytest.mark.parametrize("shape", [(7, 2500, 33), (1, 1, 5), (0, 13, 4), (5, 1025, 3)])
+@pytest.mark.parametrize("shape", [(7, 2500, 33), (1, 1, 5), (0, 13, 4), (5, 1025, 3), (9000, 700, 3)])
 def test_float32_odd_shapes_default_tile(case, shape):
-    # the default tile (1024 classes) with C above it and ragged; B = 0 and C = 1 edge cases
+    # error-ratio rule against float64: the float32 op's error <= 4 x the eager float32 head's (+ 1e-6 relative
+    # to the largest value); a large B sums many float32 terms into dW, so a fixed tolerance would not fit
     batch, classes, features = shape
     x, w, y = _inputs(batch, classes, features, dtype=torch.float32)
     params = _params(case)
-    t_cpu, t_ref = _t0(case), _t0(case)
-    got, dx, dw, g = _loss_and_grads(cpu_heads.margin_cross_entropy, x, w, y, params, t_cpu)
-    want, dx_ref, dw_ref, _ = _loss_and_grads(ref_loss, x.double(), w.double(), y, params, t_ref, g=g)
+    t = [_t0(case) for _ in range(3)]
+    got, dx, dw, g = _loss_and_grads(cpu_heads.margin_cross_entropy, x, w, y, params, t[0])
+    low, dx_low, dw_low, _ = _loss_and_grads(ref_loss, x, w, y, params, t[1], g=g)
+    want, dx_ref, dw_ref, _ = _loss_and_grads(ref_loss, x.double(), w.double(), y, params, t[2], g=g)
     assert got.dtype == torch.float32 and dx.dtype == torch.float32 and dw.dtype == torch.float32
-    _close(got, want, 1e-5, 1e-5, "loss")
-    _close(dx, dx_ref, 1e-4, 1e-5, "d embeddings")
-    _close(dw, dw_ref, 1e-4, 1e-6, "d weight")
-    if t_cpu is not None:
-        assert t_cpu.item() == pytest.approx(t_ref.item(), abs=1e-6)
+    for name, a, b, c in [("loss", got, low, want), ("dx", dx, dx_low, dx_ref), ("dw", dw, dw_low, dw_ref)]:
+        err, err_eager = _max_err(a, c), _max_err(b, c)
+        scale = c.abs().max().item() if c.numel() else 0.0
+        assert err <= 4 * err_eager + 1e-6 * max(scale, 1.0), f"{name}: error {err}, eager float32 {err_eager}"
+    if t[0] is not None:
+        assert t[0].item() == pytest.approx(t[2].item(), abs=1e-6)
 
 
 @pytest.mark.parametrize("case", ["arcface", "curricular"])
@@ -169,6 +172,25 @@ def test_public_api_bad_inputs_same_errors_as_reference():
                 fkf.margin_cross_entropy(x, w, labels, "arcface", backend=backend)
     with pytest.raises(ValueError, match="t must be a 0-dim float32"):
         fkf.margin_cross_entropy(x, w, torch.tensor([0, 1, 2, 3]), "curricular", t=torch.zeros(1), backend="cpu")
+
+
+def test_missing_extension_gives_the_build_hint():
+    code = (
+        "import sys, torch\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'facekernels._C':\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import facekernels as fk\n"
+        "try:\n"
+        "    fk.ArcFace(4, 3, backend='cpu')(torch.randn(2, 4), torch.tensor([0, 2]))\n"
+        "except fk.ExtensionUnavailableError as e:\n"
+        "    assert 'pip install --no-build-isolation -e .' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('expected ExtensionUnavailableError')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def _max_err(got, want):

@@ -32,15 +32,18 @@ namespace {
 // Classes per tile when the caller passes class_tile = 0: a (256, 1024) float32 block is 1 MiB and the
 // (B, tile) x (tile, d) GEMMs are large enough for BLAS to run near peak. At B = 256, d = 512, C = 100k,
 // tiles of 256 to 2048 classes measured the same within noise (bench/cpu_heads_memory_time.py); smaller C
-// gets smaller tiles so that every thread has one (down to kMinClassTile).
+// gets smaller tiles so that every thread has one, and large batches too so that a (B, tile) block stays
+// near kBlockElements (down to kMinClassTile).
 constexpr int64_t kDefaultClassTile = 1024;
 constexpr int64_t kMinClassTile = 128;
+constexpr int64_t kBlockElements = int64_t(1) << 20;
 
-int64_t resolve_class_tile(int64_t class_tile, int64_t num_classes) {
+int64_t resolve_class_tile(int64_t class_tile, int64_t batch, int64_t num_classes) {
   int64_t tile = class_tile;
   if (tile <= 0) {
     const int64_t per_thread = (num_classes + at::get_num_threads() - 1) / at::get_num_threads();
-    tile = std::min(kDefaultClassTile, std::max(kMinClassTile, per_thread));
+    const int64_t per_block = kBlockElements / std::max<int64_t>(batch, 1);
+    tile = std::max(kMinClassTile, std::min({kDefaultClassTile, per_thread, per_block}));
   }
   return std::max<int64_t>(1, std::min(tile, num_classes));
 }
@@ -353,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_cpu(const at::Tensor& embeddings, c
   at::NoGradGuard no_grad;
   const HeadMath p = make_head_math(s, m1, m2, m3, fallback, negatives, mv_t, exact_margin_grad);
   const auto x = embeddings.contiguous(), w = weight.contiguous(), y = labels.contiguous();
-  const int64_t tile = resolve_class_tile(class_tile, w.size(0));
+  const int64_t tile = resolve_class_tile(class_tile, x.size(0), w.size(0));
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "margin_ce_cpu", [&] {
     out = forward_impl<scalar_t>(x, w, y, read_t(t, p), p, ignore_index, tile);
@@ -375,7 +378,7 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cpu(
   at::NoGradGuard no_grad;
   const HeadMath p = make_head_math(s, m1, m2, m3, fallback, negatives, mv_t, exact_margin_grad);
   const auto x = embeddings.contiguous(), w = weight.contiguous(), y = labels.contiguous();
-  const int64_t tile = resolve_class_tile(class_tile, w.size(0));
+  const int64_t tile = resolve_class_tile(class_tile, x.size(0), w.size(0));
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "margin_ce_backward_cpu", [&] {
     out = backward_impl<scalar_t>(grad_rows, x, w, y, read_t(t, p), lse, p, ignore_index, tile, need_embeddings_grad,
