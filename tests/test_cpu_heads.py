@@ -193,6 +193,25 @@ def test_missing_extension_gives_the_build_hint():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
+@pytest.mark.parametrize("case", ["cosface", "curricular"])
+def test_ignore_index_inside_the_class_range_and_strided_inputs(case, small_tile):
+    # ignore_index may be a real class id (rows with that label are ignored); inputs may be views
+    x, w, y = _inputs(17, 12, 7)
+    y[:4] = 3
+    params = _params(case, ignore_index=3, reduction="sum")
+    x_view, w_view = x.t().contiguous().t(), w[::2].repeat_interleave(2, 0)  # non-contiguous, then a copy
+    assert not x_view.is_contiguous()
+    t_cpu, t_ref = _t0(case), _t0(case)
+    got, dx, dw, g = _loss_and_grads(cpu_heads.margin_cross_entropy, x_view, w_view, y, params, t_cpu)
+    want, dx_ref, dw_ref, _ = _loss_and_grads(ref_loss, x, w_view.contiguous(), y, params, t_ref, g=g)
+    _close(got, want, 1e-10, 1e-10, "loss")
+    _close(dx, dx_ref, 1e-9, 1e-10, "d embeddings")
+    _close(dw, dw_ref, 1e-9, 1e-10, "d weight")
+    assert torch.all(dx[y == 3] == 0)
+    if t_cpu is not None:
+        assert t_cpu.item() == t_ref.item()
+
+
 def _max_err(got, want):
     return (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
 
