@@ -8,7 +8,9 @@
 // The backward recomputes each block, turns it into dL/dc in place, and accumulates
 //   d x_hat += dC @ w_hat_tile   (per-thread (B, d) partial, summed at the end)
 //   d w_hat_tile = dC^T @ x_hat  (rows owned by the tile: no atomics, written once)
-// then applies the normalisation backward. Nothing of size (B, C) is ever allocated: only (B, tile) and
+// then applies the normalisation backward. Threading over tiles (not over the rows of one tile with a
+// BLAS-threaded GEMM) measured 3x faster at B = 256, d = 512, C = 100k: one parallel region per op instead
+// of several barriers per tile (README, Results). Nothing of size (B, C) is ever allocated: only (B, tile) and
 // (tile, d) per thread, O(B d) for x_hat and O(B) per-row statistics. Everything accumulates in float32
 // (float64 for float64 inputs).
 #include <ATen/ATen.h>
