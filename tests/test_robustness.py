@@ -6,7 +6,7 @@ import math
 import oracle
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import facekernels as fk
@@ -15,13 +15,13 @@ from facekernels._extension import is_available as extension_built
 
 # The backends that must run here (CPU tensors). Triton runs under its interpreter (TRITON_INTERPRET=1
 # from conftest) on CPU tensors; CUDA-only backends are covered by gpu-marked tests elsewhere.
-HEAD_BACKENDS = ["reference", "triton"]
+HEAD_BACKENDS = ["reference", "cpu", "triton"]
 TRIPLET_BACKENDS = ["reference", "cpu"]
 # 10,000 steps, an inductor compile of six heads, or bf16 arithmetic are not for the Triton interpreter
 # (Triton's compile test is in test_triton_heads.py, its bf16/fp16 tests are gpu-marked there)
-CPU_HEAD_BACKENDS = ["reference"]
+CPU_HEAD_BACKENDS = ["reference", "cpu"]
 # the most precise dtype each backend computes in (compared with the float64 oracles)
-HEAD_PRECISE_DTYPE = {"reference": torch.float64, "triton": torch.float32}
+HEAD_PRECISE_DTYPE = {"reference": torch.float64, "cpu": torch.float64, "triton": torch.float32}
 TRIPLET_PRECISE_DTYPE = {"reference": torch.float64, "cpu": torch.float64}
 
 
@@ -178,6 +178,11 @@ def test_heads_property_against_oracle(backend, problem):
     batch, classes, features, case, options, seed, ignore = problem
     x, w, y = _head_inputs(batch, classes, features, seed, ignore)
     dtype = HEAD_PRECISE_DTYPE[backend]
+    # acos' slope is infinite at +-1: there a rounding of c by one ulp (eps) moves phi = cos(theta + m) by
+    # ~sqrt(2 eps) * s, a conditioning effect, not an error of the backend (d = 1 puts every c at +-1)
+    c = fk.reference.clamp_cosine((fk.reference.normalize_rows(x) * fk.reference.normalize_rows(w)[
+        y.clamp_min(0)]).sum(1))  # fmt: skip
+    assume(bool((c.abs() < 1 - 1e-4).all()))
     xg, wg = x.to(dtype).clone().requires_grad_(), w.to(dtype).clone().requires_grad_()
     xo, wo = x.clone().requires_grad_(), w.clone().requires_grad_()
     t0 = float(torch.tensor(0.1, dtype=torch.float32))
