@@ -75,4 +75,10 @@ def triplet_margin_loss(
     V.check_triplet_options(margin, mining, distance, normalize, soft, reduction, backend)
     labels = V.check_triplet_inputs(embeddings, labels)
     params = TripletParams(float(margin), mining, distance, normalize, soft, reduction)
-    return triplet_backend(backend, embeddings.device)(embeddings, labels, params)
+    result = triplet_backend(backend, embeddings.device)(embeddings, labels, params)
+    if reduction == "none":
+        return result
+    # Mining compares distances, and a comparison with NaN is false, so a NaN or Inf row could go unmined
+    # and leave the loss finite. Adding 0 * sum(embeddings) (O(B d), no sync) makes any non-finite input
+    # give a NaN loss, on every backend, without changing the value or the gradient otherwise.
+    return result + embeddings.sum().to(result.dtype) * 0

@@ -161,3 +161,14 @@ def test_heads_compile_fullgraph_with_the_reference_backend():
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(x.grad, x_eager.grad)
     torch.testing.assert_close(t_after_compiled, head.t)
+
+
+def test_device_mismatch_is_a_value_error():
+    x, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="one device"):
+        fkf.margin_cross_entropy(x, torch.randn(5, 4, device="meta"), y, "arcface", backend="reference")
+    with pytest.raises(ValueError, match="one device"):
+        fkf.triplet_margin_loss(x, y.to("meta"), backend="reference")
+    with pytest.raises(ValueError, match="device of embeddings"):
+        fkf.margin_cross_entropy(x, torch.randn(5, 4), y, "curricular", t=torch.zeros((), device="meta"),
+                                 backend="reference")  # fmt: skip

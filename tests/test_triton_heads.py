@@ -292,13 +292,14 @@ def _op_args(case="curricular", batch=7, classes=130, features=64):
 def test_opcheck():
     # fake (meta) kernels, schema, autograd registration and torch.compile-ability of the three ops
     args = _op_args()
-    torch.library.opcheck(heads._margin_ce, args)
+    ops = torch.ops.facekernels
+    torch.library.opcheck(ops.triton_margin_ce.default, args)
     x, w, target = args[0].detach(), args[1].detach(), args[2]
-    torch.library.opcheck(heads._prepass, (x, w, target, 0.9, 0.4, 0.15, 2, 0, 0.0, 0.0, False))
+    torch.library.opcheck(ops.triton_head_prepass.default, (x, w, target, 0.9, 0.4, 0.15, 2, 0, 0.0, 0.0, False))
     grad = torch.randn(x.shape[0], device=DEVICE)
     lse = heads._margin_ce(*args)[1].detach()
     bwd_args = (grad, x, w, *args[2:9], lse, *args[9:], True)
-    torch.library.opcheck(heads._margin_ce_backward, bwd_args)
+    torch.library.opcheck(ops.triton_margin_ce_backward.default, bwd_args)
 
 
 def test_torch_compile_fullgraph_traces_the_module():
