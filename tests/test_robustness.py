@@ -355,3 +355,18 @@ def test_triplet_loss_compiles_fullgraph(backend, mining):
     want.backward()
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(e_compiled.grad, e_eager.grad)
+
+
+@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+def test_curricular_gradient_accumulation_uses_each_steps_t(backend):
+    # two forwards, then one backward of their sum: each backward must use the t of its own forward
+    dtype = HEAD_PRECISE_DTYPE[backend]
+    head = fk.CurricularFace(6, 9, momentum=0.5, backend=backend).to(dtype)
+    ref = fk.CurricularFace(6, 9, momentum=0.5, backend="reference").double()
+    ref.weight.data.copy_(head.weight.data.double())
+    x1, x2 = torch.randn(5, 6, dtype=dtype), torch.randn(5, 6, dtype=dtype)
+    y = torch.randint(0, 9, (5,))
+    (head(x1, y) + head(x2, y)).backward()
+    (ref(x1.double(), y) + ref(x2.double(), y)).backward()
+    torch.testing.assert_close(head.weight.grad.double(), ref.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(head.t, ref.t)

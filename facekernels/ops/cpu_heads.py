@@ -13,6 +13,7 @@ import torch
 from .. import _extension
 from .._backends import BackendUnavailableError
 from .._params import HeadParams
+from ..reference.heads import reduce_row_losses
 
 # Classes per tile; 0 lets the C++ op choose (kDefaultClassTile). Tests set it small to cover many tiles.
 CLASS_TILE = 0
@@ -117,9 +118,4 @@ def margin_cross_entropy(
         x, w, labels, t_used, p.s, p.m1, p.m2, p.m3, int(p.fallback), int(p.negatives), p.mv_t, p.ignore_index,
         p.margin_grad == "exact", CLASS_TILE,
     )  # fmt: skip
-    if p.reduction == "none":
-        return rows
-    if p.reduction == "sum":
-        return rows.sum()
-    valid = labels != p.ignore_index
-    return rows.sum() / valid.sum().clamp_min(1)
+    return reduce_row_losses(rows, labels != p.ignore_index, p.reduction)

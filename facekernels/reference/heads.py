@@ -71,6 +71,15 @@ def update_t_(t: torch.Tensor, target_cos: torch.Tensor, valid: torch.Tensor, mo
         t.copy_(torch.where(count > 0, new_t, t.double()))
 
 
+def reduce_row_losses(row_loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The heads' reductions: "mean" over the valid (non-ignored) rows, 0 when there is none; "sum"; "none"."""
+    if reduction == "none":
+        return row_loss
+    if reduction == "sum":
+        return row_loss.sum()
+    return row_loss.sum() / valid.sum().clamp_min(1)
+
+
 def margin_cross_entropy(
     embeddings: torch.Tensor,
     weight: torch.Tensor,
@@ -111,9 +120,4 @@ def margin_cross_entropy(
     row_loss = torch.where(valid, row_loss, 0)
 
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    row_loss = row_loss.to(out_dtype)
-    if p.reduction == "none":
-        return row_loss
-    if p.reduction == "sum":
-        return row_loss.sum()
-    return row_loss.sum() / valid.sum().clamp_min(1)
+    return reduce_row_losses(row_loss.to(out_dtype), valid, p.reduction)

@@ -25,7 +25,7 @@ import torch
 
 from .._backends import BackendUnavailableError
 from .._params import NORM_EPS, SIN_THETA_EPS, HeadParams, Negatives
-from ..reference.heads import update_t_
+from ..reference.heads import reduce_row_losses, update_t_
 
 try:
     import triton
@@ -323,12 +323,10 @@ def margin_cross_entropy(
     if p.negatives == Negatives.CURRICULAR:
         if training:
             update_t_(t, c, valid, p.momentum)
-        t_arg = t
+        # the value this step used, saved for the backward: the caller's buffer moves on at the next
+        # forward, which may run before this backward (gradient accumulation)
+        t_arg = t.detach().clone()
     else:
         t_arg = phi  # not read by the kernels (their NEGATIVES constexpr skips the load)
     row_loss, _ = _margin_ce(x, w, target, inv_x, inv_w, phi, dphi, tau, t_arg, p.s, int(p.negatives), p.mv_t)
-    if p.reduction == "none":
-        return row_loss
-    if p.reduction == "sum":
-        return row_loss.sum()
-    return row_loss.sum() / valid.sum().clamp_min(1)
+    return reduce_row_losses(row_loss, valid, p.reduction)
