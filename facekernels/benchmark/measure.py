@@ -61,14 +61,15 @@ def quantiles(samples: list) -> tuple:
     return tuple(q(p) for p in QUANTILES)
 
 
-def time_cpu(step, repeats: int, budget_s: float, min_repeats: int = 5) -> tuple:
-    """(p50, p20, p80) milliseconds of an already warmed-up step."""
+def time_cpu(step, repeats: int, budget_s: float, min_repeats: int = 5, once: float | None = None) -> tuple:
+    """(p50, p20, p80) milliseconds of an already warmed-up step; ``once``: seconds of one call if known."""
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        start = time.perf_counter()
-        step()
-        once = time.perf_counter() - start
+        if once is None:
+            start = time.perf_counter()
+            step()
+            once = time.perf_counter() - start
         inner = max(1, math.ceil(CPU_SAMPLE_S / max(once, 1e-9)))
         n = max(min_repeats, min(repeats, int(budget_s / max(once * inner, 1e-9))))
         samples = []
@@ -167,25 +168,29 @@ def set_malloc_for(phase: str) -> None:
         libc.malloc_trim(0)
 
 
-def peak_memory_mib(step, device: torch.device) -> tuple[float, str]:
-    """Peak memory the step adds over what is held before it, in MiB, and a note on how it was read."""
+def peak_memory_mib(step, device: torch.device) -> tuple[float, str, float]:
+    """Peak memory the step adds over what is held before it (MiB), a note on how it was read, and the
+    seconds the call took (the CPU timer's calibration)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
         step()
         torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / MiB, ""
+        return (torch.cuda.max_memory_allocated(device) - before) / MiB, "", time.perf_counter() - start
     gc.collect()
     set_malloc_for("memory")
     if reset_hwm():
         before, note = _status_kib("VmRSS"), ""
     else:
         before, note = _status_kib("VmHWM"), "HWM not resettable: rise over the HWM after setup"
+    start = time.perf_counter()
     step()
+    seconds = time.perf_counter() - start
     peak = max(0, _status_kib("VmHWM") - before) / 1024
     set_malloc_for("time")
-    return peak, note
+    return peak, note, seconds
 
 
 # ---- one case ------------------------------------------------------------------------------------------
@@ -219,24 +224,26 @@ def measure(op, provider: str, shape, mode: str, device: torch.device, settings:
     try:
         step = op.setup(provider, shape, mode, device)
         compile_s = getattr(step, "compile_s", None)
-        if compile_s is not None:
+        if compile_s is not None:  # setup has run the step once (compiling it)
             note = f"compiled in {compile_s:.1f} s (not timed)"
-        step()  # warm-up: one-time allocations (thread pools, library workspaces) are not the op's
+        else:
+            step()  # warm-up: one-time allocations (thread pools, library workspaces) are not the op's
+        once = None  # seconds of one call: the CPU timer's calibration
         if settings.measure_memory:
-            peak, mem_note = peak_memory_mib(step, device)
+            peak, mem_note, once = peak_memory_mib(step, device)
             memory = (peak, peak, peak)
             note = "; ".join(n for n in (note, mem_note) if n)
         copies = rotation_copies(op.input_bytes(shape), device)
         if copies > 1:
             step = None
-            _release(device)
             step = op.setup(provider, shape, mode, device, copies=copies)
+            once = None
+            if not hasattr(step, "compile_s"):
+                step()  # (a compile step has run once in setup)
         if device.type == "cuda":
             time_ms = time_gpu(step)
         else:
-            for _ in range(copies):  # warm every input set
-                step()
-            time_ms = time_cpu(step, settings.repeats, settings.budget_s)
+            time_ms = time_cpu(step, settings.repeats, settings.budget_s, once=once)
     except UNAVAILABLE_ERRORS as err:
         return Outcome("unavailable", "unavailable", f"{type(err).__name__}: {err}")
     except Exception as err:  # noqa: BLE001 - every failure is a recorded result, the sweep goes on
