@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
-from .results import _provider_order, number
+from .results import PROVIDER_ORDER, _provider_order, number
+
+
+def _color(provider: str) -> str:
+    """One colour per provider in every panel."""
+    return f"C{_provider_order(provider) % 10}" if provider in PROVIDER_ORDER else "C9"
 
 
 def save_plot(rows: list, path: str) -> str | None:
@@ -14,6 +19,7 @@ def save_plot(rows: list, path: str) -> str | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     groups = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in rows:
@@ -32,9 +38,14 @@ def save_plot(rows: list, path: str) -> str | None:
             for provider in sorted(by_metric[metric], key=_provider_order):
                 points = sorted(by_metric[metric][provider])
                 style = "--" if provider == "gemm" else "-"
-                ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=provider)
+                ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=provider,
+                        color=_color(provider))  # fmt: skip
             ax.set_xscale("log")
             ax.set_yscale("log")
+            xs = sorted({p[0] for lines in by_metric.values() for pts in lines.values() for p in pts})
+            ax.set_xticks(xs, [f"{x / 1e6:g}M" if x >= 10**6 else f"{x / 1e3:g}k" if x >= 10**4 else str(x)
+                               for x in xs])  # fmt: skip
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.set_xlabel(x_name)
             ax.set_ylabel(f"{metric} ({unit}, median)" if metric == "time" else f"peak {metric} ({unit})")
             ax.set_title(f"{kernel} {mode} {dtype}, {cfg}", fontsize=9)
