@@ -134,7 +134,8 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def write_outputs(rows: list, out: str, command: str, device: torch.device, elapsed_s: float) -> str:
+def write_outputs(rows: list, out: str, command: str, device: torch.device, elapsed_s: float,
+                  load_at_start: str = "") -> str:  # fmt: skip
     """Append to <out>/results.csv; (re)write this run's table.md, plot.png and run.txt."""
     from .plot import save_plot
 
@@ -144,12 +145,12 @@ def write_outputs(rows: list, out: str, command: str, device: torch.device, elap
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table)
     save_plot(rows, os.path.join(out, "plot.png"))
-    env = results.environment(device)
+    env = rows[0] if rows else results.environment(device)  # the commit and device the rows were taken on
     with open(os.path.join(out, "run.txt"), "w") as f:
         f.write(f"command: {command}\ncommit: {env['facekernels_commit']}\ndevice: {env['device']}\n"
                 f"torch: {env['torch_version']}\ntriton: {env['triton_version'] or '-'}\n"
-                f"python: {sys.version.split()[0]}\nfinished: {env['timestamp']}\n"
-                f"load average at the end (1, 5, 15 min): {_loadavg()}\n"
+                f"python: {sys.version.split()[0]}\nstarted: {env['timestamp']}\n"
+                f"load average (1, 5, 15 min) at the start: {load_at_start or '-'}; at the end: {_loadavg()}\n"
                 f"wall time: {elapsed_s:.0f} s\n")  # fmt: skip
     return table
 
@@ -175,12 +176,12 @@ def main(argv=None) -> int:
     settings = measure.Settings(repeats=args.repeats, budget_s=args.budget, mem_limit_gib=args.mem_limit,
                                 threads=args.threads)  # fmt: skip
     command = "facekernels-bench " + " ".join(shlex.quote(a) for a in argv)
-    start = time.perf_counter()
+    start, load_at_start = time.perf_counter(), _loadavg()
     torch.manual_seed(0)
     rows = sweep(build_cases(args, device), device, settings, in_process=args.in_process,
                  timeout_s=args.timeout, progress=not args.no_progress)  # fmt: skip
     elapsed = time.perf_counter() - start
-    table = write_outputs(rows, args.out, command, device, elapsed)
+    table = write_outputs(rows, args.out, command, device, elapsed, load_at_start)
     print(table)
     print(f"{len(rows) // 2} cases in {elapsed:.0f} s; rows appended to {os.path.join(args.out, 'results.csv')}, "
           f"plot in {os.path.join(args.out, 'plot.png')}")  # fmt: skip
