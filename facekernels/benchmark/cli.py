@@ -51,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", nargs="+", choices=MODES, default=["full"])
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
     p.add_argument("--repeats", type=int, default=100, help="CPU: the most timed samples per case")
-    p.add_argument("--budget", type=float, default=1.0,
+    p.add_argument("--budget", type=float, default=0.5,
                    help="CPU: seconds of timed samples per case (at least 5 samples)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None,
                    help="CPU: torch threads of the measuring process (default: torch's, one per core); "

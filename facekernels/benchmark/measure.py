@@ -199,7 +199,7 @@ def peak_memory_mib(step, device: torch.device) -> tuple[float, str, float]:
 @dataclass(frozen=True)
 class Settings:
     repeats: int = 100  # the most timed samples per case
-    budget_s: float = 1.0  # time spent sampling per case on CPU (at least 5 samples whatever it costs)
+    budget_s: float = 0.5  # time spent sampling per case on CPU (at least 5 samples whatever it costs)
     mem_limit_gib: float = 16.0  # CPU: a case estimated above this is recorded as skipped, not run
     measure_memory: bool = True
     threads: int | None = None  # CPU: torch.set_num_threads in the measuring process (None: torch's default)
@@ -225,7 +225,7 @@ def measure(op, provider: str, shape, mode: str, device: torch.device, settings:
         step = op.setup(provider, shape, mode, device)
         compile_s = getattr(step, "compile_s", None)
         if compile_s is not None:  # setup has run the step once (compiling it)
-            note = f"compiled in {compile_s:.1f} s (not timed)"
+            note = f"first call (compiling unless cached) {compile_s:.1f} s, not timed"
         else:
             step()  # warm-up: one-time allocations (thread pools, library workspaces) are not the op's
         once = None  # seconds of one call: the CPU timer's calibration

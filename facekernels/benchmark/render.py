@@ -38,9 +38,9 @@ def render_folder(folder: str, relative_to: str) -> str:
 def render(folders: list, relative_to: str = ".") -> str:
     head = ("Rendered from the committed CSVs by `python -m facekernels.benchmark.render "
             + " ".join(os.path.relpath(f, relative_to) for f in folders) + "`. Times are medians with the "
-            "20th and 80th percentiles of forward + backward; peak memory is what one step adds over its "
-            "inputs; \"speedup vs eager\" is eager time / provider time and \"time / gemm\" the provider's "
-            "time over the bare matrix products of the same shapes (the floor).")  # fmt: skip
+            "20th and 80th percentiles of one step (\"full\": forward + backward); peak memory is what one step "
+            "adds over its inputs; \"speedup vs eager\" is eager time / provider time and \"time / gemm\" the "
+            "provider's time over that of the bare matrix products of the same shapes (the floor).")  # fmt: skip
     return "\n\n".join([head, *[render_folder(f, relative_to) for f in folders]])
 
 

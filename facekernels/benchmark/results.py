@@ -164,8 +164,12 @@ def tables(rows: list, with_env: bool = True) -> str:
             to_gemm = _ratio(t50, gemm_t) if provider != "gemm" else ""
             mem_ratio = _ratio(m50, eager_m) if provider != "eager" else ""
             out.append(f"| {x:,} | {provider} | {time_cell} | {speedup} | {to_gemm} | {mem_cell} | {mem_ratio} |")
-        notes = sorted({f"{r['provider']} at {x_name}={int(r['x_value']):,}: {r['note']}"
-                        for r in grp if r["note"] and r["metric"] == "time"})  # fmt: skip
+        where = defaultdict(list)  # (provider, note) -> sizes, so a note shared by every size is said once
+        for r in grp:
+            if r["note"] and r["metric"] == "time":
+                where[(r["provider"], r["note"])].append(int(r["x_value"]))
+        notes = sorted(f"{p} at {x_name}={', '.join(f'{x:,}' for x in sorted(xs))}: {note}"
+                       for (p, note), xs in where.items())  # fmt: skip
         if notes:
             out += ["", "<details><summary>notes</summary>", "", *[f"- {n}" for n in notes], "", "</details>"]
         out.append("")
