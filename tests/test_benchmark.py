@@ -305,6 +305,7 @@ def test_memory_in_a_child_process_and_a_killed_child():
     cases = [(FakeShape(x), "full") for x in (64, 160)]
     got = dict(measure.run_in_child(op, "alloc", cases, CPU, settings, timeout_s=120))
     for i, x in enumerate((64, 160)):
+        assert got[i].memory_mib[1] <= got[i].memory_mib[0] <= got[i].memory_mib[2]
         assert isinstance(got[i].memory_mib, tuple), got[i]
         peak = got[i].memory_mib[0]
         assert x * 0.95 <= peak <= x * 1.05 + 4, (x, peak, got[i].note)
@@ -348,6 +349,26 @@ def test_gpu_suite_plumbing_on_cpu(tmp_path):
     assert "command: facekernels-bench --suite gpu" in env and "commit: " in env and "torch: " in env
     rows = results.read_csv(str(out / "results.csv"))
     assert rows and {r["y_p50"] for r in rows} == {"skipped(deadline)"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_suite_refuses_without_cuda(tmp_path, capsys):
+    assert cli.main(["--suite", "gpu", "--skip-build", "--out", str(tmp_path / "x")]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_broken_fused_backend_is_an_error_per_case_not_unavailable(monkeypatch):
+    import facekernels.reference.heads as ref
+
+    def broken(*args, **kwargs):
+        raise IndexError("kernel bug")
+
+    monkeypatch.setitem(_backends._HEAD_IMPLS, "cpu", ("facekernels.reference.heads", "broken"))
+    monkeypatch.setattr(ref, "broken", broken, raising=False)
+    assert OPS["heads"].probe("cpu", CPU) is None
+    rows = cli.sweep({("heads", "cpu"): [(HeadShape("arcface", 4, 8, 16), "full")]}, CPU, FAST, in_process=True,
+                     progress=False)  # fmt: skip
+    assert rows[0]["y_p50"] == "error" and "IndexError: kernel bug" in rows[0]["note"]
 
 
 def test_render_and_readme_section(tmp_path):

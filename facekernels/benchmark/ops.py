@@ -107,8 +107,20 @@ def _probe_compile(device: torch.device) -> str | None:
     return None
 
 
-def _warm(step, mode: str):
-    """Run the step once (compiles for "compile"), returning the step with ``compile_s`` set."""
+def _probe_fused(run_tiny) -> str | None:
+    """Why a fused backend cannot run (it raised BackendUnavailableError / ExtensionUnavailableError on a
+    tiny input), or None. Any other failure is not unavailability: the cases run and record it as an error."""
+    try:
+        run_tiny()
+    except UNAVAILABLE_ERRORS as err:
+        return f"{type(err).__name__}: {err}"
+    except Exception:  # noqa: BLE001
+        return None
+    return None
+
+
+def _warm(step):
+    """Run the step once (torch.compile compiles here, outside the timing); ``step.compile_s`` says how long."""
     start = time.perf_counter()
     step()
     step.compile_s = time.perf_counter() - start
@@ -153,12 +165,7 @@ class HeadsOp:
         if provider in ("triton", "cpu"):
             if provider == "triton" and device.type != "cuda":
                 return "the triton backend needs a CUDA device (it is not benchmarked under the interpreter)"
-            shape = HeadShape("arcface", 3, 8, 5)
-            try:
-                self.setup(provider, shape, "forward", device)()
-            except UNAVAILABLE_ERRORS as err:
-                return f"{type(err).__name__}: {err}"
-            return None
+            return _probe_fused(lambda: self.setup(provider, HeadShape("arcface", 3, 8, 5), "forward", device)())
         if provider == "compile":
             return _probe_compile(device)
         if provider in ("eager", "gemm"):
@@ -191,7 +198,7 @@ class HeadsOp:
             def loss_fn(i):
                 return compiled(xs[i], ws[i], ys[i], params, ts[i], True)
 
-            return _warm(_make_step(loss_fn, grads, mode, copies), mode)
+            return _warm(_make_step(loss_fn, grads, mode, copies))
         raise ValueError(f"unknown heads provider {provider!r}; choose from {self.providers}")
 
     @staticmethod
@@ -256,11 +263,7 @@ class TripletOp:
 
     def probe(self, provider: str, device: torch.device) -> str | None:
         if provider in ("cpu", "cuda"):
-            try:
-                self.setup(provider, TripletShape(8, 4, 2), "forward", device)()
-            except UNAVAILABLE_ERRORS as err:
-                return f"{type(err).__name__}: {err}"
-            return None
+            return _probe_fused(lambda: self.setup(provider, TripletShape(8, 4, 2), "forward", device)())
         if provider == "compile":
             return _probe_compile(device)
         if provider == "pml":
@@ -297,7 +300,7 @@ class TripletOp:
             def loss_fn(i):
                 return compiled(es[i], ys[i], params)
 
-            return _warm(_make_step(loss_fn, grads, mode, copies), mode)
+            return _warm(_make_step(loss_fn, grads, mode, copies))
         if provider == "pml":
             loss_fn = self._pml_loss(es, ys, shape.mining)
             return _make_step(loss_fn, grads, mode, copies)
