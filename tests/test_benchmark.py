@@ -351,6 +351,17 @@ def test_gpu_suite_plumbing_on_cpu(tmp_path):
     assert rows and {r["y_p50"] for r in rows} == {"skipped(deadline)"}
 
 
+def test_gpu_suite_logged_steps(tmp_path):
+    """The build and test steps: output and exit code in the log, a step past its time limit is exit 124."""
+    import sys
+
+    log = tmp_path / "step.log"
+    code = gpu_suite._run_logged([sys.executable, "-c", "print('built'); raise SystemExit(3)"], str(log))
+    assert code == 3 and "built" in log.read_text() and "exit code 3" in log.read_text()
+    code = gpu_suite._run_logged([sys.executable, "-c", "import time; time.sleep(30)"], str(log), timeout_s=0.5)
+    assert code == 124 and "TIMEOUT after 0.5 s" in log.read_text()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_gpu_suite_refuses_without_cuda(tmp_path, capsys):
     assert cli.main(["--suite", "gpu", "--skip-build", "--out", str(tmp_path / "x")]) == 2

@@ -176,7 +176,8 @@ class HeadsOp:
         dtype = DTYPES[shape.dtype]
         b, d, c = shape.batch, shape.features, shape.classes
         xs = [torch.randn(b, d, device=device, dtype=dtype, requires_grad=True) for _ in range(copies)]
-        ws = [(torch.randn(c, d, device=device, dtype=dtype) * 0.01).requires_grad_() for _ in range(copies)]
+        # in place: at tens of millions of classes a temporary copy of W would halve the largest C that fits
+        ws = [torch.randn(c, d, device=device, dtype=dtype).mul_(0.01).requires_grad_() for _ in range(copies)]
         ys = [torch.randint(0, c, (b,), device=device) for _ in range(copies)]
         uses_t = shape.head == "curricular"
         ts = [torch.zeros((), device=device) if uses_t else None for _ in range(copies)]
