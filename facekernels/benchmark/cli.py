@@ -79,8 +79,9 @@ def build_cases(args, device: torch.device) -> dict:
             shapes = [HeadShape(h, args.batch, args.features, c, dt)
                       for dt in args.dtype for h in args.heads for c in sorted(args.classes)]  # fmt: skip
         else:
-            shapes = [TripletShape(b, args.features, k, mining, dt) for dt in args.dtype
-                      for mining in args.mining for k in args.triplet_k for b in sorted(args.triplet_batch)]  # fmt: skip
+            shapes = [TripletShape(b, args.features, k, mining, dt)
+                      for dt in args.dtype for mining in args.mining for k in args.triplet_k
+                      for b in sorted(args.triplet_batch)]  # fmt: skip
         for provider in providers:
             cases[(op_name, provider)] = [(s, m) for m in args.mode for s in shapes]
     return cases

@@ -48,7 +48,8 @@ def plan(device: torch.device, *, max_classes: int, quick: bool = False, provide
         triplets = [TripletShape(b, 24, k, "semihard") for k in (4,) for b in (16, 32)]
     else:
         # doubling, plus 30M: the project's goal for one 80 GB GPU at d = 512 in bf16
-        classes = sorted({*doubling(HEADS_CLASSES_START, max_classes), *([GOAL_CLASSES] * (GOAL_CLASSES <= max_classes))})
+        classes = doubling(HEADS_CLASSES_START, max_classes)
+        classes = sorted(set(classes + ([GOAL_CLASSES] if GOAL_CLASSES <= max_classes else [])))
         heads = [HeadShape("arcface", 1024, 512, c, dt) for dt in ("bfloat16", "float32") for c in classes]
         triplets = [TripletShape(b, 512, k, "semihard") for k in (4, 40) for b in doubling(1024, 16384)]
     fused_heads = "triton" if device.type == "cuda" else "cpu"
