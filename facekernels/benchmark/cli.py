@@ -1,75 +1,198 @@
-"""facekernels-bench: time forward+backward of the heads and the triplet loss on small CPU defaults.
+"""facekernels-bench: time and peak memory of the fused heads and triplet loss against the eager reference,
+torch.compile of it, pytorch-metric-learning and the GEMM floor.
 
-This first version measures the eager reference (the baseline every fused backend is compared with);
-the full harness (providers, peak memory, CSV, plot, GPU suite) grows from it.
+With no argument: the default sweep on this machine's device (a few minutes on 2 CPU cores), a markdown
+table on stdout, rows appended to <out>/results.csv, the plot in <out>/plot.png.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
+import shlex
+import sys
 import time
 
 import torch
 
-from .. import functional as fkf
-from ..heads import HEAD_DEFAULTS
+from .._params import HEAD_NAMES, MINING_MODES
+from . import measure, results
+from .ops import DTYPES, MODES, OPS, HeadShape, TripletShape
+
+DEFAULT_OUT = "facekernels-bench-out"
 
 
-def _median_ms(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _total_ram_gib() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return 16.0
 
 
-def _head_step(head, batch, classes, features, backend):
-    x = torch.randn(batch, features, requires_grad=True)
-    w = (torch.randn(classes, features) * 0.01).requires_grad_()
-    y = torch.randint(0, classes, (batch,))
-    t = torch.zeros(()) if head == "curricular" else None
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="facekernels-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--suite", choices=("cpu", "gpu"), default=None,
+                   help="gpu: build the CUDA extension, run every test and the full GPU sweep into "
+                        "bench/results/<gpu>-<date>/ (see bench/gpu_suite.sh); default: the sweep below")  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu or cuda")
+    p.add_argument("--ops", nargs="+", choices=tuple(OPS), default=list(OPS))
+    p.add_argument("--providers", nargs="+", default=None,
+                   help="default: the device's fused backend, eager, compile, gemm (and pml for triplet); "
+                        "a provider that is not an op's is ignored for that op")  # fmt: skip
+    p.add_argument("--heads", nargs="+", choices=HEAD_NAMES, default=["arcface"])
+    p.add_argument("--batch", type=int, default=256, help="heads: B")
+    p.add_argument("--features", type=int, default=512, help="d (heads and triplet)")
+    p.add_argument("--classes", type=int, nargs="+", default=[10_000, 30_000, 100_000], help="heads: C values")
+    p.add_argument("--triplet-batch", type=int, nargs="+", default=[256, 512, 1024], help="triplet: B values")
+    p.add_argument("--triplet-k", type=int, nargs="+", default=[4], help="triplet: samples per identity")
+    p.add_argument("--mining", nargs="+", choices=MINING_MODES, default=["semihard"])
+    p.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["float32"])
+    p.add_argument("--mode", nargs="+", choices=MODES, default=["full"])
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
+    p.add_argument("--repeats", type=int, default=100, help="CPU: the most timed samples per case")
+    p.add_argument("--budget", type=float, default=0.5,
+                   help="CPU: seconds of timed samples per case (at least 5 samples)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU: torch threads of the measuring process (default: torch's, one per core); "
+                        "1 gives steadier numbers on a machine busy with other work")  # fmt: skip
+    p.add_argument("--mem-limit", type=float, default=round(min(16.0, 0.6 * _total_ram_gib()), 1),
+                   help="CPU: GiB; a case estimated to need more is recorded as OOM(skipped), not run")  # fmt: skip
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds one measurement (compilation included) may take before it is recorded "
+                        "as TIMEOUT")  # fmt: skip
+    p.add_argument("--in-process", action="store_true",
+                   help="measure in this process (no fresh process per provider: CPU memory is then "
+                        "unreliable); for debugging")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true")
+    return p
 
-    def step():
-        x.grad = w.grad = None
-        fkf.margin_cross_entropy(x, w, y, head, t=t, backend=backend).backward()
 
-    return step
+def build_cases(args, device: torch.device) -> dict:
+    """{(op name, provider): [(shape, mode), ...]} in ascending swept size within each configuration."""
+    cases = {}
+    for op_name in args.ops:
+        op = OPS[op_name]
+        providers = args.providers or op.default_providers(device)
+        providers = [p for p in providers if p in op.providers]
+        if op_name == "heads":
+            shapes = [HeadShape(h, args.batch, args.features, c, dt)
+                      for dt in args.dtype for h in args.heads for c in sorted(args.classes)]  # fmt: skip
+        else:
+            shapes = [TripletShape(b, args.features, k, mining, dt)
+                      for dt in args.dtype for mining in args.mining for k in args.triplet_k
+                      for b in sorted(args.triplet_batch)]  # fmt: skip
+        for provider in providers:
+            cases[(op_name, provider)] = [(s, m) for m in args.mode for s in shapes]
+    return cases
 
 
-def _triplet_step(batch, features, mining, backend):
-    e = torch.randn(batch, features, requires_grad=True)
-    y = torch.randint(0, max(1, batch // 4), (batch,))
+def sweep(cases: dict, device: torch.device, settings: measure.Settings, *, ops=OPS, in_process=False,
+          timeout_s=300.0, progress=True, on_row=None, deadline=None) -> list:  # fmt: skip
+    """Measure every case; returns the result rows (two per case: time and memory)."""
+    from tqdm import tqdm
 
-    def step():
-        e.grad = None
-        fkf.triplet_margin_loss(e, y, mining=mining, backend=backend).backward()
+    threads = torch.get_num_threads()
+    if settings.threads and device.type == "cpu":
+        torch.set_num_threads(settings.threads)  # also what the device name reports
+    env = results.environment(device)
+    rows = []
+    total = sum(len(v) for v in cases.values())
+    bar = tqdm(total=total, disable=not progress, unit="case", file=sys.stderr, dynamic_ncols=True)
+    try:
+        for (op_name, provider), items in cases.items():
+            op = ops[op_name]
+            bar.set_description(f"{op_name}/{provider}")
+            late = deadline is not None and time.monotonic() >= deadline
+            reason = None if late else op.probe(provider, device)
+            if late:
+                outcomes = ((i, measure.Outcome(measure.DEADLINE, measure.DEADLINE)) for i in range(len(items)))
+            elif reason is not None:
+                outcomes = ((i, measure.Outcome("unavailable", "unavailable", reason)) for i in range(len(items)))
+            elif in_process:
+                outcomes = measure.run_shapes(op, provider, items, device, settings, deadline)
+            else:
+                outcomes = measure.run_in_child(op, provider, items, device, settings, timeout_s, deadline)
+            for index, outcome in outcomes:
+                shape, mode = items[index]
+                new = results.outcome_rows(op, provider, shape, mode, outcome, env)
+                rows += new
+                if on_row is not None:
+                    on_row(new)
+                bar.update(1)
+    finally:
+        bar.close()
+        torch.set_num_threads(threads)
+    return rows
 
-    return step
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
+    return device
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--features", type=int, default=128)
-    parser.add_argument("--classes", type=int, nargs="+", default=[1000, 10000])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--backend", default="reference")
-    args = parser.parse_args(argv)
+def write_outputs(rows: list, out: str, command: str, device: torch.device, elapsed_s: float,
+                  load_at_start: str = "") -> str:  # fmt: skip
+    """Append to <out>/results.csv; (re)write this run's table.md, plot.png and run.txt."""
+    from .plot import save_plot
+
+    os.makedirs(out, exist_ok=True)
+    results.append_csv(os.path.join(out, "results.csv"), rows)
+    table = results.tables(rows)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table)
+    save_plot(rows, os.path.join(out, "plot.png"))
+    env = rows[0] if rows else results.environment(device)  # the commit and device the rows were taken on
+    with open(os.path.join(out, "run.txt"), "w") as f:
+        f.write(f"command: {command}\ncommit: {env['facekernels_commit']}\ndevice: {env['device']}\n"
+                f"torch: {env['torch_version']}\ntriton: {env['triton_version'] or '-'}\n"
+                f"python: {sys.version.split()[0]}\nstarted: {env['timestamp']}\n"
+                f"load average (1, 5, 15 min) at the start: {load_at_start or '-'}; at the end: {_loadavg()}\n"
+                f"wall time: {elapsed_s:.0f} s\n")  # fmt: skip
+    return table
+
+
+def _loadavg() -> str:
+    try:
+        return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    suite = argparse.ArgumentParser(add_help=False)
+    suite.add_argument("--suite", choices=("cpu", "gpu"))
+    known, rest = suite.parse_known_args(argv)
+    if known.suite == "gpu":  # the suite has its own options (facekernels-bench --suite gpu --help)
+        from .gpu_suite import main as gpu_main
+
+        return gpu_main(rest)
+    args = parser().parse_args(argv)
+    device = pick_device(args.device)
+    settings = measure.Settings(repeats=args.repeats, budget_s=args.budget, mem_limit_gib=args.mem_limit,
+                                threads=args.threads)  # fmt: skip
+    command = "facekernels-bench " + " ".join(shlex.quote(a) for a in argv)
+    start, load_at_start = time.perf_counter(), _loadavg()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, forward+backward, median ms")
-    print("\n| op | B | d | C | ms |\n|---|---|---|---|---|")
-    for head in HEAD_DEFAULTS:
-        for classes in args.classes:
-            ms = _median_ms(_head_step(head, args.batch, classes, args.features, args.backend), 2, args.repeats)
-            print(f"| {head} | {args.batch} | {args.features} | {classes} | {ms:.2f} |")
-    for mining in ("semihard", "hard", "all"):
-        ms = _median_ms(_triplet_step(args.batch, args.features, mining, args.backend), 2, args.repeats)
-        print(f"| triplet {mining} | {args.batch} | {args.features} | - | {ms:.2f} |")
+    rows = sweep(build_cases(args, device), device, settings, in_process=args.in_process,
+                 timeout_s=args.timeout, progress=not args.no_progress)  # fmt: skip
+    elapsed = time.perf_counter() - start
+    table = write_outputs(rows, args.out, command, device, elapsed, load_at_start)
+    print(table)
+    print(f"{len(rows) // 2} cases in {elapsed:.0f} s; rows appended to {os.path.join(args.out, 'results.csv')}, "
+          f"plot in {os.path.join(args.out, 'plot.png')}")  # fmt: skip
+    errors = [r for r in rows if r["y_p50"] in ("error", "TIMEOUT")]
+    if errors:
+        print(f"{len(errors)} measurement(s) failed; see the notes above", file=sys.stderr)
+        return 1
+    return 0
+
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The GPU suite (``facekernels-bench --suite gpu`` or ``bash bench/gpu_suite.sh``): one command that
+builds the CUDA extension, runs the whole test suite (gpu tests included), runs the full GPU sweep and
+writes everything into bench/results/<gpu>-<date>/, ready to commit:
+
+    build.log  tests.log  env.txt (nvidia-smi, versions, commit, command)  results.csv  table.md  plot.png
+
+The sweep: heads at B = 1024, d = 512, C = 10k doubling while any provider still fits (a provider that ran
+out of memory at some C is not tried above it), bf16 and fp32; the triplet loss at B = 1k ... 16k with
+K = 4 and K = 40. Fused providers and the GEMM floor go first, the baselines after and torch.compile last,
+so that a run cut by the deadline (default: everything within 10 minutes) loses the least useful cases;
+cases left at the deadline are recorded as "skipped(deadline)".
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+from . import measure, results
+from .ops import HeadShape, TripletShape
+
+HEADS_CLASSES_START = 10_000
+GOAL_CLASSES = 30_000_000
+SWEEP_RESERVE_S = 240  # of the suite's budget, kept for the sweep
+
+
+def doubling(start: int, stop: int) -> list:
+    values = []
+    while start <= stop:
+        values.append(start)
+        start *= 2
+    return values
+
+
+def plan(device: torch.device, *, max_classes: int, quick: bool = False, providers=None) -> dict:
+    """{(op, provider): [(shape, mode), ...]}, most informative groups first."""
+    if quick:  # a few seconds anywhere: checks the suite's plumbing, not the GPU
+        heads = [HeadShape("arcface", 16, 24, c, dt) for dt in ("float32",) for c in doubling(100, 400)]
+        triplets = [TripletShape(b, 24, k, "semihard") for k in (4,) for b in (16, 32)]
+    else:
+        # doubling, plus 30M: the project's goal for one 80 GB GPU at d = 512 in bf16
+        classes = doubling(HEADS_CLASSES_START, max_classes)
+        classes = sorted(set(classes + ([GOAL_CLASSES] if GOAL_CLASSES <= max_classes else [])))
+        heads = [HeadShape("arcface", 1024, 512, c, dt) for dt in ("bfloat16", "float32") for c in classes]
+        triplets = [TripletShape(b, 512, k, "semihard") for k in (4, 40) for b in doubling(1024, 16384)]
+    fused_heads = "triton" if device.type == "cuda" else "cpu"
+    fused_triplet = "cuda" if device.type == "cuda" else "cpu"
+    order = [("heads", fused_heads), ("triplet", fused_triplet), ("heads", "gemm"), ("triplet", "gemm"),
+             ("heads", "eager"), ("triplet", "eager"), ("triplet", "pml"), ("heads", "compile"),
+             ("triplet", "compile")]  # fmt: skip
+    if providers is not None:
+        order = [(op, p) for op, p in order if p in providers]
+    return {(op, p): [(s, "full") for s in (heads if op == "heads" else triplets)] for op, p in order}
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def result_dir(root: str, device: torch.device, today: datetime.date | None = None) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = re.sub(r"^nvidia[ -]", "", name, flags=re.I)
+    return os.path.join(root, f"{slug(name)}-{(today or datetime.date.today()).isoformat()}")
+
+
+def _run_logged(cmd: list, log_path: str, env: dict | None = None, timeout_s: float = 600) -> int:
+    """Run cmd with its output going to log_path (and a summary line to stderr); its exit code."""
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        log.write(f"$ {' '.join(shlex.quote(c) for c in cmd)}\n")
+        log.flush()
+        try:
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s,
+                                  cwd=results.REPO_ROOT).returncode  # fmt: skip
+        except subprocess.TimeoutExpired:
+            code = 124
+            log.write(f"\nTIMEOUT after {timeout_s:g} s\n")
+        log.write(f"\nexit code {code} after {time.perf_counter() - start:.0f} s\n")
+    print(f"[gpu-suite] {' '.join(cmd[:4])} ... -> exit {code} ({time.perf_counter() - start:.0f} s), "
+          f"log {log_path}", file=sys.stderr)  # fmt: skip
+    return code
+
+
+def write_env(path: str, device: torch.device, command: str) -> None:
+    env = results.environment(device)
+    smi = shutil.which("nvidia-smi")
+    smi_text = subprocess.run([smi], capture_output=True, text=True).stdout if smi else "nvidia-smi not found\n"
+    lines = [
+        f"command: {command}",
+        f"commit: {env['facekernels_commit']}",
+        f"date: {env['timestamp']}",
+        f"device: {env['device']}",
+        f"python: {sys.version.split()[0]}",
+        f"torch: {torch.__version__} (CUDA {torch.version.cuda})",
+        f"triton: {env['triton_version'] or '-'}",
+        "",
+        smi_text,
+    ]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="facekernels-bench --suite gpu", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--results-root", default=os.path.join(results.REPO_ROOT, "bench", "results"))
+    p.add_argument("--out", default=None, help="the result folder (default <results-root>/<gpu>-<date>)")
+    p.add_argument("--device", default="cuda", help="cuda; cpu only to check the suite's plumbing (--quick)")
+    p.add_argument("--minutes", type=float, default=10.0, help="the whole suite's time budget")
+    p.add_argument("--max-classes", type=int, default=HEADS_CLASSES_START * 2**12,
+                   help="largest C tried for the heads (C doubles from 10k)")  # fmt: skip
+    p.add_argument("--providers", nargs="+", default=None, help="default: all of them")
+    p.add_argument("--skip-build", action="store_true")
+    p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--quick", action="store_true", help="tiny shapes: check the plumbing in seconds")
+    p.add_argument("--timeout", type=float, default=240.0, help="seconds one measurement may take")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    """The suite's entry point (argv without "--suite gpu"); 0 when the build and the tests passed."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(argv)
+    start = time.monotonic()
+    deadline = start + args.minutes * 60 - 20  # keep 20 s to write the outputs
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--suite gpu needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    out = args.out or result_dir(args.results_root, device)
+    os.makedirs(out, exist_ok=True)
+    command = "facekernels-bench --suite gpu " + " ".join(shlex.quote(a) for a in argv)
+    write_env(os.path.join(out, "env.txt"), device, command)
+    codes = {}
+    if not args.skip_build:
+        env = {**os.environ, "FACEKERNELS_CUDA": "1"}
+        cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "-e", "."]
+        timeout_s = max(60, deadline - time.monotonic() - 2 * SWEEP_RESERVE_S)
+        codes["build"] = _run_logged(cmd, os.path.join(out, "build.log"), env, timeout_s=timeout_s)
+    if not args.skip_tests:
+        # a fresh interpreter: it imports the extension just built
+        cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-rs", "--durations=15"]
+        # the sweep keeps at least SWEEP_RESERVE_S of the budget however long the tests would take
+        timeout_s = max(60, deadline - time.monotonic() - SWEEP_RESERVE_S)
+        codes["tests"] = _run_logged(cmd, os.path.join(out, "tests.log"), timeout_s=timeout_s)
+
+    from .cli import sweep, write_outputs
+
+    settings = measure.Settings()
+    sweep_start = time.perf_counter()
+    cases = plan(device, max_classes=args.max_classes, quick=args.quick, providers=args.providers)
+    rows = sweep(cases, device, settings,
+                 timeout_s=args.timeout, progress=not args.no_progress, deadline=deadline)  # fmt: skip
+    write_outputs(rows, out, command, device, time.perf_counter() - sweep_start)
+    summary = ", ".join(f"{k} exit {v}" for k, v in codes.items()) or "build and tests skipped"
+    with open(os.path.join(out, "env.txt"), "a") as f:
+        f.write(f"\nsuite: {summary}; sweep {time.perf_counter() - sweep_start:.0f} s; "
+                f"total {time.monotonic() - start:.0f} s\n")  # fmt: skip
+    print(f"[gpu-suite] {summary}; results in {out}", file=sys.stderr)
+    return 0 if all(c == 0 for c in codes.values()) else 1
