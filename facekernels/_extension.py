@@ -22,7 +22,7 @@ class ExtensionUnavailableError(RuntimeError):
     """facekernels._C is missing or does not load with this torch."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load():
     try:
         module = importlib.import_module("facekernels._C")

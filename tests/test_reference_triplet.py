@@ -20,8 +20,10 @@ def _batch(n, classes, features=5, dtype=torch.float64):
     return torch.randn(n, features, dtype=dtype), torch.randint(0, classes, (n,))
 
 
-@pytest.mark.parametrize("mining,distance,normalize,soft,reduction",
-                         list(itertools.product(MODES, DISTANCES, [True, False], [False, True], REDUCTIONS)))  # fmt: skip
+ALL_OPTIONS = list(itertools.product(MODES, DISTANCES, [True, False], [False, True], REDUCTIONS))
+
+
+@pytest.mark.parametrize("mining,distance,normalize,soft,reduction", ALL_OPTIONS)
 def test_reference_matches_brute_force(mining, distance, normalize, soft, reduction):
     e, y = _batch(11, 3)
     opts = dict(margin=0.3, mining=mining, distance=distance, normalize=normalize, soft=soft, reduction=reduction)

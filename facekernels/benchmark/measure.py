@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops import GiB, UNAVAILABLE_ERRORS
+from .ops import UNAVAILABLE_ERRORS, GiB
 
 MiB = 2**20
 QUANTILES = (0.5, 0.2, 0.8)
@@ -142,7 +142,7 @@ def hwm_resettable() -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _libc():
     try:
         libc = ctypes.CDLL("libc.so.6")

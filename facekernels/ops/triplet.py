@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from .. import _extension
 from .._params import NORM_EPS, TripletParams
 
-
 # Importing this module loads the extension (a clear ExtensionUnavailableError when it is not built) and
 # registers the shape functions torch.compile needs; the backend dispatch imports it with an import
 # statement, which torch.compile executes, so a compiled model works on its first call too.

@@ -61,7 +61,7 @@ class KernelConfig:
     num_stages: int = 2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
