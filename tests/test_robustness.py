@@ -370,3 +370,17 @@ def test_curricular_gradient_accumulation_uses_each_steps_t(backend):
     (ref(x1.double(), y) + ref(x2.double(), y)).backward()
     torch.testing.assert_close(head.weight.grad.double(), ref.weight.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(head.t, ref.t)
+
+
+@pytest.mark.parametrize("backend", TRIPLET_BACKENDS)
+@pytest.mark.parametrize("mining", ["semihard", "hard", "all"])
+def test_repeated_triplet_runs_are_bitwise_equal(backend, mining):
+    e, y = torch.randn(67, 33), torch.randint(0, 9, (67,))
+    results = []
+    for _ in range(3):
+        eg = e.clone().requires_grad_()
+        loss = fkf.triplet_margin_loss(eg, y, mining=mining, backend=backend)
+        loss.backward()
+        results.append((loss, eg.grad))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
