@@ -252,9 +252,13 @@ class TripletOp:
 
     def estimate_bytes(self, provider: str, shape: TripletShape, mode: str) -> int:
         """Eager: about a dozen (B, B) float/bool matrices plus the reference's chunked mining masks (2^24
-        elements a chunk); pml builds (B, B, B) masks and an int64 list of every candidate triplet."""
+        elements a chunk), and with mining="all" the list of every (a, p, n) triplet with its gathered
+        distances and autograd buffers (~64 bytes each: 648M triplets, ~40 GB, at B = 4096, K = 40);
+        pml builds (B, B, B) masks and an int64 list of every candidate triplet."""
         b = shape.batch
         base = 16 * b * b * 4 + 2**24 * 24 + self.input_bytes(shape) * 4
+        if shape.mining == "all":
+            base += 64 * b * max(shape.per_class - 1, 0) * max(b - shape.per_class, 0)
         if provider == "pml":
             candidates = b * max(shape.per_class - 1, 1) * b
             return 3 * b**3 + candidates * 8 * 6 + base
