@@ -32,10 +32,12 @@ T0 = 0.15
 
 
 def _scenario(name, case, classes, b_local=5, d=7, steps=1, reduction="mean", ignore_index=-100, ignore_frac=0.2,
-              skew=0.0, sample_rate=1.0, seed=0):  # fmt: skip
+              skew=0.0, sample_rate=1.0, seed=0, dtype=torch.float32, backend="cpu", training=True,
+              margin_grad="exact", frozen=False):  # fmt: skip
     return dict(name=name, case=case, classes=classes, b_local=b_local, d=d, steps=steps, reduction=reduction,
                 ignore_index=ignore_index, ignore_frac=ignore_frac, skew=skew, sample_rate=sample_rate,
-                seed=seed)  # fmt: skip
+                seed=seed, dtype=dtype, backend=backend, training=training, margin_grad=margin_grad,
+                frozen=frozen)  # fmt: skip
 
 
 # world 2: every head case once (C = 13: 7 + 6 classes), several CurricularFace steps, sum reduction,
@@ -49,6 +51,10 @@ SCENARIOS_2 = [_scenario(f"{case}", case, 13, seed=i) for i, case in enumerate(o
     _scenario("arcface_sampled", "arcface", 41, sample_rate=0.3, seed=25),
     _scenario("curricular_sampled", "curricular", 41, sample_rate=0.4, steps=3, skew=0.7, seed=26),
     _scenario("arcface_sampled_all", "arcface", 13, sample_rate=0.99, seed=27),  # keeps all: the plain head
+    _scenario("combined_none", "combined", 13, reduction="none", backend="auto", seed=28),
+    _scenario("curricular_float64_eval", "curricular", 13, steps=2, dtype=torch.float64, training=False, seed=29),
+    _scenario("arcface_straight_through_frozen", "arcface", 13, margin_grad="straight_through", frozen=True,
+              seed=30),  # fmt: skip
 ]
 # world 4: C = 10 (3, 3, 2, 2 classes), labels mostly on shard 0, one shard with no label at all
 SCENARIOS_4 = [
@@ -81,10 +87,20 @@ def _inputs(sc, world, step):
 def _make_head(sc, classes, **kw):
     head, margins = oracle.HEAD_CASES[sc["case"]]
     module = HEAD_CLASSES[head](sc["d"], classes, **margins, reduction=sc["reduction"],
-                                ignore_index=sc["ignore_index"], **kw)  # fmt: skip
+                                ignore_index=sc["ignore_index"], margin_grad=sc["margin_grad"], **kw)  # fmt: skip
     if head == "curricular":
         module.t.fill_(T0)
-    return module
+    module.weight.requires_grad_(not sc["frozen"])
+    return module.train(sc["training"])
+
+
+def _backward(loss, sc, world):
+    """loss.backward(), with a fixed random weighting of the rows for reduction="none"."""
+    if loss.dim() == 0:
+        loss.backward()
+    else:
+        g = torch.rand(loss.shape[0], generator=torch.Generator().manual_seed(sc["seed"]), dtype=loss.dtype)
+        (loss * g).sum().backward()
 
 
 def _worker(rank, world, store, scenarios, out_dir):
@@ -98,19 +114,23 @@ def _worker(rank, world, store, scenarios, out_dir):
     for sc in scenarios:
         b = sc["b_local"]
         rate, seed = sc["sample_rate"], 1234 + rank
-        head = _make_head(sc, sc["classes"], backend="cpu", process_group=group, sample_rate=rate, sample_seed=seed)
+        head = _make_head(sc, sc["classes"], backend=sc["backend"], process_group=group, sample_rate=rate,
+                          sample_seed=seed).to(sc["dtype"])  # fmt: skip
         # a second generator replaying the head's draws, to know which classes it sampled
         replay = torch.Generator().manual_seed(seed)
         steps = []
         for step in range(sc["steps"]):
             x, w, y = _inputs(sc, world, step)
+            x, w = x.to(sc["dtype"]), w.to(sc["dtype"])
             head.weight.data.copy_(w[head.class_start : head.class_start + head.num_local])
             head.weight.grad = None
             x_local = x[rank * b : (rank + 1) * b].clone().requires_grad_()
             loss = head(x_local, y[rank * b : (rank + 1) * b])
-            loss.backward()
-            record = dict(loss=loss.detach(), dx=x_local.grad, dw=head.weight.grad.clone(),
-                          class_start=head.class_start, num_local=head.num_local)  # fmt: skip
+            _backward(loss, sc, world)
+            dw = torch.zeros_like(head.weight) if sc["frozen"] else head.weight.grad.clone()
+            assert (head.weight.grad is None) == sc["frozen"]
+            record = dict(loss=loss.detach(), dx=x_local.grad, dw=dw, class_start=head.class_start,
+                          num_local=head.num_local)  # fmt: skip
             if sc["case"] == "curricular":
                 record["t"] = head.t.clone()
             if rate < 1.0:
@@ -118,7 +138,7 @@ def _worker(rank, world, store, scenarios, out_dir):
                 index = sample_classes(y, valid, head.class_start, head.num_local, rate, replay)
                 record["sampled"] = index + head.class_start
                 # reproducible: a fresh head with the same seed draws the same classes, hence the same loss
-                again = _make_head(sc, sc["classes"], backend="cpu", process_group=group, sample_rate=rate,
+                again = _make_head(sc, sc["classes"], backend=sc["backend"], process_group=group, sample_rate=rate,
                                    sample_seed=seed)  # fmt: skip
                 again.weight.data.copy_(head.weight.data)
                 if step == 0:
@@ -156,6 +176,7 @@ def _single_process(sc, world, backend, dtype, sampled=None):
     out = []
     for step in range(sc["steps"]):
         x, w, y = _inputs(sc, world, step)
+        x, w = x.to(sc["dtype"]), w.to(sc["dtype"])
         x, w = x.to(dtype).requires_grad_(), w.to(dtype)
         labels = y
         if sampled is not None:
@@ -170,7 +191,7 @@ def _single_process(sc, world, backend, dtype, sampled=None):
                 sub.t.copy_(head.t)
             sub.weight = torch.nn.Parameter(w_used)
             loss = sub(x, labels)
-            loss.backward()
+            _backward(loss, sc, world)
             dw = torch.zeros_like(w)
             dw[keep] = sub.weight.grad
             t = sub.t.clone() if sc["case"] == "curricular" else None
@@ -179,7 +200,7 @@ def _single_process(sc, world, backend, dtype, sampled=None):
         else:
             head.weight = torch.nn.Parameter(w.clone())
             loss = head(x, labels)
-            loss.backward()
+            _backward(loss, sc, world)
             dw = head.weight.grad
             t = head.t.clone() if sc["case"] == "curricular" else None
         out.append(dict(loss=loss.detach(), dx=x.grad, dw=dw, t=t))
@@ -196,7 +217,7 @@ def _check(results, scenarios, world):
         sampled = None
         if sc["sample_rate"] < 1.0:
             sampled = [torch.cat([results[r][name][s]["sampled"] for r in range(world)]) for s in range(sc["steps"])]
-        want32 = _single_process(sc, world, "cpu", torch.float32, sampled)
+        want32 = _single_process(sc, world, "cpu", sc["dtype"], sampled)  # float32 unless the scenario says
         want64 = _single_process(sc, world, "reference", torch.float64, sampled)
         b = sc["b_local"]
         for step in range(sc["steps"]):
@@ -214,6 +235,8 @@ def _check(results, scenarios, world):
                 pairs = [("loss", got["loss"], want32[step]["loss"], want64[step]["loss"]),
                          ("dx", got["dx"], world * want32[step]["dx"][rows], world * want64[step]["dx"][rows]),
                          ("dw", got["dw"], want32[step]["dw"][shard], want64[step]["dw"][shard])]  # fmt: skip
+                if sc["frozen"]:
+                    pairs.pop()  # no weight gradient at all (checked in the worker)
                 for what, value, low, exact in pairs:
                     err, err_low = _max_err(value, exact), _max_err(low, exact)
                     scale = exact.abs().max().item() if exact.numel() else 0.0
