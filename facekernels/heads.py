@@ -77,11 +77,13 @@ def head_params(
 class _MarginHead(nn.Module):
     head: str  # key of HEAD_DEFAULTS
 
-    def __init__(self, in_features, num_classes, *, reduction, ignore_index, margin_grad, backend, **margins):
+    def __init__(self, in_features, num_classes, *, reduction, ignore_index, margin_grad, backend, process_group,
+                 sample_rate, sample_seed, **margins):  # fmt: skip
         super().__init__()
         V.check_int("in_features", in_features, minimum=1)
         V.check_int("num_classes", num_classes, minimum=1)
         V.check_choice("backend", backend, ("auto", "triton", "cpu", "reference"))
+        V.check_float("sample_rate", sample_rate, low=0.0, high=1.0, low_open=True)
         self.in_features = int(in_features)
         self.num_classes = int(num_classes)
         self.margins = margins
@@ -89,7 +91,26 @@ class _MarginHead(nn.Module):
             self.head, reduction=reduction, ignore_index=ignore_index, margin_grad=margin_grad, **margins
         )
         self.backend = backend
-        self.weight = nn.Parameter(torch.empty(self.num_classes, self.in_features))
+        # class sharding (facekernels/sharded.py): this rank's classes [class_start, class_start + num_local)
+        self.process_group = process_group
+        self.sample_rate = float(sample_rate)
+        self.class_start, self.num_local = 0, self.num_classes
+        self.sample_generator = None
+        if process_group is None:
+            if self.sample_rate != 1.0:
+                raise ValueError("sample_rate < 1 (Partial FC) needs a process_group (the class-sharded mode)")
+        else:
+            from .sharded import check_sharded_backend, shard_range
+
+            check_sharded_backend(backend)
+            world = torch.distributed.get_world_size(process_group)
+            if self.num_classes < world:
+                raise ValueError(f"num_classes must be >= the world size {world}; got {self.num_classes}")
+            rank = torch.distributed.get_rank(process_group)
+            self.class_start, self.num_local = shard_range(self.num_classes, world, rank)
+            if sample_seed is not None:
+                self.sample_generator = torch.Generator().manual_seed(int(sample_seed))
+        self.weight = nn.Parameter(torch.empty(self.num_local, self.in_features))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -101,6 +122,14 @@ class _MarginHead(nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         from .functional import _margin_cross_entropy
 
+        if self.process_group is not None:
+            from .sharded import sharded_margin_cross_entropy
+
+            return sharded_margin_cross_entropy(
+                embeddings, self.weight, labels, self.params, self._t(), self.training, group=self.process_group,
+                num_classes=self.num_classes, class_start=self.class_start, backend=self.backend,
+                sample_rate=self.sample_rate, generator=self.sample_generator,
+            )  # fmt: skip
         return _margin_cross_entropy(
             embeddings, self.weight, labels, self.params, t=self._t(), training=self.training, backend=self.backend
         )
@@ -112,11 +141,14 @@ class _MarginHead(nn.Module):
             f"in_features={self.in_features}, num_classes={self.num_classes}, {margins}, "
             f"reduction={p.reduction!r}, ignore_index={p.ignore_index}, margin_grad={p.margin_grad!r}, "
             f"backend={self.backend!r}"
+            + (f", class_start={self.class_start}, num_local={self.num_local}, sample_rate={self.sample_rate}"
+               if self.process_group is not None else "")
         )
 
 
-def _options(reduction, ignore_index, margin_grad, backend):
-    return dict(reduction=reduction, ignore_index=ignore_index, margin_grad=margin_grad, backend=backend)
+def _options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate, sample_seed):
+    return dict(reduction=reduction, ignore_index=ignore_index, margin_grad=margin_grad, backend=backend,
+                process_group=process_group, sample_rate=sample_rate, sample_seed=sample_seed)  # fmt: skip
 
 
 class NormSoftmax(_MarginHead):
@@ -125,8 +157,11 @@ class NormSoftmax(_MarginHead):
     head = "norm_softmax"
 
     def __init__(self, in_features, num_classes, s=64.0, *, reduction="mean", ignore_index=-100,
-                 margin_grad="exact", backend="auto"):  # fmt: skip
-        super().__init__(in_features, num_classes, s=s, **_options(reduction, ignore_index, margin_grad, backend))
+                 margin_grad="exact", backend="auto",
+                 process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
+        super().__init__(in_features, num_classes, s=s,
+                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
+                                     sample_seed))  # fmt: skip
 
 
 class ArcFace(_MarginHead):
@@ -135,9 +170,11 @@ class ArcFace(_MarginHead):
     head = "arcface"
 
     def __init__(self, in_features, num_classes, s=64.0, m=0.5, easy_margin=False, *, reduction="mean",
-                 ignore_index=-100, margin_grad="exact", backend="auto"):  # fmt: skip
+                 ignore_index=-100, margin_grad="exact", backend="auto",
+                 process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
         super().__init__(in_features, num_classes, s=s, m=m, easy_margin=easy_margin,
-                         **_options(reduction, ignore_index, margin_grad, backend))  # fmt: skip
+                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
+                                    sample_seed))  # fmt: skip
 
 
 class CosFace(_MarginHead):
@@ -146,8 +183,11 @@ class CosFace(_MarginHead):
     head = "cosface"
 
     def __init__(self, in_features, num_classes, s=64.0, m=0.35, *, reduction="mean", ignore_index=-100,
-                 margin_grad="exact", backend="auto"):  # fmt: skip
-        super().__init__(in_features, num_classes, s=s, m=m, **_options(reduction, ignore_index, margin_grad, backend))
+                 margin_grad="exact", backend="auto",
+                 process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
+        super().__init__(in_features, num_classes, s=s, m=m,
+                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
+                                     sample_seed))  # fmt: skip
 
 
 class CombinedMargin(_MarginHead):
@@ -156,9 +196,11 @@ class CombinedMargin(_MarginHead):
     head = "combined"
 
     def __init__(self, in_features, num_classes, s=64.0, m1=1.0, m2=0.5, m3=0.0, *, reduction="mean",
-                 ignore_index=-100, margin_grad="exact", backend="auto"):  # fmt: skip
+                 ignore_index=-100, margin_grad="exact", backend="auto",
+                 process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
         super().__init__(in_features, num_classes, s=s, m1=m1, m2=m2, m3=m3,
-                         **_options(reduction, ignore_index, margin_grad, backend))  # fmt: skip
+                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
+                                    sample_seed))  # fmt: skip
 
 
 class MVSoftmax(_MarginHead):
@@ -167,9 +209,11 @@ class MVSoftmax(_MarginHead):
     head = "mv_softmax"
 
     def __init__(self, in_features, num_classes, s=32.0, m=0.35, t=0.2, is_am=True, *, reduction="mean",
-                 ignore_index=-100, margin_grad="exact", backend="auto"):  # fmt: skip
+                 ignore_index=-100, margin_grad="exact", backend="auto",
+                 process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
         super().__init__(in_features, num_classes, s=s, m=m, t=t, is_am=is_am,
-                         **_options(reduction, ignore_index, margin_grad, backend))  # fmt: skip
+                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
+                                    sample_seed))  # fmt: skip
 
 
 class CurricularFace(_MarginHead):
@@ -182,9 +226,11 @@ class CurricularFace(_MarginHead):
     head = "curricular"
 
     def __init__(self, in_features, num_classes, s=64.0, m=0.5, momentum=0.01, *, reduction="mean",
-                 ignore_index=-100, margin_grad="exact", backend="auto"):  # fmt: skip
+                 ignore_index=-100, margin_grad="exact", backend="auto",
+                 process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
         super().__init__(in_features, num_classes, s=s, m=m, momentum=momentum,
-                         **_options(reduction, ignore_index, margin_grad, backend))  # fmt: skip
+                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
+                                    sample_seed))  # fmt: skip
         self.register_buffer("t", torch.zeros((), dtype=torch.float32))
 
     def _t(self):

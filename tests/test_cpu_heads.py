@@ -395,6 +395,8 @@ BAD_RAW = [
     (dict(negatives=-1), ValueError, "negatives"),
     (dict(s=0.0), ValueError, "s must"),
     (dict(weight=torch.randn(0, 5)), ValueError, "at least one class"),
+    (dict(target_cos=torch.zeros(6, dtype=torch.float64)), TypeError, "target_cos must be Float"),
+    (dict(target_cos=torch.zeros(5)), ValueError, "target_cos must be a CPU tensor of shape"),
 ]
 
 
@@ -433,6 +435,16 @@ def test_opcheck(case):
     bwd_args = (torch.randn(9), x.detach(), w.detach(), y, t, lse.detach(), *head, True, True, True, 8)
     torch.library.opcheck(fko.margin_ce_backward.default, bwd_args)
     torch.library.opcheck(fko.curricular_update_t_.default, (torch.zeros(()), x.detach(), w.detach(), y, -100, 0.1))
+    # the class-sharded mode (facekernels/sharded.py): global target cosines given, labels >= 21 (not ignored)
+    # mark rows whose target lives on another shard
+    y_sharded = torch.where(torch.rand(9) < 0.4, 21 + torch.randint(0, 5, (9,)), y)
+    target_cos = torch.rand(9) * 2 - 1
+    fwd_args = (x, w, y_sharded, t, *head, True, 8, target_cos)
+    torch.library.opcheck(fko.margin_ce.default, fwd_args)
+    _, lse = fko.margin_ce(*fwd_args)
+    bwd_args = (torch.randn(9), x.detach(), w.detach(), y_sharded, t, lse.detach(), *head, True, True, True, 8,
+                target_cos)  # fmt: skip
+    torch.library.opcheck(fko.margin_ce_backward.default, bwd_args)
 
 
 def test_torch_compile_fullgraph_traces_the_ops(small_tile):

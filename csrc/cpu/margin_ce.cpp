@@ -50,9 +50,11 @@ int64_t resolve_class_tile(int64_t class_tile, int64_t batch, int64_t num_classe
   return std::max<int64_t>(1, std::min(tile, num_classes));
 }
 
+at::ScalarType acc_dtype(at::ScalarType input) { return input == at::kDouble ? at::kDouble : at::kFloat; }
+
 void check_head_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
                      const c10::optional<at::Tensor>& t, int64_t fallback, int64_t negatives, double s,
-                     int64_t class_tile) {
+                     int64_t class_tile, const c10::optional<at::Tensor>& target_cos = c10::nullopt) {
   TORCH_CHECK_VALUE(x.dim() == 2 && w.dim() == 2, "embeddings and weight must be 2-D; got ", x.sizes(), " and ",
                     w.sizes());
   TORCH_CHECK_VALUE(x.size(1) == w.size(1), "embeddings and weight must have the same number of features; got ",
@@ -72,6 +74,13 @@ void check_head_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
                     negatives);
   TORCH_CHECK_VALUE(std::isfinite(s) && s > 0, "s must be a finite positive scale; got ", s);
   TORCH_CHECK_VALUE(class_tile >= 0, "class_tile must be >= 0 (0: default); got ", class_tile);
+  if (target_cos.has_value() && target_cos->defined()) {
+    TORCH_CHECK_VALUE(target_cos->dim() == 1 && target_cos->size(0) == x.size(0) && target_cos->device().is_cpu(),
+                      "target_cos must be a CPU tensor of shape (", x.size(0), ",); got ", target_cos->sizes());
+    TORCH_CHECK_TYPE(target_cos->scalar_type() == acc_dtype(x.scalar_type()), "target_cos must be ",
+                     acc_dtype(x.scalar_type()), " for ", x.scalar_type(), " embeddings; got ",
+                     target_cos->scalar_type());
+  }
   if (negatives == static_cast<int64_t>(Negatives::kCurricular)) {
     TORCH_CHECK_VALUE(t.has_value() && t->defined(), "t is required when negatives is CURRICULAR");
     TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "t must be float32; got ", t->scalar_type());
@@ -79,8 +88,6 @@ void check_head_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
                       t->sizes());
   }
 }
-
-at::ScalarType acc_dtype(at::ScalarType input) { return input == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Per-row quantities shared by the forward and the backward (all O(B d) or O(B)).
 template <typename acc_t>
@@ -112,9 +119,13 @@ void normalize_weight_rows(const scalar_t* w, int64_t j0, int64_t n, int64_t d, 
   }
 }
 
+// Class-sharded mode (facekernels/sharded.py): `target_cos` holds every row's (global) target cosine. A row
+// whose label is outside [0, num_classes) and not ignore_index then has its target on another shard: its
+// negatives here still enter the log-sum-exp and get gradients, its target term lives on the owning shard.
+// Without it, every non-ignored label must be a class of `w` (the single-device op).
 template <typename scalar_t, typename acc_t>
 Rows<acc_t> prepare_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-                         int64_t ignore_index, const HeadMath& p) {
+                         int64_t ignore_index, const HeadMath& p, const at::Tensor& target_cos = at::Tensor()) {
   const int64_t batch = x.size(0), d = x.size(1), num_classes = w.size(0);
   Rows<acc_t> r;
   const auto acc = acc_dtype(x.scalar_type());
@@ -129,25 +140,31 @@ Rows<acc_t> prepare_rows(const at::Tensor& x, const at::Tensor& w, const at::Ten
   const int64_t* y = labels.data_ptr<int64_t>();
   for (int64_t i = 0; i < batch; ++i) {
     if (y[i] == ignore_index) continue;
-    TORCH_CHECK_VALUE(y[i] >= 0 && y[i] < num_classes, "labels must lie in [0, ", num_classes,
-                      ") or equal ignore_index=", ignore_index, "; found ", y[i], " at row ", i);
+    TORCH_CHECK_VALUE(target_cos.defined() || (y[i] >= 0 && y[i] < num_classes), "labels must lie in [0, ",
+                      num_classes, ") or equal ignore_index=", ignore_index, "; found ", y[i], " at row ", i);
     r.valid[i] = 1;
     ++r.valid_rows;
   }
   const acc_t* xh = r.x_hat.template data_ptr<acc_t>();
   const scalar_t* wp = w.data_ptr<scalar_t>();
+  const acc_t* given_cos = target_cos.defined() ? target_cos.data_ptr<acc_t>() : nullptr;
   at::parallel_for(0, batch, 64, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> w_hat(d);
     acc_t inv;
     for (int64_t i = begin; i < end; ++i) {
       if (!r.valid[i]) continue;
-      // the same w_hat values (w * inv computed in acc_t) as the GEMM tiles read
-      normalize_weight_rows<scalar_t, acc_t>(wp, y[i], 1, d, w_hat.data(), &inv);
-      acc_t raw = 0;
-      for (int64_t k = 0; k < d; ++k) raw += xh[i * d + k] * w_hat[k];
-      const acc_t c = clamp_unit(raw);
+      acc_t c = 0;
+      if (y[i] >= 0 && y[i] < num_classes) {
+        // the same w_hat values (w * inv computed in acc_t) as the GEMM tiles read
+        normalize_weight_rows<scalar_t, acc_t>(wp, y[i], 1, d, w_hat.data(), &inv);
+        acc_t raw = 0;
+        for (int64_t k = 0; k < d; ++k) raw += xh[i * d + k] * w_hat[k];
+        c = clamp_unit(raw);
+        r.target_inside[i] = inside_unit(raw);
+      }
+      // every shard uses the one given value, so that phi and tau agree across shards
+      if (given_cos) c = clamp_unit(given_cos[i]);
       r.target_cos[i] = c;
-      r.target_inside[i] = inside_unit(raw);
       r.target[i] = target_logit(c, p);
     }
   });
@@ -164,11 +181,11 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
                                                 double t_value, const HeadMath& p, int64_t ignore_index,
-                                                int64_t tile) {
+                                                int64_t tile, const at::Tensor& target_cos) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = x.size(0), d = x.size(1), num_classes = w.size(0);
   const auto opts = x.options().dtype(acc_dtype(x.scalar_type()));
-  Rows<acc_t> rows = prepare_rows<scalar_t, acc_t>(x, w, labels, ignore_index, p);
+  Rows<acc_t> rows = prepare_rows<scalar_t, acc_t>(x, w, labels, ignore_index, p, target_cos);
   const int64_t num_tiles = (num_classes + tile - 1) / tile;
   const int64_t threads = at::get_num_threads();
   const at::Tensor w_hat_slots = at::empty({threads, tile, d}, opts);
@@ -252,11 +269,11 @@ template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& w,
                                                  const at::Tensor& labels, double t_value, const at::Tensor& lse,
                                                  const HeadMath& p, int64_t ignore_index, int64_t tile, bool need_dx,
-                                                 bool need_dw) {
+                                                 bool need_dw, const at::Tensor& target_cos) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = x.size(0), d = x.size(1), num_classes = w.size(0);
   const auto opts = x.options().dtype(acc_dtype(x.scalar_type()));
-  Rows<acc_t> rows = prepare_rows<scalar_t, acc_t>(x, w, labels, ignore_index, p);
+  Rows<acc_t> rows = prepare_rows<scalar_t, acc_t>(x, w, labels, ignore_index, p, target_cos);
   const at::Tensor grad = grad_rows.to(opts.dtype()).contiguous();
   const at::Tensor lse_acc = lse.to(opts.dtype()).contiguous();
   const int64_t num_tiles = (num_classes + tile - 1) / tile;
@@ -343,6 +360,10 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_rows, co
   return {dx, dw};
 }
 
+at::Tensor given_target_cos(const c10::optional<at::Tensor>& target_cos) {
+  return target_cos.has_value() && target_cos->defined() ? target_cos->contiguous() : at::Tensor();
+}
+
 double read_t(const c10::optional<at::Tensor>& t, const HeadMath& p) {
   // a CPU scalar read, not a device sync; t is only read for CurricularFace (checked in check_head_args)
   if (p.negatives != Negatives::kCurricular) return 0.0;
@@ -353,15 +374,16 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_cpu(const at::Tensor& embeddings, c
                                                  const at::Tensor& labels, const c10::optional<at::Tensor>& t,
                                                  double s, double m1, double m2, double m3, int64_t fallback,
                                                  int64_t negatives, double mv_t, int64_t ignore_index,
-                                                 bool exact_margin_grad, int64_t class_tile) {
-  check_head_args(embeddings, weight, labels, t, fallback, negatives, s, class_tile);
+                                                 bool exact_margin_grad, int64_t class_tile,
+                                                 const c10::optional<at::Tensor>& target_cos) {
+  check_head_args(embeddings, weight, labels, t, fallback, negatives, s, class_tile, target_cos);
   at::NoGradGuard no_grad;
   const HeadMath p = make_head_math(s, m1, m2, m3, fallback, negatives, mv_t, exact_margin_grad);
   const auto x = embeddings.contiguous(), w = weight.contiguous(), y = labels.contiguous();
   const int64_t tile = resolve_class_tile(class_tile, x.size(0), w.size(0));
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "margin_ce_cpu", [&] {
-    out = forward_impl<scalar_t>(x, w, y, read_t(t, p), p, ignore_index, tile);
+    out = forward_impl<scalar_t>(x, w, y, read_t(t, p), p, ignore_index, tile, given_target_cos(target_cos));
   });
   return out;
 }
@@ -370,8 +392,8 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cpu(
     const at::Tensor& grad_rows, const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
     const c10::optional<at::Tensor>& t, const at::Tensor& lse, double s, double m1, double m2, double m3,
     int64_t fallback, int64_t negatives, double mv_t, int64_t ignore_index, bool exact_margin_grad,
-    bool need_embeddings_grad, bool need_weight_grad, int64_t class_tile) {
-  check_head_args(embeddings, weight, labels, t, fallback, negatives, s, class_tile);
+    bool need_embeddings_grad, bool need_weight_grad, int64_t class_tile, const c10::optional<at::Tensor>& target_cos) {
+  check_head_args(embeddings, weight, labels, t, fallback, negatives, s, class_tile, target_cos);
   const int64_t batch = embeddings.size(0);
   TORCH_CHECK_VALUE(grad_rows.dim() == 1 && grad_rows.size(0) == batch && lse.dim() == 1 && lse.size(0) == batch,
                     "grad_rows and lse must have shape (", batch, ",); got ", grad_rows.sizes(), " and ", lse.sizes());
@@ -384,7 +406,7 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cpu(
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "margin_ce_backward_cpu", [&] {
     out = backward_impl<scalar_t>(grad_rows, x, w, y, read_t(t, p), lse, p, ignore_index, tile, need_embeddings_grad,
-                                  need_weight_grad);
+                                  need_weight_grad, given_target_cos(target_cos));
   });
   return out;
 }
@@ -416,16 +438,19 @@ TORCH_LIBRARY_FRAGMENT(facekernels, m) {
   // the backward). fallback / negatives are facekernels.Fallback / Negatives; class_tile 0: default.
   // exact_margin_grad (margin_grad="exact", else straight-through) only matters to the backward: it is an
   // argument here so that the autograd formula registered from Python sees it.
+  // target_cos (class-sharded heads, facekernels/sharded.py): the global target cosine of every row; labels
+  // outside [0, C_local) then mark rows whose target lives on another shard (see prepare_rows), and lse is
+  // this shard's partial log-sum-exp (the backward takes the combined, global one).
   m.def(
       "margin_ce(Tensor embeddings, Tensor weight, Tensor labels, Tensor? t, float s, float m1, float m2, "
       "float m3, int fallback, int negatives, float mv_t, int ignore_index, bool exact_margin_grad, "
-      "int class_tile=0) -> (Tensor, Tensor)");
+      "int class_tile=0, Tensor? target_cos=None) -> (Tensor, Tensor)");
   // (d embeddings, d weight) of sum_i grad_rows_i * loss_i; a gradient not asked for is an empty tensor.
   m.def(
       "margin_ce_backward(Tensor grad_rows, Tensor embeddings, Tensor weight, Tensor labels, Tensor? t, "
       "Tensor lse, float s, float m1, float m2, float m3, int fallback, int negatives, float mv_t, "
       "int ignore_index, bool exact_margin_grad, bool need_embeddings_grad, bool need_weight_grad, "
-      "int class_tile=0) -> (Tensor, Tensor)");
+      "int class_tile=0, Tensor? target_cos=None) -> (Tensor, Tensor)");
   // CurricularFace: t <- momentum * mean(valid target cosines) + (1 - momentum) * t, in place.
   m.def(
       "curricular_update_t_(Tensor(a!) t, Tensor embeddings, Tensor weight, Tensor labels, int ignore_index, "

@@ -26,23 +26,24 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _setup_context(ctx, inputs, output):
-    embeddings, weight, labels, t, *scalars = inputs
+    embeddings, weight, labels, t, *scalars, target_cos = inputs
     # s, m1, m2, m3, fallback, negatives, mv_t, ignore_index, exact_margin_grad, class_tile
     ctx.scalars = scalars
-    ctx.save_for_backward(embeddings, weight, labels, t, output[1])
+    ctx.save_for_backward(embeddings, weight, labels, t, output[1], target_cos)
 
 
 def _backward(ctx, grad_rows, grad_lse):
     # lse is an auxiliary output saved for the backward; its gradient is not propagated.
-    embeddings, weight, labels, t, lse = ctx.saved_tensors
+    embeddings, weight, labels, t, lse, target_cos = ctx.saved_tensors
     *head, exact_margin_grad, class_tile = ctx.scalars
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_dx or need_dw):
-        return (None,) * 14
+        return (None,) * 15
     dx, dw = torch.ops.facekernels.margin_ce_backward(
-        grad_rows, embeddings, weight, labels, t, lse, *head, exact_margin_grad, need_dx, need_dw, class_tile
-    )
-    return (dx if need_dx else None, dw if need_dw else None) + (None,) * 12
+        grad_rows, embeddings, weight, labels, t, lse, *head, exact_margin_grad, need_dx, need_dw, class_tile,
+        target_cos,
+    )  # fmt: skip
+    return (dx if need_dx else None, dw if need_dw else None) + (None,) * 13
 
 
 def _register() -> None:
@@ -54,14 +55,14 @@ def _register() -> None:
 
     @torch.library.register_fake("facekernels::margin_ce")
     def _(embeddings, weight, labels, t, s, m1, m2, m3, fallback, negatives, mv_t, ignore_index,
-          exact_margin_grad, class_tile=0):  # fmt: skip
+          exact_margin_grad, class_tile=0, target_cos=None):  # fmt: skip
         acc = _acc_dtype(embeddings.dtype)
         batch = embeddings.shape[0]
         return embeddings.new_empty(batch, dtype=acc), embeddings.new_empty(batch, dtype=acc)
 
     @torch.library.register_fake("facekernels::margin_ce_backward")
     def _(grad_rows, embeddings, weight, labels, t, lse, s, m1, m2, m3, fallback, negatives, mv_t, ignore_index,
-          exact_margin_grad, need_embeddings_grad, need_weight_grad, class_tile=0):  # fmt: skip
+          exact_margin_grad, need_embeddings_grad, need_weight_grad, class_tile=0, target_cos=None):  # fmt: skip
         dx = torch.empty_like(embeddings) if need_embeddings_grad else embeddings.new_empty(0)
         dw = torch.empty_like(weight) if need_weight_grad else weight.new_empty(0)
         return dx, dw
