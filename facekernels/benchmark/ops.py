@@ -257,7 +257,7 @@ class TripletOp:
         pml builds (B, B, B) masks and an int64 list of every candidate triplet."""
         b = shape.batch
         base = 16 * b * b * 4 + 2**24 * 24 + self.input_bytes(shape) * 4
-        if shape.mining == "all":
+        if shape.mining == "all" and provider in ("eager", "compile"):
             base += 64 * b * max(shape.per_class - 1, 0) * max(b - shape.per_class, 0)
         if provider == "pml":
             candidates = b * max(shape.per_class - 1, 1) * b
