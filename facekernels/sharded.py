@@ -8,7 +8,8 @@ with insightface's split (:func:`shard_range`). One step, for a local batch of B
    (SUM): every rank then has every c_i, hence the same phi_i, tau_i and CurricularFace's t (the mean of c
    over the global batch); c is not differentiated through this path (its gradient flows through the owning
    shard's kernel, which recomputes it);
-3. the fused CPU kernel runs over the local classes only and returns each row's partial log-sum-exp
+3. the fused kernel (compiled CPU or Triton: ``_CpuKernels``, ``_TritonKernels``, one algorithm, two kernel
+   back-ends) runs over the local classes only and returns each row's partial log-sum-exp
    (the target logit s*phi_i included only on the owning rank); all-reduce MAX of the partials, then SUM of
    exp(partial - max), gives the global lse_i; loss_i = lse_i - s*phi_i, identical on every rank;
 4. backward: the kernel recomputes its blocks from the *global* lse and gives d(loss)/d(x_global) from the
@@ -44,16 +45,20 @@ def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]
     return base * rank + min(rank, extra), base + (rank < extra)
 
 
-def check_sharded_backend(backend: str, device: torch.device | None = None) -> None:
-    """The sharded mode runs the compiled CPU kernels only (for now)."""
+def check_sharded_backend(backend: str, device: torch.device | None = None) -> str:
+    """The kernels of the sharded mode: "cpu" (compiled CPU ops) or "triton" (fused Triton kernels; CUDA
+    tensors, or CPU tensors under TRITON_INTERPRET=1); "auto" is resolved by the device when it is given
+    (CUDA: triton, CPU: cpu), as for a single-device head. The reference backend has no sharded mode."""
     name = backend
     if backend == "auto" and device is not None:
-        name = "cpu" if device.type == "cpu" else device.type
-    if name not in ("auto", "cpu"):
+        name = {"cpu": "cpu", "cuda": "triton"}.get(device.type, device.type)
+    if name not in ("auto", "cpu", "triton"):
+        on = f" with {device.type} tensors" if device is not None else ""
         raise BackendUnavailableError(
-            f"the class-sharded mode (process_group=...) is CPU-only for now (backend 'cpu', gloo); "
-            f"got backend={backend!r}" + (f" with {device.type} tensors" if device is not None else "")
+            f"the class-sharded mode (process_group=...) runs backend 'cpu' (CPU tensors, gloo) or 'triton' "
+            f"(CUDA tensors, NCCL); got backend={backend!r}{on}"
         )
+    return name
 
 
 def _all_gather(tensor: torch.Tensor, group) -> torch.Tensor:
@@ -69,35 +74,95 @@ def sample_classes(labels: torch.Tensor, valid: torch.Tensor, class_start: int, 
     local = valid & (labels >= class_start) & (labels < class_start + num_local)
     positive = torch.zeros(num_local, dtype=torch.bool, device=labels.device)
     positive[labels[local] - class_start] = True
-    scores = torch.rand(num_local, generator=generator, device=labels.device)
+    # drawn on the generator's device (the head's seeded generator is a CPU one), then moved to the labels'
+    scores = torch.rand(num_local, generator=generator, device=generator.device if generator else labels.device)
+    scores = scores.to(labels.device)
     scores[positive] = 2.0  # above any uniform score: positives come first in the topk
     # the one host sync of the sampling (insightface has the same one, in torch.unique)
     keep = max(math.ceil(sample_rate * num_local), int(positive.sum()))
     return scores.topk(keep).indices.sort().values
 
 
+class _CpuKernels:
+    """The compiled CPU ops on this shard. op_labels: the class within w, -1 (ignored) or w.shape[0] (target
+    on another rank: no target column here, phi and tau from target_cos)."""
+
+    def __init__(self, params: HeadParams):
+        from .ops import cpu_heads
+
+        p = self.params = params
+        self.ops, self.class_tile = cpu_heads.ops(), cpu_heads.CLASS_TILE
+        self.head = (p.s, p.m1, p.m2, p.m3, int(p.fallback), int(p.negatives), p.mv_t, -1, p.margin_grad == "exact")
+
+    def target_cosine(self, x, w, op_labels):
+        """c_i of the rows whose target is in w, 0 for the others."""
+        return torch.ops.facekernels.target_cosine(x, w, op_labels, 0)
+
+    def partial_lse(self, x, w, op_labels, target_cos, t):
+        """(lse over w's classes, phi(target_cos)) per row."""
+        _, lse = self.ops.margin_ce(x, w, op_labels, t, *self.head, self.class_tile, target_cos)
+        # phi with the Python definition of the math, not as lse_r - rows_r (this shard's partial, which would
+        # round differently on every rank): every operand of the loss is then the same on every rank
+        return lse, target_logit(target_cos, self.params)[0]
+
+    def backward(self, grad_rows, x, w, op_labels, target_cos, t, lse, need_dx, need_dw):
+        """(d x, d w) of sum_i grad_rows_i loss_i through w's classes, from the global lse."""
+        return torch.ops.facekernels.margin_ce_backward(
+            grad_rows, x, w, op_labels, t, lse, *self.head, need_dx, need_dw, self.class_tile, target_cos
+        )
+
+
+class _TritonKernels:
+    """The fused Triton kernels on this shard, with the op labels of _CpuKernels. The Triton kernels match a
+    target column only for a label in [0, w.shape[0]), so w.shape[0] marks "target elsewhere" for them too,
+    and their backward zeroes only rows with a label < 0; the pre-pass, which reads the target's row of w,
+    sees -1 for those rows, and their (phi, phi', tau) come from the global target cosine."""
+
+    def __init__(self, params: HeadParams):
+        from .triton import heads
+
+        self.params, self.heads = params, heads
+
+    def target_cosine(self, x, w, op_labels):
+        p = self.params
+        target = torch.where(op_labels < w.shape[0], op_labels, -1)
+        self.inv_x, self.inv_w, c, _, _, _ = self.heads._prepass(
+            x, w, target, p.m1, p.m2, p.m3, self.heads._target_form(p), int(p.fallback), p.fallback_threshold,
+            p.fallback_offset, p.margin_grad == "straight_through",
+        )  # fmt: skip
+        return c
+
+    def partial_lse(self, x, w, op_labels, target_cos, t):
+        p = self.params
+        self.phi, self.dphi, self.tau = self.heads.target_logit_of_cosine(target_cos, p)
+        self.t = self.phi if t is None else t  # not read by the kernels unless CurricularFace
+        _, lse = self.heads._margin_ce(x, w, op_labels, self.inv_x, self.inv_w, self.phi, self.dphi, self.tau,
+                                       self.t, p.s, int(p.negatives), p.mv_t)  # fmt: skip
+        return lse, self.phi
+
+    def backward(self, grad_rows, x, w, op_labels, target_cos, t, lse, need_dx, need_dw):
+        p = self.params
+        return self.heads._margin_ce_backward(
+            grad_rows, x, w, op_labels, self.inv_x, self.inv_w, self.phi, self.dphi, self.tau, self.t, lse, p.s,
+            int(p.negatives), p.mv_t, need_dw,
+        )  # fmt: skip
+
+
 class _ShardedRows(torch.autograd.Function):
     """Per-row losses of the global batch from the local class shard (module docstring, steps 3 and 4)."""
 
     @staticmethod
-    def forward(ctx, local_x, x_global, weight, op_labels, target_cos, t_used, valid, params, class_tile, group):
-        from .ops import cpu_heads
-
-        p = params
-        head = (p.s, p.m1, p.m2, p.m3, int(p.fallback), int(p.negatives), p.mv_t, -1, p.margin_grad == "exact")
-        _, lse = cpu_heads.ops().margin_ce(x_global, weight, op_labels, t_used, *head, class_tile, target_cos)
+    def forward(ctx, local_x, x_global, weight, op_labels, target_cos, t_used, valid, params, kernels, group):
+        lse, phi = kernels.partial_lse(x_global, weight, op_labels, target_cos, t_used)
         # global lse = M + log sum_r exp(lse_r - M), M = max_r lse_r (every shard has >= 1 class: finite)
         lse_max = lse.clone()
         dist.all_reduce(lse_max, op=dist.ReduceOp.MAX, group=group)
         sum_exp = torch.exp(lse - lse_max)
         dist.all_reduce(sum_exp, group=group)
         lse_global = lse_max + torch.log(sum_exp)
-        # loss_i = lse_i - s phi_i. phi_i from the shared target cosine with the Python definition of the math,
-        # not as lse_r - rows_r (this shard's partial, which would round differently on every rank): every
-        # operand is then the same on every rank, and so is the loss, bit for bit
-        phi = target_logit(target_cos, p)[0]
-        row_loss = torch.where(valid, lse_global - p.s * phi, 0)
-        ctx.head, ctx.class_tile, ctx.group = head, class_tile, group
+        # loss_i = lse_i - s phi_i, phi_i from the shared target cosine: the same on every rank
+        row_loss = torch.where(valid, lse_global - params.s * phi, 0)
+        ctx.kernels, ctx.group = kernels, group
         ctx.batch_local = local_x.shape[0]
         ctx.save_for_backward(x_global, weight, op_labels, target_cos, t_used, lse_global)
         return row_loss
@@ -108,10 +173,9 @@ class _ShardedRows(torch.autograd.Function):
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         dx = dw = None
         if need_dx or need_dw:
-            dx_global, dw = torch.ops.facekernels.margin_ce_backward(
-                grad_rows.contiguous(), x_global, weight, op_labels, t_used, lse_global, *ctx.head, need_dx,
-                need_dw, ctx.class_tile, target_cos,
-            )  # fmt: skip
+            dx_global, dw = ctx.kernels.backward(
+                grad_rows.contiguous(), x_global, weight, op_labels, target_cos, t_used, lse_global, need_dx, need_dw
+            )
         if need_dx:
             # every shard holds the part of d(loss)/d(x_global) that flows through its classes
             dist.all_reduce(dx_global, group=ctx.group)
@@ -140,9 +204,7 @@ def sharded_margin_cross_entropy(
     global class ids on this rank, ``weight`` (num_local, d) this rank's shard. Returns the loss of the global
     batch, identical on every rank ("none": the (B,) row losses of the global batch, in rank order; a gradient
     given to them must be the same on every rank)."""
-    from .ops import cpu_heads
-
-    check_sharded_backend(backend, embeddings.device)
+    kernels = _TritonKernels if check_sharded_backend(backend, embeddings.device) == "triton" else _CpuKernels
     V._check_float_matrix("embeddings", embeddings)
     V._check_float_matrix("weight", weight)
     if embeddings.shape[1] != weight.shape[1]:
@@ -170,7 +232,13 @@ def sharded_margin_cross_entropy(
 
         _check_t_buffer(t, embeddings)
 
-    dtype = torch.promote_types(embeddings.dtype, weight.dtype)
+    if kernels is _TritonKernels:
+        from .triton.heads import _check_backend
+
+        dtype = _check_backend(embeddings, weight)
+    else:
+        dtype = torch.promote_types(embeddings.dtype, weight.dtype)
+    kernels = kernels(params)
     x_local, w = embeddings.to(dtype), weight.to(dtype)
     with torch.no_grad():
         x_global = _all_gather(x_local.detach(), group)
@@ -188,14 +256,12 @@ def sharded_margin_cross_entropy(
     # shard) for rows whose target lives on another rank
     op_labels = torch.where(is_local, local_class, torch.where(valid, w.shape[0], -1))
     with torch.no_grad():
-        target_cos = torch.ops.facekernels.target_cosine(x_global, w.detach(), op_labels, 0)
+        target_cos = kernels.target_cosine(x_global, w.detach(), op_labels)
         dist.all_reduce(target_cos, group=group)
     t_used = None
     if params.uses_t:
         if training:
             update_t_(t, target_cos, valid, params.momentum)  # the same on every rank
         t_used = t.detach().clone()
-    rows = _ShardedRows.apply(
-        x_local, x_global, w, op_labels, target_cos, t_used, valid, params, cpu_heads.CLASS_TILE, group
-    )
+    rows = _ShardedRows.apply(x_local, x_global, w, op_labels, target_cos, t_used, valid, params, kernels, group)
     return reduce_row_losses(rows, valid, params.reduction)

@@ -7,6 +7,8 @@ Process start-up is the cost, so one spawned group runs every scenario of its wo
 results; the comparisons run here, in the test process."""
 
 import os
+import subprocess
+import sys
 
 import oracle
 import pytest
@@ -55,6 +57,16 @@ SCENARIOS_2 = [_scenario(f"{case}", case, 13, seed=i) for i, case in enumerate(o
     _scenario("curricular_float64_eval", "curricular", 13, steps=2, dtype=torch.float64, training=False, seed=29),
     _scenario("arcface_straight_through_frozen", "arcface", 13, margin_grad="straight_through", frozen=True,
               seed=30),  # fmt: skip
+]
+# world 2 with the Triton kernels (under the interpreter here: small shapes, float32): every head type, C = 11
+# (6 + 5 classes), CurricularFace over 2 steps, labels mostly on one shard, Partial FC sampling
+SCENARIOS_TRITON = [
+    _scenario(f"triton_{case}", case, 11, b_local=3, d=5, seed=60 + i, backend="triton")
+    for i, case in enumerate(["norm_softmax", "arcface", "cosface", "combined_general", "mv_arc"])
+] + [
+    _scenario("triton_curricular_steps", "curricular", 11, b_local=3, d=5, steps=2, skew=0.8, seed=66,
+              backend="triton"),  # fmt: skip
+    _scenario("triton_arcface_sampled", "arcface", 29, b_local=3, d=5, sample_rate=0.3, seed=67, backend="triton"),
 ]
 # world 4: C = 10 (3, 3, 2, 2 classes), labels mostly on shard 0, one shard with no label at all
 SCENARIOS_4 = [
@@ -217,7 +229,9 @@ def _check(results, scenarios, world):
         sampled = None
         if sc["sample_rate"] < 1.0:
             sampled = [torch.cat([results[r][name][s]["sampled"] for r in range(world)]) for s in range(sc["steps"])]
-        want32 = _single_process(sc, world, "cpu", sc["dtype"], sampled)  # float32 unless the scenario says
+        # float32 unless the scenario says; the single-process head of the same kernels ("auto" is "cpu" here)
+        single = "triton" if sc["backend"] == "triton" else "cpu"
+        want32 = _single_process(sc, world, single, sc["dtype"], sampled)
         want64 = _single_process(sc, world, "reference", torch.float64, sampled)
         b = sc["b_local"]
         for step in range(sc["steps"]):
@@ -268,6 +282,32 @@ def test_sharded_heads_four_processes(tmp_path):
     _check(_spawn(4, SCENARIOS_4, tmp_path), SCENARIOS_4, 4)
 
 
+def test_sharded_triton_heads_two_processes(tmp_path):
+    _check(_spawn(2, SCENARIOS_TRITON, tmp_path), SCENARIOS_TRITON, 2)
+
+
+def test_target_logit_kernel_compiles_for_h100():
+    # the sharded mode's one new kernel, through the real compiler (the interpreter skips it), as
+    # tests/test_triton_heads.py does for the single-device kernels
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CUDA runs compile the kernel anyway")
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"this triton has no CUDA backend to compile with: {err}")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.path.dirname(here)
+    code = (
+        "import test_triton_heads as t\nfrom facekernels.triton import margin_ce_fwd as f\n"
+        "for form in (0, 1, 2):\n"
+        "    c = dict(TARGET_FORM=form, FALLBACK=1, STRAIGHT_THROUGH=False, BLOCK_R=32)\n"
+        "    assert t._compile_for_sm90(f._target_logit_kernel, c).asm['cubin']\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_shard_range_is_insightface_split():
     for classes, world in ((13, 2), (10, 4), (7, 7), (100, 3)):
         ranges = [shard_range(classes, world, r) for r in range(world)]
@@ -290,10 +330,9 @@ def test_sampling_keeps_positives_and_is_seeded():
     assert many.tolist() == list(range(10))
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_sharded_mode_is_cpu_only_for_now(backend):
-    with pytest.raises(fk.BackendUnavailableError, match="CPU-only"):
-        fk.ArcFace(8, 10, backend=backend, process_group=object())
+def test_sharded_mode_has_no_reference_backend():
+    with pytest.raises(fk.BackendUnavailableError, match="backend='reference'"):
+        fk.ArcFace(8, 10, backend="reference", process_group=object())
 
 
 def test_sample_rate_needs_a_process_group():

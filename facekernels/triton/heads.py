@@ -36,7 +36,7 @@ else:
     _TRITON_IMPORT_ERROR = None
     from .head_math import TARGET_ARC, TARGET_GENERAL, TARGET_LINEAR
     from .margin_ce_bwd import _dw_kernel, _dx_partial_kernel
-    from .margin_ce_fwd import _inv_norm_kernel, _lse_partial_kernel, _target_kernel
+    from .margin_ce_fwd import _inv_norm_kernel, _lse_partial_kernel, _target_kernel, _target_logit_kernel
 
 # Triton decides at decoration time whether its kernels run under the interpreter (CPU tensors).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -277,6 +277,22 @@ def _target_form(p: HeadParams) -> int:
     if p.target_is_linear:
         return TARGET_LINEAR
     return TARGET_ARC if p.m1 == 1.0 else TARGET_GENERAL
+
+
+def target_logit_of_cosine(c: torch.Tensor, p: HeadParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(phi, phi', tau) in float32 of given target cosines c (float32, (B,)): the class-sharded mode's rows
+    take them from the all-reduced global target cosine, not from a local target column."""
+    phi, dphi, tau = (_empty(c.shape[0], torch.float32, c.device) for _ in range(3))
+    rows_per_program = 32
+    if c.shape[0] > 0:
+        with torch.cuda.device(c.device) if c.is_cuda else contextlib.nullcontext():
+            _target_logit_kernel[(triton.cdiv(c.shape[0], rows_per_program),)](
+                c, phi, dphi, tau, c.shape[0], p.m1, math.cos(p.m2), math.sin(p.m2), p.m2, p.m3,
+                p.fallback_threshold, p.fallback_offset, SIN_THETA_EPS, TARGET_FORM=_target_form(p),
+                FALLBACK=int(p.fallback), STRAIGHT_THROUGH=p.margin_grad == "straight_through",
+                BLOCK_R=rows_per_program,
+            )  # fmt: skip
+    return phi, dphi, tau
 
 
 def _check_backend(embeddings: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

@@ -62,6 +62,22 @@ def _target_kernel(X, W, target_ptr, inv_x_ptr, inv_w_ptr, c_ptr, phi_ptr, dphi_
 
 
 @triton.jit
+def _target_logit_kernel(c_ptr, phi_ptr, dphi_ptr, tau_ptr, B,
+                         m1, cos_m2, sin_m2, m2, m3, threshold, offset, sin_theta_eps,
+                         TARGET_FORM: tl.constexpr, FALLBACK: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr,
+                         BLOCK_R: tl.constexpr):
+    """(phi, phi', tau) of given target cosines c (the class-sharded mode: c all-reduced over the shards)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < B
+    c = tl.load(c_ptr + rows, mask=row_mask, other=0.0)
+    phi, dphi, tau = target_logit(c, m1, cos_m2, sin_m2, m2, m3, threshold, offset, sin_theta_eps,
+                                  TARGET_FORM, FALLBACK, STRAIGHT_THROUGH)
+    tl.store(phi_ptr + rows, phi, mask=row_mask)
+    tl.store(dphi_ptr + rows, dphi, mask=row_mask)
+    tl.store(tau_ptr + rows, tau, mask=row_mask)
+
+
+@triton.jit
 def raw_cosine_tile(X, W, rows, cols, row_mask, col_mask, inv_x, inv_w, D, stride_x, stride_w,
                     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
