@@ -1,39 +1,30 @@
 """Backend selection: which implementation computes a head or a triplet loss.
 
-Each backend lives in its own module and exposes one function with the reference's signature; it is
-imported only when first asked for, so ``import facekernels`` needs neither the compiled extension nor
-Triton. There is no silent fallback: a backend that cannot run raises ``BackendUnavailableError``.
+Each backend lives in its own module and is imported only when first asked for, so ``import facekernels``
+needs neither the compiled extension nor Triton. There is no silent fallback: a backend that cannot run
+raises ``BackendUnavailableError``.
 """
 
 from __future__ import annotations
 
 import torch
 
-
-class BackendUnavailableError(RuntimeError):
-    """The backend asked for cannot run in this installation or on these tensors."""
+from ._errors import BackendUnavailableError
 
 
-# Each loader imports one backend with an import statement (which torch.compile can trace, unlike
-# importlib) and returns its function, whose signature is the reference one:
-#   heads:   fn(embeddings, weight, labels, params: HeadParams, t, training) -> loss
+# The loaders import a backend with an import statement (which torch.compile can trace, unlike importlib):
+#   heads:   the kernel back-end of the one head algorithm (facekernels/_algorithm.py), None for the reference
 #   triplet: fn(embeddings, labels, params: TripletParams) -> loss | (terms, triplets)
-def _reference_heads():
-    from .reference.heads import margin_cross_entropy
+def _cpu_kernels():
+    from .kernels.cpu import KERNELS
 
-    return margin_cross_entropy
-
-
-def _cpu_heads():
-    from .ops.cpu_heads import margin_cross_entropy
-
-    return margin_cross_entropy
+    return KERNELS
 
 
-def _triton_heads():
-    from .triton.heads import margin_cross_entropy
+def _triton_kernels():
+    from .kernels.triton import KERNELS
 
-    return margin_cross_entropy
+    return KERNELS
 
 
 def _reference_triplet():
@@ -48,7 +39,7 @@ def _compiled_triplet():
     return triplet_margin_loss
 
 
-_HEAD_IMPLS = {"reference": _reference_heads, "cpu": _cpu_heads, "triton": _triton_heads}
+_HEAD_KERNELS = {"reference": lambda: None, "cpu": _cpu_kernels, "triton": _triton_kernels}
 _TRIPLET_IMPLS = {"reference": _reference_triplet, "cpu": _compiled_triplet, "cuda": _compiled_triplet}
 _AUTO_HEAD = {"cuda": "triton", "cpu": "cpu"}
 _AUTO_TRIPLET = {"cuda": "cuda", "cpu": "cpu"}
@@ -76,9 +67,10 @@ def _resolve(backend: str, device: torch.device, auto: dict, kind: str) -> str:
     return auto[device.type]
 
 
-def head_backend(backend: str, device: torch.device):
-    """The head implementation for ``backend`` ("auto" resolved by the device of the inputs)."""
-    return _load(_HEAD_IMPLS, "margin-softmax heads", _resolve(backend, device, _AUTO_HEAD, "head"))
+def head_kernels(backend: str, device: torch.device):
+    """The kernel back-end for ``backend`` ("auto" resolved by the device of the inputs); None for
+    "reference" (the eager implementation, which materialises the logits)."""
+    return _load(_HEAD_KERNELS, "margin-softmax heads", _resolve(backend, device, _AUTO_HEAD, "head"))
 
 
 def triplet_backend(backend: str, device: torch.device):

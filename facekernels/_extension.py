@@ -12,14 +12,12 @@ import importlib
 
 import torch
 
+from ._errors import ExtensionUnavailableError
+
 BUILD_HINT = (
     "build it from the repository root with `pip install --no-build-isolation -e .` "
     "(or `python setup.py build_ext --inplace`), against the torch you run"
 )
-
-
-class ExtensionUnavailableError(RuntimeError):
-    """facekernels._C is missing or does not load with this torch."""
 
 
 @functools.cache
@@ -56,12 +54,30 @@ def ops():
 
 
 def _register_fakes() -> None:
-    """Shape functions so that torch.compile can trace the C++ ops without running them."""
+    """Shape functions of every C++ op (the one place they are registered), so that torch.compile can trace the
+    ops without running them."""
+
+    def acc(t):
+        return torch.float64 if t.dtype == torch.float64 else torch.float32
 
     @torch.library.register_fake("facekernels::target_cosine")
     def _(embeddings, weight, labels, class_start):
-        dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
-        return embeddings.new_empty(embeddings.shape[0], dtype=dtype)
+        return embeddings.new_empty(embeddings.shape[0], dtype=acc(embeddings))
+
+    @torch.library.register_fake("facekernels::inv_norms")
+    def _(rows):
+        return rows.new_empty(rows.shape[0], dtype=acc(rows))
+
+    @torch.library.register_fake("facekernels::margin_lse")
+    def _(embeddings, weight, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t, class_tile=0):
+        return embeddings.new_empty(embeddings.shape[0], dtype=acc(embeddings))
+
+    @torch.library.register_fake("facekernels::margin_backward")
+    def _(grad_rows, embeddings, weight, inv_x, inv_w, target, phi, dphi, tau, t, lse, s, negatives, mv_t,
+          need_embeddings_grad, need_weight_grad, class_tile=0):  # fmt: skip
+        a = embeddings.new_empty(embeddings.shape, dtype=acc(embeddings)) if need_embeddings_grad else None
+        return (a if a is not None else embeddings.new_empty(0, dtype=acc(embeddings)),
+                torch.empty_like(weight) if need_weight_grad else weight.new_empty(0))  # fmt: skip
 
 
 def target_cosine(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, class_start: int = 0):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from . import _algorithm
 from . import _validate as V
-from ._backends import head_backend, triplet_backend
+from ._backends import head_kernels, triplet_backend
 from ._params import HeadParams, TripletParams
 from .heads import head_params
 
@@ -23,7 +24,12 @@ def _margin_cross_entropy(embeddings, weight, labels, params: HeadParams, t, tra
     labels = V.check_head_inputs(embeddings, weight, labels, params.ignore_index)
     if params.uses_t:
         _check_t_buffer(t, embeddings)
-    return head_backend(backend, embeddings.device)(embeddings, weight, labels, params, t, training)
+    kernels = head_kernels(backend, embeddings.device)
+    if kernels is None:
+        from .reference.heads import margin_cross_entropy as reference_loss
+
+        return reference_loss(embeddings, weight, labels, params, t, training)
+    return _algorithm.margin_cross_entropy(embeddings, weight, labels, params, t, training, kernels)
 
 
 def margin_cross_entropy(

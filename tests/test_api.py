@@ -5,7 +5,7 @@ import torch
 
 import facekernels as fk
 from facekernels import functional as fkf
-from facekernels._backends import head_backend
+from facekernels._backends import head_kernels
 
 HEADS = [fk.NormSoftmax, fk.ArcFace, fk.CosFace, fk.CombinedMargin, fk.MVSoftmax, fk.CurricularFace]
 
@@ -52,7 +52,7 @@ def test_functional_equals_module():
 def test_unavailable_backends_raise_not_fall_back():
     x, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
     with pytest.raises(fk.BackendUnavailableError, match="no head backend for meta"):
-        head_backend("auto", torch.device("meta"))
+        head_kernels("auto", torch.device("meta"))
     with pytest.raises(fk.BackendUnavailableError, match="CUDA tensors"):
         fk.TripletMarginLoss(backend="cuda")(x, y)
 

@@ -188,7 +188,7 @@ def test_missing_backend_is_listed_unavailable_not_substituted(monkeypatch):
     def missing_backend():
         import facekernels.no_such_backend  # noqa: F401
 
-    monkeypatch.setitem(_backends._HEAD_IMPLS, "cpu", missing_backend)
+    monkeypatch.setitem(_backends._HEAD_KERNELS, "cpu", missing_backend)
     reason = OPS["heads"].probe("cpu", CPU)
     assert reason.startswith("BackendUnavailableError")
     cases = {("heads", "cpu"): [(HeadShape("arcface", 4, 8, 16), "full")]}
@@ -369,10 +369,11 @@ def test_gpu_suite_refuses_without_cuda(tmp_path, capsys):
 
 
 def test_a_broken_fused_backend_is_an_error_per_case_not_unavailable(monkeypatch):
-    def broken(*args, **kwargs):
-        raise IndexError("kernel bug")
+    class Broken:  # kernels whose every method fails
+        def __getattr__(self, name):
+            raise IndexError("kernel bug")
 
-    monkeypatch.setitem(_backends._HEAD_IMPLS, "cpu", lambda: broken)
+    monkeypatch.setitem(_backends._HEAD_KERNELS, "cpu", Broken)
     assert OPS["heads"].probe("cpu", CPU) is None
     rows = cli.sweep({("heads", "cpu"): [(HeadShape("arcface", 4, 8, 16), "full")]}, CPU, FAST, in_process=True,
                      progress=False)  # fmt: skip

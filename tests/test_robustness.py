@@ -18,7 +18,7 @@ from facekernels._extension import is_available as extension_built
 HEAD_BACKENDS = ["reference", "cpu", "triton"]
 TRIPLET_BACKENDS = ["reference", "cpu"]
 # 10,000 steps, an inductor compile of six heads, or bf16 arithmetic are not for the Triton interpreter
-# (Triton's compile test is in test_triton_heads.py, its bf16/fp16 tests are gpu-marked there)
+# (Triton's sm_90 compile test is test_gpu_static.py, its bf16/fp16 tests are gpu-marked in test_heads.py)
 CPU_HEAD_BACKENDS = ["reference", "cpu"]
 # the most precise dtype each backend computes in (compared with the float64 oracles)
 HEAD_PRECISE_DTYPE = {"reference": torch.float64, "cpu": torch.float64, "triton": torch.float32}
@@ -325,9 +325,9 @@ def test_every_registered_op_has_an_opcheck_test():
     import glob
     import os
 
-    import facekernels.ops.cpu_heads  # noqa: F401
+    import facekernels.kernels.cpu  # noqa: F401
+    import facekernels.kernels.triton  # noqa: F401
     import facekernels.ops.triplet  # noqa: F401
-    import facekernels.triton.heads  # noqa: F401
 
     assert extension_built()
     names = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("facekernels::"))

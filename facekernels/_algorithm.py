@@ -1,0 +1,221 @@
+"""The one margin-softmax head algorithm, for every device and for the class-sharded mode.
+
+A head's loss over B rows and the classes of ``w`` (all of them, or this rank's shard of a class-sharded head,
+or Partial FC's sampled rows of it), with the per-class work done by a kernel back-end (``HeadKernels``:
+``facekernels/kernels/cpu.py``, ``facekernels/kernels/triton``):
+
+1. (sharded) all-gather the embeddings and labels of the global batch. Ignored rows are zeroed first: they
+   must never reach the products (a NaN there would otherwise give every class a NaN gradient, NaN * 0).
+2. pre-pass, O(B d + C d): inverse norms (kernels), each row's target cosine c_i where its target class is in
+   ``w`` (torch, ``_rowmath.target_cosine``; all-reduced over the ranks, so that every rank holds every c_i),
+   then phi_i, phi'_i and tau_i (``_rowmath.target_logit``) and CurricularFace's t update, identical on every
+   rank.
+3. forward: the kernels give each row's log-sum-exp over w's classes of z_ij = s N(c_ij), z_i,y = s phi_i;
+   sharded, all-reduce MAX then SUM of exp(lse_r - max) combines the ranks' partials. loss_i = lse_i - s phi_i.
+4. backward, per class chunk (GPU: a chunk sized to stay in L2; CPU: the whole range in one call that threads
+   over tiles inside): the kernels recompute the chunk's cosines once and return A = d x_hat / ||x|| (summed
+   over the chunks, and over the ranks) and the chunk's weight gradient (through w's normalisation); the
+   embeddings' normalisation backward is applied once here: dx = A - x_hat (x_hat . A).
+
+Nothing of size (B, C) exists at any point: O(B chunk + B d + C) beyond the inputs and dW.
+
+Sharded gradient convention (insightface Partial FC): the gradient returned for the local embeddings is
+``world * d(loss)/d(local embeddings)``, so that DDP's average over the backbone replicas is the gradient of the
+global loss; the weight shard gets the plain gradient of its rows.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from ._params import HeadParams
+from ._rowmath import acc_dtype, reduce_row_losses, target_cosine, target_logit, update_t_
+
+
+class HeadKernels(Protocol):
+    """What a device contributes to the algorithm (per-row tensors are float32, float64 for float64 inputs;
+    ``target`` is int64, the row's class within ``w`` or -1 when it is not there)."""
+
+    def compute_dtype(self, embeddings: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+        """The dtype both inputs are cast to; raises BackendUnavailableError / TypeError if they cannot run."""
+
+    def chunk_classes(self, batch: int, classes: int, dtype: torch.dtype) -> int:
+        """Classes per backward call."""
+
+    def inv_norms(self, rows: torch.Tensor) -> torch.Tensor:
+        """1 / max(||row||, eps) per row, overflow-safe, NaN for a NaN row."""
+
+    def lse(self, x, w, inv_x, inv_w, target, phi, tau, t, params: HeadParams) -> torch.Tensor:
+        """Per-row log-sum-exp over w's classes (the target column, if in w, holds s phi)."""
+
+    def backward_chunk(self, g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, params: HeadParams,
+                       need_dx: bool, need_dw: bool, dw_out: torch.Tensor | None,
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+        """(A, dw) of sum_i g_i loss_i through w's classes: A = d x_hat / ||x|| (float32 / float64), dw in
+        w's dtype through w's normalisation backward (written into dw_out when given); None where not
+        needed."""
+
+
+def _no_second_derivative(grad: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """grad, behind a node that raises if anything differentiates through it. Like torch's once_differentiable,
+    but tied to ``anchor`` (the input it is the gradient of): a second derivative then reaches the node and
+    raises, where once_differentiable's detached node is pruned from autograd.grad(..., inputs) (and attached
+    not at all when the incoming gradient is a constant) and the second derivative silently comes out 0."""
+    tied = grad + 0 * anchor.sum() if anchor.requires_grad else grad.detach().requires_grad_()
+    return torch._C._functions.DelayedError(
+        "second derivatives of the fused heads are not implemented; use backend='reference'", 1
+    )(tied)
+
+
+def _all_gather(tensor: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+class _HeadRows(torch.autograd.Function):
+    """Per-row losses of the (global) batch from the classes of ``w`` (module docstring, steps 3 and 4).
+
+    Differentiable in ``x`` (this rank's rows) and ``w``. Second derivatives and forward-mode AD are not
+    implemented: they raise (the DelayedError of backward; torch's own error for a Function without jvp, which
+torch.compile cannot trace) instead of returning a silent 0.
+    """
+
+    @staticmethod
+    def forward(x, w, x_all, inv_x, inv_w, target, target_rows, t, valid, params, kernels, group):
+        # x_all: the global batch (sharded), None when it is x itself; target_rows: (phi, phi', tau) stacked, as
+        # phi and tau may be one tensor (torch.compile traces no tensor passed twice)
+        x_all = x if x_all is None else x_all
+        phi, _, tau = target_rows
+        lse = kernels.lse(x_all, w, inv_x, inv_w, target, phi, tau, t, params)
+        if group is not None:
+            # global lse = M + log sum_r exp(lse_r - M), M = max_r lse_r (every shard has >= 1 class: finite)
+            top = lse.clone()
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+            total = torch.exp(lse - top)
+            dist.all_reduce(total, group=group)
+            lse = top + torch.log(total)
+        # loss_i = lse_i - s phi_i, phi_i from the shared target cosine: the same on every rank
+        return torch.where(valid, lse - params.s * phi, 0), lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, x_all, inv_x, inv_w, target, target_rows, t, valid, params, kernels, group = inputs
+        x_all = x if x_all is None else x_all
+        ctx.save_for_backward(x_all, w, inv_x, inv_w, target, target_rows, t, valid, output[1])
+        ctx.params, ctx.kernels, ctx.group, ctx.batch_local = params, kernels, group, x.shape[0]
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_rows, grad_lse):
+        with torch.no_grad():
+            dx, dw = _HeadRows._gradients(ctx, grad_rows)
+        # create_graph=True: first order works, second order raises. (torch.func transforms run backward with
+        # grad enabled on wrapped tensors; they get the plain first-order gradient.)
+        if torch.is_grad_enabled() and not torch._C._functorch.is_functorch_wrapped_tensor(grad_rows):
+            x_all, w = ctx.saved_tensors[:2]
+            dx, dw = (None if g is None else _no_second_derivative(g, a) for g, a in ((dx, x_all), (dw, w)))
+        return (dx, dw) + (None,) * 10
+
+    @staticmethod
+    def _gradients(ctx, grad_rows):
+        x_all, w, inv_x, inv_w, target, (phi, dphi, tau), t, valid, lse = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_dx or need_dw):
+            return None, None
+        p, kernels = ctx.params, ctx.kernels
+        g = torch.where(valid, grad_rows.to(lse.dtype), 0).contiguous()
+        classes = w.shape[0]
+        chunk = kernels.chunk_classes(x_all.shape[0], classes, x_all.dtype)
+        single = chunk >= classes
+        a = None
+        dw = None if single or not need_dw else torch.empty_like(w)
+        for c0 in range(0, classes, chunk):
+            c1 = min(classes, c0 + chunk)
+            # the target column relative to the chunk: rows whose target lies outside it get none here
+            part_a, part_dw = kernels.backward_chunk(
+                g, x_all, w[c0:c1], inv_x, inv_w[c0:c1], target - c0 if c0 else target, phi, dphi, tau, t, lse,
+                p, need_dx, need_dw, None if single or not need_dw else dw[c0:c1],
+            )  # fmt: skip
+            if need_dx:
+                a = part_a if a is None else a.add_(part_a)
+            if single:
+                dw = part_dw
+        dx = None
+        if need_dx:
+            group = ctx.group
+            if group is not None:
+                dist.all_reduce(a, group=group)  # every shard holds the part through its classes
+            # the embeddings' normalisation backward: dx = (d x_hat - x_hat (x_hat . d x_hat)) / ||x||
+            x_hat = x_all.to(a.dtype) * inv_x.unsqueeze(1)
+            dx = torch.where(valid.unsqueeze(1), a - x_hat * (x_hat * a).sum(dim=1, keepdim=True), 0)
+            if group is not None:
+                rank, b = dist.get_rank(group), ctx.batch_local
+                dx = dx[rank * b : (rank + 1) * b] * dist.get_world_size(group)  # Partial FC convention
+            dx = dx.to(x_all.dtype)
+        return dx, dw
+
+
+def margin_cross_entropy(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    params: HeadParams,
+    t: torch.Tensor | None,
+    training: bool,
+    kernels: HeadKernels,
+    *,
+    group=None,
+    class_start: int = 0,
+    sampler=None,
+) -> torch.Tensor:
+    """Loss of one head (module docstring), inputs already validated. ``embeddings`` (B_l, d), ``labels``
+    (B_l,) global class ids; ``weight`` (C_l, d): all the classes (group None) or this rank's shard
+    [class_start, class_start + C_l); ``sampler(labels, valid)``, given the global batch's labels, returns
+Partial FC's sorted sampled rows of the shard. ``t``
+    (CurricularFace) is updated in place when ``training``. Returns the loss of the (global) batch, the same on
+    every rank; float32 (float64 for float64 inputs)."""
+    p = params
+    dtype = kernels.compute_dtype(embeddings, weight)
+    x, w = embeddings.to(dtype), weight.to(dtype)
+    if group is not None:
+        with torch.no_grad():
+            x_all = _all_gather(x.detach(), group)
+            labels = _all_gather(labels, group)
+    valid = labels != p.ignore_index
+    if group is None:
+        x = x_all = torch.where(valid.unsqueeze(1), x, 0)
+    else:
+        x_all = torch.where(valid.unsqueeze(1), x_all, 0)
+    local = labels - class_start
+    in_shard = valid & (local >= 0) & (local < w.shape[0])
+    if sampler is not None:
+        sample_index = sampler(labels, valid)
+        w = w.index_select(0, sample_index)  # autograd scatters the gradient back onto the sampled rows
+        position = torch.searchsorted(sample_index, local).clamp_max(sample_index.numel() - 1)
+        in_shard &= sample_index[position] == local
+        local = position
+    target = torch.where(in_shard, local, -1)
+
+    with torch.no_grad():
+        x_det, w_det = x_all.detach(), w.detach()
+        inv_x, inv_w = kernels.inv_norms(x_det), kernels.inv_norms(w_det)
+        c, inside = target_cosine(x_det, w_det, target, inv_x, inv_w)
+        if group is not None:
+            dist.all_reduce(c, group=group)  # one rank owns each row's target: the sum is its cosine
+        phi, dphi, tau = target_logit(c, p)
+        dphi = dphi * inside  # the clamp's derivative, on the rank whose w holds the target column
+    t_used = None
+    if p.uses_t:
+        if training:
+            update_t_(t, c, valid, p.momentum)  # the same on every rank
+        # the value this step used, saved for the backward: the caller's buffer moves on at the next forward,
+        # which may run before this backward (gradient accumulation)
+        t_used = t.detach().clone()
+    target_rows = torch.stack([phi, dphi, tau])
+    rows, _ = _HeadRows.apply(x, w, None if group is None else x_all, inv_x, inv_w, target, target_rows, t_used,
+                              valid, p, kernels, group)  # fmt: skip
+    return reduce_row_losses(rows.to(acc_dtype(dtype)), valid, p.reduction)

@@ -1,0 +1,301 @@
+"""The Triton kernels of the heads behind the algorithm's kernel interface (``facekernels._algorithm.HeadKernels``):
+``backend="triton"``, and ``"auto"`` on CUDA tensors.
+
+* inverse norms: ``_inv_norm_kernel`` (float64 sums), once per step for x and W;
+* forward: ``_lse_partial_kernel`` over (row blocks x class splits), wgmma-sized tiles, online log-sum-exp;
+  the splits' partials are combined in torch (``_rowmath.combine_lse``);
+* backward, per class chunk sized to stay in L2 (``chunk_classes``): ``_grad_logits_kernel`` recomputes the
+  chunk's cosines once and writes the scaled logits gradient D (B, chunk) and the per-class projection sums;
+  two cuBLAS GEMMs (``torch.mm``) give d x_hat / ||x|| = D @ W_chunk and the chunk's weight gradient
+  D^T @ X, finished by its rank-1 normalisation correction (kernels/triton/backward.py).
+
+D is bfloat16 for bfloat16 and float16 inputs (float16's 5-bit exponent would flush p * g ~ 1e-9, the typical
+negative-class gradient at C = 1M, to zero; bfloat16 keeps float32's range, and float16 operands are cast to
+bfloat16 for the two GEMMs, one extra pass over the chunk of W), float32 for float32 inputs (GEMMs at torch's
+float32 matmul precision, like the reference).
+
+The kernel launches go through ``_launch`` so that tests/test_gpu_static.py can capture the launches the heads
+really make (with meta tensors, at the target shapes) and compile each for sm_90 without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..._errors import BackendUnavailableError
+from ..._params import NORM_EPS, HeadParams
+from ..._rowmath import combine_lse
+
+try:
+    import triton
+except ImportError as err:  # the backend raises BackendUnavailableError when it is asked for
+    triton = None
+    _TRITON_IMPORT_ERROR: ImportError | None = err
+else:
+    _TRITON_IMPORT_ERROR = None
+    from .backward import _grad_logits_kernel
+    from .forward import _inv_norm_kernel, _lse_partial_kernel
+
+# Triton decides at decoration time whether its kernels run under the interpreter (CPU tensors).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Tests set this to fill every buffer a kernel writes with NaN first, so an unwritten element shows.
+POISON_OUTPUTS = False
+# Bytes of the (B, chunk) logits-gradient buffer of one backward chunk: small enough to stay in the L2 cache
+# between the kernel that writes it and the two GEMMs that read it (H100: 50 MB). Tests make it small.
+CHUNK_BYTES = 32 * 2**20
+# Streaming multiprocessors the grid is sized for when no CUDA device is queried (H100 SXM: 132).
+DEFAULT_SMS = 132
+# A list while tests/test_gpu_static.py captures launches (kernel, grid, args, meta) instead of running them.
+CAPTURED_LAUNCHES: list | None = None
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_b: int  # rows per tile: 64 per warpgroup (wgmma's M), 4 warps a warpgroup
+    block_c: int  # classes per tile (wgmma's N)
+    block_k: int  # step over d (wgmma's K is 16; 64 bf16 = 128 bytes, one swizzled shared-memory row)
+    num_warps: int
+    num_stages: int  # cp.async / TMA pipeline depth of the K loop
+
+
+def tile_config(batch: int, dtype: torch.dtype, negatives: int, backward: bool) -> TileConfig:
+    """The tiles of the two tl.dot kernels, the widest that compile for sm_90 without register spills (checked by
+    tests/test_gpu_static.py on every launch the heads make): wgmma needs >= 64 rows per warpgroup, so 128 rows
+    with 8 warps (64 with 4 for B <= 64; the same 64 accumulators per thread); 128 classes, or 64 where the
+    epilogue holds more live values (float32's three TF32 products; the backward's MV / CurricularFace
+    reweighting, which spills at 128); 3 stages of (rows + classes) x K operands, K = 64 (32 for float32):
+    at most 96 KB of shared memory of the 227 KB an H100 block may use."""
+    rows = 128 if batch > 64 else 64
+    wide = dtype != torch.float32 and not (backward and negatives != 0)
+    k = 32 if dtype == torch.float32 else 64
+    return TileConfig(rows, 128 if wide else 64, k, 8 if rows == 128 else 4, 3)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return DEFAULT_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """float32 operands go through the tensor cores either way: "tf32x3" (three TF32 products, about float32's
+    accuracy) when torch's float32 matmul precision is "highest" (its default), "tf32" otherwise."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "tf32x3"
+    return "tf32"
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    return out
+
+
+def _launch(kernel, grid, *args, **meta) -> None:
+    if CAPTURED_LAUNCHES is not None:
+        CAPTURED_LAUNCHES.append((kernel, grid, args, meta))
+        return
+    with torch.cuda.device(args[0].device) if args[0].is_cuda else contextlib.nullcontext():
+        kernel[grid](*args, **meta)
+
+
+# ------------------------------------------------------------------------------------------ launches
+
+
+def inv_norms(rows: torch.Tensor) -> torch.Tensor:
+    rows = _aligned_rows(rows)
+    n, features = rows.shape
+    out = _empty(n, torch.float32, rows.device)
+    block_k = min(128, max(16, triton.next_power_of_2(features)))
+    if n > 0:
+        _launch(_inv_norm_kernel, (triton.cdiv(n, 32),), rows, out, n, features, rows.stride(0), BLOCK_R=32,
+                BLOCK_K=block_k, eps=NORM_EPS)  # fmt: skip
+    return out
+
+
+def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int, mv_t: float) -> torch.Tensor:
+    """(B,) float32 log-sum-exp over w's classes; -inf for every row when w has no class."""
+    x, w = _aligned_rows(x), _aligned_rows(w)
+    (batch, features), classes = x.shape, w.shape[0]
+    cfg = tile_config(batch, x.dtype, negatives, backward=False)
+    row_blocks = triton.cdiv(batch, cfg.block_b)
+    class_tiles = triton.cdiv(classes, cfg.block_c)
+    # class splits: (row blocks x splits) fills the SMs about 4 times over; every split a whole number of tiles
+    splits = max(1, min(class_tiles, triton.cdiv(4 * _sm_count(x.device), max(row_blocks, 1))))
+    if _INTERPRETED:
+        splits = min(class_tiles, 2)  # a couple of splits, to exercise the combine
+    per_split = triton.cdiv(class_tiles, max(splits, 1)) * cfg.block_c
+    splits = triton.cdiv(classes, per_split) if classes else 0
+    part_max = _empty((batch, splits), torch.float32, x.device)
+    part_sum = _empty((batch, splits), torch.float32, x.device)
+    if batch and splits:
+        _launch(_lse_partial_kernel, (row_blocks, splits), x, w, inv_x, inv_w, target, phi, tau, t, part_max,
+                part_sum, batch, classes, features, x.stride(0), w.stride(0), per_split, splits, s, mv_t,
+                NEGATIVES=negatives, BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, BLOCK_K=cfg.block_k,
+                DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+    return combine_lse(part_max + torch.log(part_sum), dim=1)
+
+
+def grad_logits(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, s: float, negatives: int, mv_t: float):
+    """(D (B, n) in the GEMM dtype, P (n,) float32) of one class chunk w (n, d): kernels/triton/backward.py."""
+    x, w = _aligned_rows(x), _aligned_rows(w)
+    (batch, features), classes = x.shape, w.shape[0]
+    cfg = tile_config(batch, x.dtype, negatives, backward=True)
+    row_blocks = triton.cdiv(batch, cfg.block_b)
+    d = _empty((batch, classes), _gemm_dtype(x.dtype), x.device)
+    proj = _empty((row_blocks, classes), torch.float32, x.device)
+    if batch and classes:
+        _launch(_grad_logits_kernel, (row_blocks, triton.cdiv(classes, cfg.block_c)), x, w, inv_x, inv_w, target,
+                phi, dphi, tau, t, lse, g, d, proj, batch, classes, features, x.stride(0), w.stride(0), d.stride(0),
+                s, mv_t, NEGATIVES=negatives, BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, BLOCK_K=cfg.block_k,
+                DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+    return d, proj.sum(dim=0)
+
+
+def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of D and of the backward GEMMs' operands (module docstring: bfloat16 also for float16)."""
+    return torch.float32 if dtype == torch.float32 else torch.bfloat16
+
+
+# mm with a float32 result from bfloat16 operands (cuBLAS accumulates in float32 either way; this skips the
+# rounding of each chunk's d x_hat to bfloat16 before the sum over chunks). CUDA only in torch.
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda and _MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b).float()
+
+
+# ------------------------------------------------------------------------------------------ ops
+
+
+@torch.library.custom_op("facekernels::triton_inv_norms", mutates_args=())
+def _inv_norms_op(rows: torch.Tensor) -> torch.Tensor:
+    return inv_norms(rows)
+
+
+@_inv_norms_op.register_fake
+def _(rows):
+    return rows.new_empty(rows.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("facekernels::triton_margin_lse", mutates_args=())
+def _margin_lse_op(x: torch.Tensor, w: torch.Tensor, inv_x: torch.Tensor, inv_w: torch.Tensor, target: torch.Tensor,
+                   phi: torch.Tensor, tau: torch.Tensor, t: torch.Tensor | None, s: float, negatives: int,
+                   mv_t: float) -> torch.Tensor:  # fmt: skip
+    return margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t)
+
+
+@_margin_lse_op.register_fake
+def _(x, w, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t):
+    return x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("facekernels::triton_grad_logits", mutates_args=())
+def _grad_logits_op(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, inv_x: torch.Tensor, inv_w: torch.Tensor,
+                    target: torch.Tensor, phi: torch.Tensor, dphi: torch.Tensor, tau: torch.Tensor,
+                    t: torch.Tensor | None, lse: torch.Tensor, s: float, negatives: int,
+                    mv_t: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return grad_logits(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, s, negatives, mv_t)
+
+
+@_grad_logits_op.register_fake
+def _(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, s, negatives, mv_t):
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=_gemm_dtype(x.dtype)), w.new_empty(w.shape[0],
+                                                                                          dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------ interface
+
+
+class TritonKernels:
+    name = "triton"
+
+    def compute_dtype(self, embeddings: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+        if _TRITON_IMPORT_ERROR is not None:
+            raise BackendUnavailableError(
+                f"backend='triton' needs the triton package, which does not import here ({_TRITON_IMPORT_ERROR}); "
+                "install triton (`pip install triton`) or use backend='reference'"
+            )
+        if embeddings.device.type != "cuda" and not (_INTERPRETED and embeddings.device.type == "cpu"):
+            raise BackendUnavailableError(
+                f"backend='triton' needs CUDA tensors; got {embeddings.device.type} tensors "
+                "(CPU tensors run only under TRITON_INTERPRET=1, for tests); use backend='cpu' or 'reference'"
+            )
+        dtype = torch.promote_types(embeddings.dtype, weight.dtype)
+        if dtype not in _DTYPES:
+            raise TypeError(
+                f"backend='triton' takes float32, bfloat16 or float16 embeddings and weight; got "
+                f"{embeddings.dtype} and {weight.dtype} (float64 is the reference's: use backend='reference')"
+            )
+        return dtype
+
+    def chunk_classes(self, batch: int, classes: int, dtype: torch.dtype) -> int:
+        """Classes per backward chunk: D (B, chunk) within CHUNK_BYTES, a whole number of class tiles."""
+        block_c = 128  # a multiple of every tile_config's classes
+        per_chunk = CHUNK_BYTES // (max(batch, 1) * _gemm_dtype(dtype).itemsize)
+        return max(block_c, per_chunk // block_c * block_c)
+
+    def inv_norms(self, rows: torch.Tensor) -> torch.Tensor:
+        return _inv_norms_op(rows)
+
+    def lse(self, x, w, inv_x, inv_w, target, phi, tau, t, params: HeadParams) -> torch.Tensor:
+        return _margin_lse_op(x, w, inv_x, inv_w, target, phi, tau, t, params.s, int(params.negatives), params.mv_t)
+
+    def backward_chunk(self, g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, params: HeadParams,
+                       need_dx: bool, need_dw: bool, dw_out: torch.Tensor | None):  # fmt: skip
+        d, proj = _grad_logits_op(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, params.s,
+                                  int(params.negatives), params.mv_t)  # fmt: skip
+        x_g, w_g = x.to(d.dtype), w.to(d.dtype)  # no copy unless float16 inputs (module docstring)
+        a = _mm_float32(d, w_g) if need_dx else None
+        dw = None
+        if need_dw:
+            # D^T X, then the rank-1 normalisation correction - inv_w^2 P w (kernels/triton/backward.py), written
+            # straight into the chunk's rows of the weight gradient when the dtypes allow
+            into = dw_out is not None and dw_out.dtype == d.dtype
+            dw = torch.mm(d.t(), x_g, out=dw_out) if into else torch.mm(d.t(), x_g)
+            dw.addcmul_(w_g, (-(inv_w * inv_w) * proj).unsqueeze(1))
+            if dw_out is not None and not into:
+                dw = dw_out.copy_(dw)
+            dw = dw.to(w.dtype)
+        return a, dw
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, stacklevel=3)
+
+
+def _aligned_rows(a: torch.Tensor) -> torch.Tensor:
+    """a with unit stride along d and 16-byte aligned rows: the JIT specialises on 16-byte alignment of the
+    pointers and strides, and without it takes a slower variant (no vectorised / TMA loads, issue
+    "GPU heads at GEMM speed", item 6). One padded copy, with a warning once, for inputs that are not."""
+    if a.stride(-1) != 1:
+        a = a.contiguous()  # the kernels step along d with unit stride
+    aligned = 16 // a.element_size()
+    if a.device.type != "cuda" or a.shape[0] == 0 or (a.stride(0) % aligned == 0 and a.data_ptr() % 16 == 0):
+        return a
+    _warn_once(
+        f"facekernels: a {tuple(a.shape)} {a.dtype} input is not 16-byte aligned (stride {a.stride()}, d not a "
+        f"multiple of {aligned}, or an offset view); it is copied once per call into an aligned buffer"
+    )
+    features = a.shape[1]
+    padded = torch.zeros(a.shape[0], triton.cdiv(features, aligned) * aligned, dtype=a.dtype, device=a.device)
+    padded[:, :features] = a
+    return padded[:, :features]
+
+
+KERNELS = TritonKernels()

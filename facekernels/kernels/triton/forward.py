@@ -1,0 +1,111 @@
+"""Forward kernels of the fused margin-softmax cross-entropy: inverse norms and the class-split online
+log-sum-exp.
+
+Normalisation is folded into the tiles: cos_ij = (x_i . w_j) * inv_x_i * inv_w_j with inv = 1 / max(||row||,
+NORM_EPS) precomputed per row, so the operands of tl.dot are the raw inputs (bfloat16 / float16 tensor cores,
+float32 accumulation) and no normalised copy of W is made. Logits never leave the registers; they are float32
+(s = 64 times a cosine overflows no float32 exp after the max is subtracted).
+
+Tiles are sized for Hopper's wgmma: BLOCK_B rows (64 per warpgroup of 4 warps: 128 rows with 8 warps) by
+BLOCK_C = 128 classes, BLOCK_K-wide steps over d pipelined num_stages deep (kernels/triton/__init__.py,
+``tile_config``). tests/test_gpu_static.py compiles every launch the heads make for sm_90 and checks that each
+tl.dot lowers to wgmma without spills.
+
+Offsets: rows and classes are widened to int64 before they multiply a stride (C * d > 2^31 at a few million
+classes); the target compare runs in int32 (C < 2^31).
+"""
+
+import triton
+import triton.language as tl
+
+from .head_math import clamp_cosine, negative_logit
+
+
+@triton.jit
+def _inv_norm_kernel(X, out_ptr, n_rows, D, stride_x, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, eps):
+    """out_r = 1 / max(||x_r||, eps) in float32, BLOCK_R rows per program. The squares are summed in float64:
+    a float32 sum overflows for norms above ~1.8e19 and would make such a row a zero vector. NaN stays NaN."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    sq = tl.zeros((BLOCK_R,), tl.float64)
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(X + rows[:, None] * stride_x + k[None, :], mask=row_mask[:, None] & (k < D)[None, :], other=0.0)
+        x = x.to(tl.float64)
+        sq += tl.sum(x * x, axis=1)
+    norm = tl.sqrt(sq)
+    norm = tl.where(norm != norm, norm, tl.maximum(norm, eps))  # tl.maximum would drop a NaN
+    tl.store(out_ptr + rows, (1.0 / norm).to(tl.float32), mask=row_mask)
+
+
+@triton.jit
+def raw_cosine_tile(X, W, rows, cols, row_mask, col_mask, inv_x, inv_w, D, stride_x, stride_w,
+                    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """x_hat_rows . w_hat_cols^T (BLOCK_B, BLOCK_C) in float32, before the clamp; rows, cols int64."""
+    acc = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < D
+        x = tl.load(X + rows[:, None] * stride_x + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(W + cols[:, None] * stride_w + k[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc * inv_x[:, None] * inv_w[None, :]
+
+
+@triton.jit
+def logit_tile(raw, cols, target, phi, dphi, tau, t, mv_t, s, NEGATIVES: tl.constexpr):
+    """Logits z = s * (phi on the target column, N(c) elsewhere) of a raw cosine tile, and dz/d(raw):
+    s * phi' on the target column (phi' already holds the clamp's derivative there, _rowmath), s * N'(c)
+    times the clamp's derivative (1 strictly inside (-1, 1), else 0) elsewhere. The hard-negative mask
+    c > tau is a constant (spec). cols and target are int32."""
+    c = clamp_cosine(raw)
+    is_target = cols[None, :] == target[:, None]
+    n, dn = negative_logit(c, c > tau[:, None], t, mv_t, NEGATIVES)
+    z = s * tl.where(is_target, phi[:, None], n)
+    inside = (raw > -1.0) & (raw < 1.0)
+    dz_draw = s * tl.where(is_target, dphi[:, None], tl.where(inside, dn, 0.0))
+    return z, dz_draw, is_target
+
+
+@triton.jit
+def _lse_partial_kernel(X, W, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, tau_ptr, t_ptr,
+                        part_max_ptr, part_sum_ptr,
+                        B, C, D, stride_x, stride_w, classes_per_split, n_splits, s, mv_t,
+                        NEGATIVES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Program (row block, class split): online (max, sum exp(z - max)) of its rows over its classes.
+
+    Axis 0 (row blocks) varies fastest in launch order, so the programs that read the same W tiles run
+    together and share them through L2 (W is read from HBM about once, not once per row block).
+    """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    split = tl.program_id(1).to(tl.int64)
+    row_mask = rows < B
+    inv_x = tl.load(inv_x_ptr + rows, mask=row_mask, other=0.0)
+    target = tl.load(target_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
+    phi = tl.load(phi_ptr + rows, mask=row_mask, other=0.0)
+    tau = tl.load(tau_ptr + rows, mask=row_mask, other=0.0)
+    t = 0.0
+    if NEGATIVES == 2:
+        t = tl.load(t_ptr)
+    run_max = tl.full((BLOCK_B,), float("-inf"), tl.float32)
+    run_sum = tl.zeros((BLOCK_B,), tl.float32)
+    c_begin = (split * classes_per_split).to(tl.int32)
+    c_end = tl.minimum(c_begin + classes_per_split, C)
+    for c0 in range(c_begin, c_end, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_mask = cols < c_end
+        inv_w = tl.load(inv_w_ptr + cols, mask=col_mask, other=0.0)
+        raw = raw_cosine_tile(X, W, rows, cols.to(tl.int64), row_mask, col_mask, inv_x, inv_w, D, stride_x,
+                              stride_w, BLOCK_B, BLOCK_C, BLOCK_K, DOT_PRECISION)
+        z, _, _ = logit_tile(raw, cols, target, phi, phi, tau, t, mv_t, s, NEGATIVES)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        tile_max = tl.max(z, axis=1)
+        # tl.maximum drops NaN: a NaN logit must make the row's max (and so its lse) NaN
+        new_max = tl.where(tile_max != tile_max, tile_max, tl.maximum(run_max, tile_max))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        run_max = new_max
+    out = rows * n_splits + split
+    tl.store(part_max_ptr + out, run_max, mask=row_mask)
+    tl.store(part_sum_ptr + out, run_sum, mask=row_mask)

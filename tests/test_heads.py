@@ -1,0 +1,533 @@
+"""One conformance suite for every kernel back-end of the head algorithm (facekernels/_algorithm.py): the
+compiled CPU kernels and the Triton kernels (under Triton's interpreter here, float32; on CUDA when there is a
+GPU), against the float64 reference (itself checked against the independent oracle in test_reference_heads.py).
+
+Adding a back-end or a head is one entry in BACKENDS or oracle.HEADS. Every kernel-written buffer starts as
+NaN (POISON_OUTPUTS) and the class tiles / backward chunks are made small, so that small odd shapes cover many
+tiles, several chunks and ragged last ones.
+"""
+
+import math
+
+import kit
+import oracle
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import facekernels as fk
+from facekernels import _extension
+from facekernels import functional as fkf
+from facekernels.reference import margin_cross_entropy as ref_loss
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _triton_runs() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+BACKENDS = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not _extension.is_available(), reason="needs facekernels._C")),
+    pytest.param("triton", marks=pytest.mark.skipif(not _triton_runs(), reason="needs triton")),
+]
+
+
+def _device(backend):
+    return "cpu" if backend == "cpu" else DEVICE
+
+
+def _dtype(backend):
+    """The most precise dtype the back-end runs: float64 on CPU; float32 for Triton."""
+    return torch.float64 if backend == "cpu" else torch.float32
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """CPU tiles of 8 classes; Triton backward chunks of one 128-class tile, class splits in the forward."""
+    from facekernels.kernels import cpu
+
+    monkeypatch.setattr(cpu, "CLASS_TILE", 8)
+    if _triton_runs():
+        from facekernels.kernels import triton as tk
+
+        monkeypatch.setattr(tk, "CHUNK_BYTES", 1)
+        monkeypatch.setattr(tk, "POISON_OUTPUTS", True)
+
+
+def _params(case, **options):
+    head, kw = oracle.HEAD_CASES[case]
+    return fk.head_params(head, **options, **kw)
+
+
+def _t0(case, device="cpu"):
+    return torch.tensor(0.15, device=device) if case == "curricular" else None
+
+
+def _loss_and_grads(backend, x, w, y, params, t, training=True, g=None):
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = fkf._margin_cross_entropy(xa, wa, y, params, t, training, backend)
+    if g is None:
+        g = torch.randn(loss.shape, dtype=torch.float64, device=loss.device)
+    (loss * g.to(loss.dtype)).sum().backward()
+    return loss, xa.grad, wa.grad, g
+
+
+def _check(backend, x, w, y, params, case, *, training=True, what=""):
+    """The back-end against the reference: to 1e-9 in float64; by the error-ratio rule in float32."""
+    t_got, t_low, t_ref = (_t0(case, x.device) for _ in range(3))
+    got, dx, dw, g = _loss_and_grads(backend, x, w, y, params, t_got, training)
+    want, dx_ref, dw_ref, _ = _loss_and_grads("reference", x.double(), w.double(), y, params, t_ref, training, g=g)
+    assert got.dtype == kit_acc(x.dtype) and dx.dtype == x.dtype and dw.dtype == w.dtype
+    if x.dtype == torch.float64:
+        for name, a, b in [("loss", got, want), ("dx", dx, dx_ref), ("dw", dw, dw_ref)]:
+            kit.assert_close(a, b, rtol=1e-9, atol=1e-10, what=f"{what}{name}")
+    else:
+        low, dx_low, dw_low, _ = _loss_and_grads("reference", x, w, y, params, t_low, training, g=g)
+        for name, a, b, c in [("loss", got, low, want), ("dx", dx, dx_low, dx_ref), ("dw", dw, dw_low, dw_ref)]:
+            kit.assert_error_ratio(a, b, c, what=f"{what}{name}")
+    if t_got is not None:
+        assert t_got.item() == pytest.approx(t_ref.item(), abs=1e-6)
+    return got, dx, dw
+
+
+def kit_acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", oracle.HEADS)
+@pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignore_index", [None, -100, 3])
+def test_matches_reference(backend, case, margin_grad, reduction, ignore_index, small_tiles):
+    # C = 300: three Triton backward chunks (the last ragged) and two forward splits; 38 CPU tiles
+    options = dict(margin_grad=margin_grad, reduction=reduction)
+    if ignore_index is not None:
+        options["ignore_index"] = ignore_index
+    x, w, y = kit.head_inputs(13, 300, 19, dtype=_dtype(backend), ignore_frac=0.3 if ignore_index else 0.0,
+                              ignore_index=ignore_index or -100)  # fmt: skip
+    if ignore_index is not None:
+        y[0] = ignore_index
+    x, w, y = x.to(_device(backend)), w.to(_device(backend)), y.to(_device(backend))
+    got, dx, _ = _check(backend, x, w, y, _params(case, **options), case)
+    if ignore_index is not None:
+        ignored = y == ignore_index
+        assert torch.all(dx[ignored] == 0)
+        if reduction == "none":
+            assert torch.all(got[ignored] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["arcface", "combined_general", "mv_arc", "curricular"])
+@pytest.mark.parametrize("shape", [(1, 1, 5), (0, 13, 4), (7, 1025, 3), (70, 200, 33), (33, 130, 130)])
+def test_odd_shapes(backend, case, shape):
+    # default tiles and chunks; B = 70 takes Triton's 128-row tiles, B = 1 and d = 3 the smallest
+    x, w, y = kit.head_inputs(*shape, dtype=_dtype(backend))
+    dev = _device(backend)
+    _check(backend, x.to(dev), w.to(dev), y.to(dev), _params(case), case)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_curricular_t_over_steps_eval_and_a_batch_without_valid_rows(backend, small_tiles):
+    dev, dtype = _device(backend), _dtype(backend)
+    params = _params("curricular")
+    t, t_ref = torch.zeros((), device=dev), torch.zeros((), device=dev)
+    for step in range(3):
+        x, w, y = (a.to(dev) for a in kit.head_inputs(11, 150, 9, dtype=dtype, ignore_frac=0.2))
+        got, *_ = _loss_and_grads(backend, x, w, y, params, t)
+        want, *_ = _loss_and_grads("reference", x.double(), w.double(), y, params, t_ref)
+        kit.assert_close(got, want, rtol=2e-5, atol=2e-5, what=f"loss at step {step}")
+        assert t.item() == pytest.approx(t_ref.item(), abs=1e-6)
+    assert t.item() > 0
+    before = t.clone()
+    x, w, y = (a.to(dev) for a in kit.head_inputs(6, 150, 9, dtype=dtype))
+    _loss_and_grads(backend, x, w, y, params, t, training=False)
+    assert torch.equal(t, before)  # eval reads t and leaves it
+    loss, dx, dw, _ = _loss_and_grads(backend, x, w, torch.full_like(y, -100), params, t)
+    assert torch.equal(t, before) and loss.item() == 0 and torch.all(dx == 0) and torch.all(dw == 0)
+
+
+# ------------------------------------------------------------------------------------------ NaN and Inf
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_ignored_row_touches_nothing(backend, bad, small_tiles):
+    # a NaN / Inf embedding in a row labelled ignore_index: finite loss, a 0 gradient for that row, and finite
+    # gradients for every class weight (NaN * 0 in the products would poison every row of W)
+    dev = _device(backend) if backend != "reference" else "cpu"
+    x, w, y = (a.to(dev) for a in kit.head_inputs(9, 150, 7, dtype=torch.float32))
+    y[4] = -100
+    x[4, 2] = bad
+    for case in ("arcface", "curricular"):
+        loss, dx, dw, _ = _loss_and_grads(backend, x, w, y, _params(case), _t0(case, dev))
+        assert torch.isfinite(loss) and torch.isfinite(dw).all(), case
+        assert torch.all(dx[4] == 0) and torch.isfinite(dx).all(), case
+        want, *_ = _loss_and_grads("reference", x.double(), w.double(), y, _params(case), _t0(case, dev))
+        kit.assert_close(loss, want, rtol=1e-5, atol=1e-5, what=case)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_class_row_gives_a_nan_loss_whatever_tile_or_thread_holds_it(backend, monkeypatch):
+    # a NaN in class row 0, with every target in the other half of the classes: the merge of the per-thread
+    # (cpu) or per-split (triton) partial log-sum-exps must keep the NaN
+    if backend == "cpu":
+        monkeypatch.setattr(torch, "get_num_threads", torch.get_num_threads)
+        torch.set_num_threads(2)
+    x, w, y = kit.head_inputs(6, 2048 if backend == "cpu" else 300, 8, dtype=torch.float32)
+    w[0, 3] = float("nan")
+    y = (y % (w.shape[0] // 2)) + w.shape[0] // 2
+    dev = _device(backend)
+    got = fkf._margin_cross_entropy(x.to(dev), w.to(dev), y.to(dev), _params("arcface", reduction="none"), None,
+                                    True, backend)  # fmt: skip
+    assert torch.isnan(got).all(), got
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_embedding_row_stays_nan(backend, small_tiles):
+    dev = _device(backend)
+    x, w, y = kit.head_inputs(5, 150, 6, dtype=_dtype(backend))
+    x[2, 1] = float("nan")
+    for case in ("arcface", "curricular"):
+        params = _params(case, reduction="none")
+        got = fkf._margin_cross_entropy(x.to(dev), w.to(dev), y.to(dev), params, _t0(case, dev), False, backend)
+        want = ref_loss(x.double(), w.double(), y, params, _t0(case), False)
+        assert torch.isnan(got[2]) and torch.isnan(want[2])
+        keep = torch.arange(5) != 2
+        kit.assert_close(got[keep.to(dev)], want[keep], rtol=1e-5, atol=1e-5, what="finite rows")
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_curricular_t_survives_a_non_finite_batch(backend):
+    # an Inf embedding sets the batch's mean target cosine to NaN: t must skip that batch (AMP's GradScaler
+    # skips its step too) and later clean batches must train as if it never came
+    dev = _device(backend) if backend != "reference" else "cpu"
+    params = _params("curricular")
+    t, t_clean = torch.full((), 0.3, device=dev), torch.full((), 0.3, device=dev)
+    x, w, y = (a.to(dev) for a in kit.head_inputs(8, 150, 7, dtype=torch.float32))
+    x_bad = x.clone()
+    x_bad[1] = float("inf")
+    fkf._margin_cross_entropy(x_bad, w, y, params, t, True, backend)
+    assert t.item() == pytest.approx(0.3)
+    got = fkf._margin_cross_entropy(x, w, y, params, t, True, backend)
+    want = fkf._margin_cross_entropy(x, w, y, params, t_clean, True, backend)
+    assert torch.isfinite(got) and torch.equal(got, want) and torch.equal(t, t_clean)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_huge_norms_are_not_zero_vectors(backend):
+    # the loss is invariant to the scale of a row: embeddings or class weights scaled by 1e20 (a float32 sum of
+    # squares overflows at ~1.8e19) must give the loss of the unscaled rows, not that of zero vectors. (Both at
+    # once would overflow the float32 dot products of the Triton tiles, which take the raw inputs: README.)
+    dev = _device(backend) if backend != "reference" else "cpu"
+    x, w, y = (a.to(dev) for a in kit.head_inputs(7, 150, 9, dtype=torch.float32))
+    params = _params("arcface")
+    want = fkf._margin_cross_entropy(x, w, y, params, None, True, backend)
+    for xs, ws in ((x * 1e20, w), (x, w * 1e20)):
+        got = fkf._margin_cross_entropy(xs, ws, y, params, None, True, backend)
+        kit.assert_close(got, want, rtol=1e-5, atol=1e-5, what="loss of scaled rows")
+
+
+# ------------------------------------------------------------------------------------------ autograd
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_higher_order_and_forward_mode_raise_instead_of_a_silent_zero(backend):
+    dev = _device(backend)
+    x, w, y = (a.to(dev) for a in kit.head_inputs(5, 40, 6, dtype=torch.float32))
+    xa = x.clone().requires_grad_()
+    loss = fkf._margin_cross_entropy(xa, w, y, _params("arcface"), None, True, backend)
+    (grad,) = torch.autograd.grad(loss, xa, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives of the fused heads are not implemented"):
+        torch.autograd.grad(grad.sum(), xa)
+    with pytest.raises(NotImplementedError, match="jvp"):
+        torch.func.jvp(lambda a: fkf._margin_cross_entropy(a, w, y, _params("arcface"), None, True, backend), (x,),
+                       (torch.ones_like(x),))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_grad_matches_backward(backend):
+    dev = _device(backend)
+    x, w, y = (a.to(dev) for a in kit.head_inputs(5, 40, 6, dtype=torch.float32))
+    params = _params("mv_arc")
+    got = torch.func.grad(lambda a: fkf._margin_cross_entropy(a, w, y, params, None, True, backend))(x)
+    _, want, _, _ = _loss_and_grads(backend, x, w, y, params, None, g=torch.ones((), dtype=torch.float64))
+    kit.assert_close(got, want, rtol=1e-6, atol=1e-7, what="torch.func.grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("need_dx, need_dw", [(True, True), (True, False), (False, True), (False, False)])
+def test_requires_grad_combinations(backend, need_dx, need_dw, small_tiles):
+    dev = _device(backend)
+    x, w, y = (a.to(dev) for a in kit.head_inputs(6, 150, 5, dtype=torch.float32))
+    params = _params("arcface")
+    xa, wa = x.clone().requires_grad_(need_dx), w.clone().requires_grad_(need_dw)
+    xb, wb = x.double().requires_grad_(need_dx), w.double().requires_grad_(need_dw)
+    got = fkf._margin_cross_entropy(xa, wa, y, params, None, True, backend)
+    want = ref_loss(xb, wb, y, params)
+    kit.assert_close(got, want, rtol=1e-5, atol=1e-6, what="loss")
+    assert got.requires_grad == (need_dx or need_dw)
+    if got.requires_grad:
+        got.backward()
+        want.backward()
+    assert (xa.grad is None) == (not need_dx) and (wa.grad is None) == (not need_dw)
+    if need_dx:
+        kit.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-6, what="d embeddings")
+    if need_dw:
+        kit.assert_close(wa.grad, wb.grad, rtol=1e-4, atol=1e-6, what="d weight")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_accumulation_uses_each_forwards_t(backend):
+    # two forwards before one backward: each backward must use the t its own forward used
+    dev = _device(backend)
+    params = _params("curricular")
+    x, w, y = (a.to(dev) for a in kit.head_inputs(8, 60, 6, dtype=_dtype(backend)))
+    t, t_ref = torch.zeros((), device=dev), torch.zeros((), device=dev)
+    wa, wb = w.clone().requires_grad_(), w.double().requires_grad_()
+    total = fkf._margin_cross_entropy(x, wa, y, params, t, True, backend) + fkf._margin_cross_entropy(
+        x, wa, y, params, t, True, backend)
+    ref = ref_loss(x.double(), wb, y, params, t_ref) + ref_loss(x.double(), wb, y, params, t_ref)
+    total.backward()
+    ref.backward()
+    kit.assert_close(wa.grad, wb.grad, rtol=1e-4, atol=5e-5, what="accumulated d weight")
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_index_inside_the_class_range_and_strided_inputs(backend, small_tiles):
+    dev = _device(backend)
+    x, w, y = kit.head_inputs(17, 140, 7, dtype=_dtype(backend))
+    y[:4] = 3
+    params = _params("curricular", ignore_index=3, reduction="sum")
+    x_view, w_view = x.t().contiguous().t(), w[::2].repeat_interleave(2, 0)
+    assert not x_view.is_contiguous()
+    _, dx, _ = _check(backend, x_view.to(dev), w_view.to(dev), y.to(dev), params, "curricular")
+    assert torch.all(dx[(y == 3).to(dev)] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_dtypes_promote_like_the_reference(backend):
+    dev = _device(backend)
+    x, w, y = (a.to(dev) for a in kit.head_inputs(7, 23, 6))
+    dtypes = (torch.bfloat16, torch.float32) if backend == "cpu" else (torch.float16, torch.float32)
+    x, w = x.to(dtypes[0]), w.to(dtypes[1])
+    got, dx, dw, g = _loss_and_grads(backend, x, w, y, _params("mv_arc"), None)
+    want, dx_ref, dw_ref, _ = _loss_and_grads("reference", x, w, y, _params("mv_arc"), None, g=g)
+    assert (got.dtype, dx.dtype, dw.dtype) == (want.dtype, dx_ref.dtype, dw_ref.dtype) == (torch.float32, *dtypes)
+    kit.assert_close(got, want, rtol=2e-2, atol=2e-2, what="loss")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_margin_grad_at_the_poles_is_finite(backend):
+    dev = _device(backend)
+    w = torch.randn(4, 6, device=dev)
+    x = torch.cat([w[:2], -w[2:3]]).clone().requires_grad_()  # theta = 0 twice, theta = pi once
+    loss = fkf._margin_cross_entropy(x, w, torch.tensor([0, 1, 2], device=dev), _params("combined_general"), None,
+                                     True, backend)  # fmt: skip
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    dev = _device(backend)
+    w = torch.randn(5, 4, device=dev, requires_grad=True)
+    x = torch.randn(0, 4, device=dev, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long, device=dev)
+    loss = fkf._margin_cross_entropy(x, w, y, _params("arcface"), None, True, backend)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(w.grad == 0)
+    assert fkf._margin_cross_entropy(x, w, y, _params("arcface", reduction="none"), None, True, backend).shape == (0,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_repeated_runs_are_bitwise_equal(backend, small_tiles):
+    dev = _device(backend)
+    x, w, y = (a.to(dev) for a in kit.head_inputs(9, 300, 7, dtype=torch.float32))
+    runs = [_loss_and_grads(backend, x, w, y, _params("mv_am"), None, g=torch.ones((), dtype=torch.float64))
+            for _ in range(2)]  # fmt: skip
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+class _RecordSizes(TorchDispatchMode):
+    """Records the shape of every tensor an op returns (the Python-visible side of the graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor):
+                self.shapes.append((str(func), tuple(o.shape)))
+        return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_batch_by_classes_tensor(backend, small_tiles):
+    # with the small chunks of the fixture, a Triton backward chunk is (B, 128): any (B, C) tensor, in forward
+    # or backward, shows among the shapes the ops return (the same recorder sees the reference's logits)
+    dev = _device(backend)
+    x, w, y = (a.to(dev) for a in kit.head_inputs(13, 397, 7, dtype=torch.float32))
+    for case in ("curricular", "mv_am", "arcface"):
+        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with _RecordSizes() as rec:
+            fkf._margin_cross_entropy(xa, wa, y, _params(case), _t0(case, dev), True, backend).backward()
+        big = [(f, s) for f, s in rec.shapes if len(s) == 2 and s[0] * s[1] >= 13 * 397 and 13 in s]
+        assert not big, big
+        with _RecordSizes() as rec:
+            ref_loss(xa, wa, y, _params(case), _t0(case, dev)).backward()
+        assert any(s == (13, 397) for _, s in rec.shapes)
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_modules_and_functional_use_the_backend(backend, small_tiles):
+    dev = _device(backend)
+    x, w, y = (a.to(dev) for a in kit.head_inputs(7, 150, 16, dtype=torch.float32))
+    want = fkf.margin_cross_entropy(x, w, y, "combined", m1=0.9, m2=0.4, m3=0.15, backend="reference")
+    head = fk.CombinedMargin(16, 150, m1=0.9, m2=0.4, m3=0.15, backend=backend).to(dev)
+    with torch.no_grad():
+        head.weight.copy_(w)
+    kit.assert_close(head(x, y), want, rtol=1e-5, atol=1e-6, what="module loss")
+    auto = fkf.margin_cross_entropy(x, w, y, "combined", m1=0.9, m2=0.4, m3=0.15, backend="auto")
+    kit.assert_close(auto, want, rtol=1e-5, atol=1e-6, what="auto")
+    cf, cf_ref = fk.CurricularFace(16, 150, backend=backend).to(dev), fk.CurricularFace(16, 150, backend="reference")
+    cf_ref.load_state_dict(cf.state_dict())
+    kit.assert_close(cf(x, y), cf_ref.to(dev)(x, y), rtol=1e-5, atol=1e-6, what="CurricularFace module")
+    assert cf.t.item() == pytest.approx(cf_ref.t.item(), abs=1e-7) and cf.t.item() != 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs_same_errors_as_reference(backend):
+    dev = _device(backend)
+    x, w = torch.randn(4, 6, device=dev), torch.randn(5, 6, device=dev)
+    for labels, error, words in [([0, 1, 2, 9], ValueError, "labels must lie in"),
+                                 ([0.0, 1, 2, 3], TypeError, "labels"), ([0, 1, 2], ValueError, "labels")]:  # fmt: skip
+        for b in (backend, "reference"):
+            with pytest.raises(error, match=words):
+                fkf.margin_cross_entropy(x, w, torch.tensor(labels, device=dev), "arcface", backend=b)
+    with pytest.raises(ValueError, match="t must be a 0-dim float32"):
+        fkf.margin_cross_entropy(x, w, torch.tensor([0, 1, 2, 3], device=dev), "curricular",
+                                 t=torch.zeros(1, device=dev), backend=backend)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend, small_tiles):
+    # aot_eager on CPU: Dynamo + AOTAutograd trace forward and backward in one graph, no C++ codegen
+    dev = _device(backend)
+    head = fk.CurricularFace(16, 150, momentum=0.1, backend=backend).to(dev)
+    eager = fk.CurricularFace(16, 150, momentum=0.1, backend=backend).to(dev)
+    eager.load_state_dict(head.state_dict())
+    x, _, y = (a.to(dev) for a in kit.head_inputs(7, 150, 16, dtype=torch.float32))
+    compiled = torch.compile(head, fullgraph=True, backend="aot_eager" if dev == "cpu" else "inductor")
+    got = compiled(x, y)
+    got.backward()
+    want = eager(x, y)
+    want.backward()
+    kit.assert_close(got, want, rtol=1e-5, atol=1e-6, what="loss")
+    kit.assert_close(head.weight.grad, eager.weight.grad, rtol=1e-4, atol=1e-6, what="d weight")
+    assert torch.equal(head.t, eager.t)
+
+
+# ------------------------------------------------------------------------------------------ low precision
+
+
+def _low_precision_case(backend, dtype, case, shape, scale_g=1.0):
+    """(kernel, eager-in-dtype, float64) losses and gradients on the same rounded inputs."""
+    dev = _device(backend)
+    x, w, y = (a.to(dev) for a in kit.head_inputs(*shape, dtype=dtype, ignore_frac=0.2))
+    params = _params(case, reduction="none")
+    g = scale_g * torch.rand(x.shape[0], dtype=torch.float64, device=dev)
+    runs = [_loss_and_grads(b, xx, ww, y, params, _t0(case, dev), g=g)
+            for b, xx, ww in [(backend, x, w), ("reference", x, w), ("reference", x.double(), w.double())]]  # fmt: skip
+    return runs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["arcface", "cosface", "mv_am", "curricular"])
+def test_cpu_low_precision_error_ratio(dtype, case, small_tiles):
+    if not _extension.is_available():
+        pytest.skip("needs facekernels._C")
+    got, low, want = _low_precision_case("cpu", dtype, case, (21, 45, 24))
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype and got[2].dtype == dtype
+    for name, i in (("loss", 0), ("dx", 1), ("dw", 2)):
+        kit.assert_error_ratio(got[i], low[i], want[i], k=2, what=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["arcface", "combined_general", "mv_arc", "curricular"])
+def test_triton_low_precision_error_ratio(dtype, case):
+    got, low, want = _low_precision_case("triton", dtype, case, (257, 3001, 130))
+    for name, i in (("loss", 0), ("dx", 1), ("dw", 2)):
+        kit.assert_error_ratio(got[i], low[i], want[i], what=name)
+
+
+@pytest.mark.gpu
+def test_triton_float16_keeps_gradients_below_float16s_range():
+    # upstream gradients ~1e-5 and C = 20k: p * g ~ 5e-10 per negative, far below float16's smallest
+    # subnormal (6e-8). The weight gradient must still be right to bfloat16 accuracy, not flushed to zero
+    # (the eager float16 head flushes them: the error-ratio rule alone would not see it).
+    got, _, want = _low_precision_case("triton", torch.float16, "arcface", (64, 20_011, 128), scale_g=1e-5)
+    dw, dw_ref = got[2].double(), want[2]
+    assert (dw_ref.abs() < 6e-8).float().mean() > 0.5  # the case does exercise the flush
+    rel = (dw - dw_ref).norm() / dw_ref.norm()
+    assert rel < 2e-2, f"relative error of d weight {rel:.3e}"
+
+
+def _million_class_inputs(batch=1024, classes=1_000_003, features=128):
+    x = torch.randn(batch, features, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(classes, features, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    return x, w, torch.randint(0, classes, (batch,), device=DEVICE)
+
+
+@pytest.mark.gpu
+def test_triton_million_classes_memory():
+    # B = 1024, C = 1M: the extra peak memory of forward + backward stays below B * C bytes; the legitimate
+    # buffers are dW (C * d bf16 = 256 MB), a backward chunk's D (32 MB) and O(B d + C) statistics
+    x, w, y = _million_class_inputs()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = fkf._margin_cross_entropy(x, w, y, _params("curricular"), torch.zeros((), device=DEVICE), True, "triton")
+    loss.backward()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < x.shape[0] * w.shape[0]
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_triton_million_classes_error_ratio():
+    # B = 1024, C = 1M, d = 128, bfloat16; the float64 / bfloat16 eager runs go 64 rows at a time
+    x, w, y = _million_class_inputs()
+    params = _params("arcface", reduction="sum")
+
+    def run(backend, xx, ww):
+        xx, ww = xx.detach().clone().requires_grad_(), ww.detach().clone().requires_grad_()
+        total = 0.0
+        for r in range(0, xx.shape[0], 64 if backend == "reference" else xx.shape[0]):
+            loss = fkf._margin_cross_entropy(xx[r : r + 64 if backend == "reference" else None], ww,
+                                             y[r : r + 64 if backend == "reference" else None], params, None,
+                                             True, backend)  # fmt: skip
+            loss.backward()
+            total += loss.double().item()
+        return torch.tensor(total), xx.grad, ww.grad
+
+    kernel, eager, exact = run("triton", x, w), run("reference", x, w), run("reference", x.double(), w.double())
+    for name, i in (("loss", 0), ("dx", 1), ("dw", 2)):
+        kit.assert_error_ratio(kernel[i], eager[i], exact[i], what=name)
+    assert math.isfinite(exact[0].item())

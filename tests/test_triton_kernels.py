@@ -1,0 +1,113 @@
+"""What only the Triton kernels have (facekernels/kernels/triton): their ops' opcheck, the errors when triton or
+a GPU is missing, the skipped weight-gradient GEMM. Their results against the reference: tests/test_heads.py
+(under Triton's interpreter here, float32; bfloat16 / float16 and C = 1M are gpu-marked there); their sm_90
+code: tests/test_gpu_static.py."""
+
+import os
+import subprocess
+import sys
+
+import kit
+import oracle
+import pytest
+import torch
+
+import facekernels as fk
+from facekernels import functional as fkf
+
+triton = pytest.importorskip("triton")
+tk = pytest.importorskip("facekernels.kernels.triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _params(case, **options):
+    head, kw = oracle.HEAD_CASES[case]
+    return fk.head_params(head, **options, **kw)
+
+
+def _op_args(batch=7, classes=130, features=64, negatives=2):
+    x, w, y = (a.to(DEVICE) for a in kit.head_inputs(batch, classes, features, dtype=torch.float32))
+    target = torch.where(torch.rand(batch, device=DEVICE) < 0.3, -1, y)
+    rows = [torch.rand(batch, device=DEVICE) - 0.5 for _ in range(3)]  # phi, dphi, tau
+    return x, w, tk.inv_norms(x), tk.inv_norms(w), target, rows, torch.tensor(0.2, device=DEVICE), negatives
+
+
+@pytest.mark.parametrize("negatives", [0, 1, 2])
+def test_opcheck(negatives, monkeypatch):
+    # schemas and fake kernels of the ops (torch.compile traces them by their fakes)
+    monkeypatch.setattr(tk, "CHUNK_BYTES", 1)
+    x, w, inv_x, inv_w, target, (phi, dphi, tau), t, negatives = _op_args(negatives=negatives)
+    ops = torch.ops.facekernels
+    torch.library.opcheck(ops.triton_inv_norms.default, (w,))
+    lse_args = (x, w, inv_x, inv_w, target, phi, tau, t, 64.0, negatives, 0.2)
+    torch.library.opcheck(ops.triton_margin_lse.default, lse_args)
+    lse = ops.triton_margin_lse(*lse_args)
+    grad_args = (torch.randn(7, device=DEVICE), x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, 64.0,
+                 negatives, 0.2)  # fmt: skip
+    torch.library.opcheck(ops.triton_grad_logits.default, grad_args)
+
+
+def test_frozen_weight_runs_no_weight_gradient_gemm(monkeypatch):
+    # a weight without requires_grad: the backward computes d embeddings only (no D^T X product)
+    mm_shapes = []
+    real_mm = torch.mm
+
+    def spy(a, b, *args, **kwargs):
+        mm_shapes.append((tuple(a.shape), tuple(b.shape)))
+        return real_mm(a, b, *args, **kwargs)
+
+    x, w, y = (a.to(DEVICE) for a in kit.head_inputs(7, 130, 64, dtype=torch.float32))
+    x1, x2 = x.clone().requires_grad_(), x.double().requires_grad_()
+    monkeypatch.setattr(torch, "mm", spy)
+    fkf._margin_cross_entropy(x1, w, y, _params("cosface"), None, True, "triton").backward()
+    monkeypatch.undo()
+    fkf._margin_cross_entropy(x2, w.double(), y, _params("cosface"), None, True, "reference").backward()
+    assert w.grad is None
+    assert mm_shapes and all(a[0] == 7 for a, _ in mm_shapes), mm_shapes  # only (B, n) @ (n, d): d embeddings
+    kit.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-6, what="d embeddings")
+
+
+def test_float64_and_mixed_float64_are_the_references():
+    x, w, y = (a.to(DEVICE) for a in kit.head_inputs(3, 5, 4, dtype=torch.float32))
+    with pytest.raises(TypeError, match="float64 is the reference's"):
+        fkf._margin_cross_entropy(x.double(), w.double(), y, _params("arcface"), None, True, "triton")
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        fkf.margin_cross_entropy(x, w.double(), y, "arcface", backend="triton")
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setattr(tk, "_INTERPRETED", False)
+    x, w, y = kit.head_inputs(3, 5, 4, dtype=torch.float32)
+    with pytest.raises(fk.BackendUnavailableError, match="needs CUDA tensors"):
+        fkf._margin_cross_entropy(x, w, y, _params("arcface"), None, True, "triton")
+
+
+def test_missing_triton_raises_backend_unavailable():
+    code = (
+        "import sys, torch\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import facekernels as fk\n"
+        "try:\n"
+        "    fk.ArcFace(4, 3, backend='triton')(torch.randn(2, 4), torch.tensor([0, 2]))\n"
+        "except fk.BackendUnavailableError as e:\n"
+        "    assert 'install triton' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('expected BackendUnavailableError')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_chunks_stay_within_the_budget_and_cover_whole_tiles():
+    cases = [(1024, 1_000_000, torch.bfloat16), (256, 10_000_000, torch.float32), (7, 3, torch.float16)]
+    for batch, classes, dtype in cases:
+        chunk = tk.KERNELS.chunk_classes(batch, classes, dtype)
+        budget = batch * chunk * tk._gemm_dtype(dtype).itemsize <= tk.CHUNK_BYTES
+        assert chunk % 128 == 0 and (chunk == 128 or budget)
