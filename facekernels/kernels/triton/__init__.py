@@ -4,10 +4,11 @@
 * inverse norms: ``_inv_norm_kernel`` (float64 sums), once per step for x and W;
 * forward: ``_lse_partial_kernel`` over (row blocks x class splits), wgmma-sized tiles, online log-sum-exp;
   the splits' partials are combined in torch (``_rowmath.combine_lse``);
-* backward, per class chunk sized to stay in L2 (``chunk_classes``): ``_grad_logits_kernel`` recomputes the
-  chunk's cosines once and writes the scaled logits gradient D (B, chunk) and the per-class projection sums;
-  two cuBLAS GEMMs (``torch.mm``) give d x_hat / ||x|| = D @ W_chunk and the chunk's weight gradient
-  D^T @ X, finished by its rank-1 normalisation correction (kernels/triton/backward.py).
+* backward, per class chunk sized to stay in L2 (``chunk_classes``): cuBLAS recomputes the chunk's dot products
+  once (float32 result), ``_grad_logits_kernel`` turns them into the scaled logits gradient D (B, chunk) and
+  the per-class projection sums, and two more cuBLAS GEMMs (``torch.mm``) give d x_hat / ||x|| = D @ W_chunk
+  and the chunk's weight gradient D^T @ X, finished by its rank-1 normalisation correction
+  (kernels/triton/backward.py says why cuBLAS and not a tl.dot kernel recomputes).
 
 D is bfloat16 for bfloat16 and float16 inputs (float16's 5-bit exponent would flush p * g ~ 1e-9, the typical
 negative-class gradient at C = 1M, to zero; bfloat16 keeps float32's range, and float16 operands are cast to
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -46,8 +48,10 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tests set this to fill every buffer a kernel writes with NaN first, so an unwritten element shows.
 POISON_OUTPUTS = False
-# Bytes of the (B, chunk) logits-gradient buffer of one backward chunk: small enough to stay in the L2 cache
-# between the kernel that writes it and the two GEMMs that read it (H100: 50 MB). Tests make it small.
+# Bytes of the float32 (B, chunk) dot products of one backward chunk: with D (half their size for bfloat16) and
+# the chunk of W, about the L2 cache (H100: 50 MB) from the GEMM that writes them to the GEMMs that read D, and
+# large enough that the GPU work of a chunk (~70 us at B = 1024) outlasts the host's ~7 calls that enqueue it
+# (bench/gpu_model.py). Tests make it small.
 CHUNK_BYTES = 32 * 2**20
 # Streaming multiprocessors the grid is sized for when no CUDA device is queried (H100 SXM: 132).
 DEFAULT_SMS = 132
@@ -64,17 +68,16 @@ class TileConfig:
     num_stages: int  # cp.async / TMA pipeline depth of the K loop
 
 
-def tile_config(batch: int, dtype: torch.dtype, negatives: int, backward: bool) -> TileConfig:
-    """The tiles of the two tl.dot kernels, the widest that compile for sm_90 without register spills (checked by
+def tile_config(batch: int, dtype: torch.dtype) -> TileConfig:
+    """The forward tl.dot kernel's tiles, the widest that compile for sm_90 without register spills (checked by
     tests/test_gpu_static.py on every launch the heads make): wgmma needs >= 64 rows per warpgroup, so 128 rows
-    with 8 warps (64 with 4 for B <= 64; the same 64 accumulators per thread); 128 classes, or 64 where the
-    epilogue holds more live values (float32's three TF32 products; the backward's MV / CurricularFace
-    reweighting, which spills at 128); 3 stages of (rows + classes) x K operands, K = 64 (32 for float32):
-    at most 96 KB of shared memory of the 227 KB an H100 block may use."""
+    with 8 warps (64 with 4 for B <= 64; the same 64 accumulators per thread); 128 classes (64 for float32,
+    whose three TF32 products hold more live values); 3 stages of (rows + classes) x K operands, K = 64
+    (32 for float32): 96 KB of shared memory or less, of the 227 KB an H100 block may use."""
     rows = 128 if batch > 64 else 64
-    wide = dtype != torch.float32 and not (backward and negatives != 0)
-    k = 32 if dtype == torch.float32 else 64
-    return TileConfig(rows, 128 if wide else 64, k, 8 if rows == 128 else 4, 3)
+    if dtype == torch.float32:
+        return TileConfig(rows, 64, 32, 8 if rows == 128 else 4, 3)
+    return TileConfig(rows, 128, 64, 8 if rows == 128 else 4, 3)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -121,41 +124,58 @@ def inv_norms(rows: torch.Tensor) -> torch.Tensor:
 
 
 def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int, mv_t: float) -> torch.Tensor:
-    """(B,) float32 log-sum-exp over w's classes; -inf for every row when w has no class."""
+    """(B,) float32 log-sum-exp over w's classes; -inf for every row when w has no class. The classes up to a
+    multiple of 2 x BLOCK_C go to the paired kernel, the ragged tail to an unpaired launch (forward.py)."""
     x, w = _aligned_rows(x), _aligned_rows(w)
     (batch, features), classes = x.shape, w.shape[0]
-    cfg = tile_config(batch, x.dtype, negatives, backward=False)
+    cfg = tile_config(batch, x.dtype)
     row_blocks = triton.cdiv(batch, cfg.block_b)
-    class_tiles = triton.cdiv(classes, cfg.block_c)
-    # class splits: (row blocks x splits) fills the SMs about 4 times over; every split a whole number of tiles
-    splits = max(1, min(class_tiles, triton.cdiv(4 * _sm_count(x.device), max(row_blocks, 1))))
-    if _INTERPRETED:
-        splits = min(class_tiles, 2)  # a couple of splits, to exercise the combine
-    per_split = triton.cdiv(class_tiles, max(splits, 1)) * cfg.block_c
-    splits = triton.cdiv(classes, per_split) if classes else 0
-    part_max = _empty((batch, splits), torch.float32, x.device)
-    part_sum = _empty((batch, splits), torch.float32, x.device)
-    if batch and splits:
-        _launch(_lse_partial_kernel, (row_blocks, splits), x, w, inv_x, inv_w, target, phi, tau, t, part_max,
-                part_sum, batch, classes, features, x.stride(0), w.stride(0), per_split, splits, s, mv_t,
-                NEGATIVES=negatives, BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, BLOCK_K=cfg.block_k,
-                DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
-    return combine_lse(part_max + torch.log(part_sum), dim=1)
+    paired_end = classes // (2 * cfg.block_c) * 2 * cfg.block_c
+    partials = [torch.full((batch, 1), -math.inf, device=x.device)]
+    for c0, c1, paired in ((0, paired_end, True), (paired_end, classes, False)):
+        if c1 == c0 or batch == 0:
+            continue
+        step = (2 if paired else 1) * cfg.block_c
+        steps = triton.cdiv(c1 - c0, step)
+        # class splits: (row blocks x splits) fills the SMs about 4 times over; every split whole steps
+        splits = max(1, min(steps, triton.cdiv(4 * _sm_count(x.device), row_blocks)))
+        if _INTERPRETED:
+            splits = min(steps, 2)  # a couple of splits, to exercise the combine
+        per_split = triton.cdiv(steps, splits) * step
+        splits = triton.cdiv(c1 - c0, per_split)
+        part_max = _empty((batch, splits), torch.float32, x.device)
+        part_sum = _empty((batch, splits), torch.float32, x.device)
+        _launch(_lse_partial_kernel, (row_blocks, splits), x, w[c0:c1], inv_x, inv_w[c0:c1], target - c0, phi, tau,
+                t, part_max, part_sum, batch, c1 - c0, features, x.stride(0), w.stride(0), per_split, splits, s,
+                mv_t, NEGATIVES=negatives, BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, BLOCK_K=cfg.block_k,
+                PAIRED=paired, DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)  # fmt: skip
+        partials.append(part_max + torch.log(part_sum))
+    return combine_lse(torch.cat(partials, dim=1), dim=1)
+
+
+# The backward epilogue's tile: elementwise (no tl.dot), 64 x 128 float32 values over 4 warps, 16-byte accesses.
+GRAD_BLOCK_B, GRAD_BLOCK_C, GRAD_WARPS = 64, 128, 4
 
 
 def grad_logits(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, s: float, negatives: int, mv_t: float):
-    """(D (B, n) in the GEMM dtype, P (n,) float32) of one class chunk w (n, d): kernels/triton/backward.py."""
-    x, w = _aligned_rows(x), _aligned_rows(w)
-    (batch, features), classes = x.shape, w.shape[0]
-    cfg = tile_config(batch, x.dtype, negatives, backward=True)
-    row_blocks = triton.cdiv(batch, cfg.block_b)
-    d = _empty((batch, classes), _gemm_dtype(x.dtype), x.device)
-    proj = _empty((row_blocks, classes), torch.float32, x.device)
+    """(D (B, n) in the GEMM dtype, k = -inv_w^2 P (n,) float32) of one class chunk w (n, d):
+    kernels/triton/backward.py."""
+    batch, classes = x.shape[0], w.shape[0]
+    row_blocks = triton.cdiv(batch, GRAD_BLOCK_B)
+    # rows padded to a multiple of the tile's classes, so that every chunk (the ragged last one of an odd C
+    # included) has 16-byte aligned rows and unmasked column stores
+    padded = triton.cdiv(max(classes, 1), GRAD_BLOCK_C) * GRAD_BLOCK_C
+    dots = _empty((batch, padded), torch.float32, x.device)[:, :classes]
     if batch and classes:
-        _launch(_grad_logits_kernel, (row_blocks, triton.cdiv(classes, cfg.block_c)), x, w, inv_x, inv_w, target,
-                phi, dphi, tau, t, lse, g, d, proj, batch, classes, features, x.stride(0), w.stride(0), d.stride(0),
-                s, mv_t, NEGATIVES=negatives, BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, BLOCK_K=cfg.block_k,
-                DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+        _mm_float32(x, w.t(), out=dots)  # the one recompute of the chunk's cosines (before normalisation)
+    d = _empty((batch, padded), _gemm_dtype(x.dtype), x.device)[:, :classes]
+    proj = _empty((row_blocks, padded), torch.float32, x.device)[:, :classes]
+    if batch and classes:
+        _launch(_grad_logits_kernel, (row_blocks, triton.cdiv(classes, GRAD_BLOCK_C)), dots, inv_x, inv_w, target,
+                phi, dphi, tau, t, lse, g, d, proj, batch, classes, dots.stride(0), d.stride(0), proj.stride(0),
+                s, mv_t, NEGATIVES=negatives, BLOCK_B=GRAD_BLOCK_B, BLOCK_C=GRAD_BLOCK_C,
+                num_warps=GRAD_WARPS)  # fmt: skip
     return d, proj.sum(dim=0)
 
 
@@ -169,12 +189,17 @@ def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 
-def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if a.dtype == torch.float32:
-        return torch.mm(a, b)
-    if a.is_cuda and _MM_OUT_DTYPE:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a, b).float()
+def _mm_float32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b with a float32 result: cuBLAS accumulates in float32 and, for bfloat16 / float16 operands, writes
+    float32 instead of rounding to the operands' dtype (a bfloat16 cosine is off by up to 2^-9, s = 64 times
+    that in a logit). CUDA has torch.mm(..., out_dtype=); elsewhere (the interpreter tests) the operands are
+    upcast first."""
+    if a.dtype != torch.float32:
+        if a.is_cuda and _MM_OUT_DTYPE:
+            return torch.mm(a, b, out_dtype=torch.float32, out=out) if out is not None else torch.mm(
+                a, b, out_dtype=torch.float32)
+        a, b = a.float(), b.float()
+    return torch.mm(a, b, out=out) if out is not None else torch.mm(a, b)
 
 
 # ------------------------------------------------------------------------------------------ ops
@@ -212,8 +237,9 @@ def _grad_logits_op(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, inv_x: to
 
 @_grad_logits_op.register_fake
 def _(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, s, negatives, mv_t):
-    return x.new_empty((x.shape[0], w.shape[0]), dtype=_gemm_dtype(x.dtype)), w.new_empty(w.shape[0],
-                                                                                          dtype=torch.float32)
+    (batch, classes), padded = (x.shape[0], w.shape[0]), -(-max(w.shape[0], 1) // GRAD_BLOCK_C) * GRAD_BLOCK_C
+    d = x.new_empty_strided((batch, classes), (padded, 1), dtype=_gemm_dtype(x.dtype))
+    return d, w.new_empty(classes, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------ interface
@@ -242,10 +268,9 @@ class TritonKernels:
         return dtype
 
     def chunk_classes(self, batch: int, classes: int, dtype: torch.dtype) -> int:
-        """Classes per backward chunk: D (B, chunk) within CHUNK_BYTES, a whole number of class tiles."""
-        block_c = 128  # a multiple of every tile_config's classes
-        per_chunk = CHUNK_BYTES // (max(batch, 1) * _gemm_dtype(dtype).itemsize)
-        return max(block_c, per_chunk // block_c * block_c)
+        """Classes per backward chunk: the float32 dots (B, chunk) within CHUNK_BYTES, whole 128-class tiles."""
+        per_chunk = CHUNK_BYTES // (max(batch, 1) * 4)
+        return max(128, per_chunk // 128 * 128)
 
     def inv_norms(self, rows: torch.Tensor) -> torch.Tensor:
         return _inv_norms_op(rows)
@@ -255,17 +280,17 @@ class TritonKernels:
 
     def backward_chunk(self, g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, params: HeadParams,
                        need_dx: bool, need_dw: bool, dw_out: torch.Tensor | None):  # fmt: skip
-        d, proj = _grad_logits_op(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, params.s,
+        d, correction = _grad_logits_op(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, params.s,
                                   int(params.negatives), params.mv_t)  # fmt: skip
         x_g, w_g = x.to(d.dtype), w.to(d.dtype)  # no copy unless float16 inputs (module docstring)
         a = _mm_float32(d, w_g) if need_dx else None
         dw = None
         if need_dw:
-            # D^T X, then the rank-1 normalisation correction - inv_w^2 P w (kernels/triton/backward.py), written
-            # straight into the chunk's rows of the weight gradient when the dtypes allow
+            # D^T X, then the rank-1 normalisation correction k w (kernels/triton/backward.py), written straight
+            # into the chunk's rows of the weight gradient when the dtypes allow
             into = dw_out is not None and dw_out.dtype == d.dtype
             dw = torch.mm(d.t(), x_g, out=dw_out) if into else torch.mm(d.t(), x_g)
-            dw.addcmul_(w_g, (-(inv_w * inv_w) * proj).unsqueeze(1))
+            dw.addcmul_(w_g, correction.unsqueeze(1))
             if dw_out is not None and not into:
                 dw = dw_out.copy_(dw)
             dw = dw.to(w.dtype)

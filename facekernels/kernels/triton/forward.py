@@ -69,15 +69,31 @@ def logit_tile(raw, cols, target, phi, dphi, tau, t, mv_t, s, NEGATIVES: tl.cons
 
 
 @triton.jit
+def _online_lse(raw, cols, col_mask, target, phi, tau, t, mv_t, s, run_max, run_sum, NEGATIVES: tl.constexpr):
+    """Fold one tile of raw cosines into the rows' running (max, sum exp(z - max))."""
+    z, _, _ = logit_tile(raw, cols, target, phi, phi, tau, t, mv_t, s, NEGATIVES)
+    z = tl.where(col_mask[None, :], z, float("-inf"))
+    tile_max = tl.max(z, axis=1)
+    # tl.maximum drops NaN: a NaN logit must make the row's max (and so its lse) NaN
+    new_max = tl.where(tile_max != tile_max, tile_max, tl.maximum(run_max, tile_max))
+    run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+    return new_max, run_sum
+
+
+@triton.jit
 def _lse_partial_kernel(X, W, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, tau_ptr, t_ptr,
                         part_max_ptr, part_sum_ptr,
                         B, C, D, stride_x, stride_w, classes_per_split, n_splits, s, mv_t,
                         NEGATIVES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                        BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                        BLOCK_K: tl.constexpr, PAIRED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Program (row block, class split): online (max, sum exp(z - max)) of its rows over its classes.
 
-    Axis 0 (row blocks) varies fastest in launch order, so the programs that read the same W tiles run
-    together and share them through L2 (W is read from HBM about once, not once per row block).
+    PAIRED: each step of the class loop takes two BLOCK_C tiles in one pass over d, the x tile of a K step
+    feeding both tl.dot, so x crosses L2 once per 2 x BLOCK_C classes (L2 traffic bounds this kernel,
+    bench/gpu_model.py) while each accumulator and its epilogue stay at BLOCK_C columns (a 2 x BLOCK_C
+    epilogue would not fit the registers). The host launches it on a multiple of 2 x BLOCK_C classes and the
+    ragged tail unpaired (paired, a C not divisible by 16 spills registers). Axis 0 (row blocks) varies fastest
+    in launch order, so the programs that read the same W tiles run together and share them through L2.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     split = tl.program_id(1).to(tl.int64)
@@ -93,19 +109,33 @@ def _lse_partial_kernel(X, W, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, tau_ptr
     run_sum = tl.zeros((BLOCK_B,), tl.float32)
     c_begin = (split * classes_per_split).to(tl.int32)
     c_end = tl.minimum(c_begin + classes_per_split, C)
-    for c0 in range(c_begin, c_end, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        col_mask = cols < c_end
-        inv_w = tl.load(inv_w_ptr + cols, mask=col_mask, other=0.0)
-        raw = raw_cosine_tile(X, W, rows, cols.to(tl.int64), row_mask, col_mask, inv_x, inv_w, D, stride_x,
-                              stride_w, BLOCK_B, BLOCK_C, BLOCK_K, DOT_PRECISION)
-        z, _, _ = logit_tile(raw, cols, target, phi, phi, tau, t, mv_t, s, NEGATIVES)
-        z = tl.where(col_mask[None, :], z, float("-inf"))
-        tile_max = tl.max(z, axis=1)
-        # tl.maximum drops NaN: a NaN logit must make the row's max (and so its lse) NaN
-        new_max = tl.where(tile_max != tile_max, tile_max, tl.maximum(run_max, tile_max))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
-        run_max = new_max
+    for c0 in range(c_begin, c_end, (2 if PAIRED else 1) * BLOCK_C):
+        cols_a = c0 + tl.arange(0, BLOCK_C)
+        mask_a = cols_a < c_end
+        acc_a = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
+        if PAIRED:
+            cols_b = cols_a + BLOCK_C
+            mask_b = cols_b < c_end
+            acc_b = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = k < D
+            x = tl.load(X + rows[:, None] * stride_x + k[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            w_a = tl.load(W + cols_a.to(tl.int64)[:, None] * stride_w + k[None, :],
+                          mask=mask_a[:, None] & k_mask[None, :], other=0.0)
+            acc_a = tl.dot(x, tl.trans(w_a), acc_a, input_precision=DOT_PRECISION)
+            if PAIRED:
+                w_b = tl.load(W + cols_b.to(tl.int64)[:, None] * stride_w + k[None, :],
+                              mask=mask_b[:, None] & k_mask[None, :], other=0.0)
+                acc_b = tl.dot(x, tl.trans(w_b), acc_b, input_precision=DOT_PRECISION)
+        inv_w_a = tl.load(inv_w_ptr + cols_a, mask=mask_a, other=0.0)
+        run_max, run_sum = _online_lse(acc_a * inv_x[:, None] * inv_w_a[None, :], cols_a, mask_a, target, phi, tau,
+                                       t, mv_t, s, run_max, run_sum, NEGATIVES)
+        if PAIRED:
+            inv_w_b = tl.load(inv_w_ptr + cols_b, mask=mask_b, other=0.0)
+            run_max, run_sum = _online_lse(acc_b * inv_x[:, None] * inv_w_b[None, :], cols_b, mask_b, target, phi,
+                                           tau, t, mv_t, s, run_max, run_sum, NEGATIVES)
     out = rows * n_splits + split
     tl.store(part_max_ptr + out, run_max, mask=row_mask)
     tl.store(part_sum_ptr + out, run_sum, mask=row_mask)
