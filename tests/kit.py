@@ -1,0 +1,105 @@
+"""The shared test kit: one input generator per loss family, the error-ratio rule and a verbose assert_close.
+
+Tests import it as ``import kit`` (pytest puts tests/ on sys.path, as for ``oracle``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def head_inputs(batch, classes, features, *, dtype=torch.float64, near_frac=0.5, ignore_frac=0.0,
+                ignore_index=-100, generator=None):  # fmt: skip
+    """Embeddings x (B, d), class weights w (C, d) and labels y (B,) for a margin-softmax head.
+
+    A fraction ``near_frac`` of the rows is placed near 3x its class weight, so that target cosines spread
+    over (-1, 1): margins, the theta + m > pi fallback and hard negatives (MV, CurricularFace) all occur
+    on small shapes, where purely random rows would all sit near cosine 0. A fraction ``ignore_frac`` of
+    the labels is ``ignore_index``. Drawn in float64 then rounded, so that a float64 oracle can read the
+    very same rounded values.
+    """
+    g = generator
+    x = torch.randn(batch, features, generator=g, dtype=torch.float64)
+    w = torch.randn(classes, features, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (batch,), generator=g)
+    near = torch.rand(batch, generator=g) < near_frac
+    noise = 0.6 * torch.randn(int(near.sum()), features, generator=g, dtype=torch.float64)
+    x[near] = 3 * w[y][near] + noise
+    if ignore_frac:
+        y[torch.rand(batch, generator=g) < ignore_frac] = ignore_index
+    return x.to(dtype), w.to(dtype), y
+
+
+def triplet_inputs(batch, classes, features=5, *, dtype=torch.float64, spread=None, generator=None):
+    """Embeddings e (B, d) and labels y (B,) in [0, classes) for the triplet loss.
+
+    With ``spread=None`` the rows are independent standard normals (every pair at a similar distance, so the
+    semi-hard rule takes both its branches). With a number, each row is its class centre plus noise of
+    that scale: clustered classes, where positives are near and most negatives far.
+    """
+    g = generator
+    y = torch.randint(0, classes, (batch,), generator=g)
+    e = torch.randn(batch, features, generator=g, dtype=torch.float64)
+    if spread is not None:
+        centres = torch.randn(classes, features, generator=g, dtype=torch.float64)
+        e = centres[y] + spread * e
+    return e.to(dtype), y
+
+
+# ------------------------------------------------------------------------------------------- comparisons
+
+
+def max_error(got, want) -> float:
+    """Largest absolute difference (NaN if either side has a NaN where the other has not), 0 when empty."""
+    if got.numel() == 0:
+        return 0.0
+    return (got.detach().double().cpu() - want.detach().double().cpu()).abs().max().item()
+
+
+def assert_error_ratio(got, low, want, *, k=4.0, floor=1e-6, what="value"):
+    """The error-ratio rule (flash-attention, Cut Cross-Entropy) for a low-precision kernel.
+
+    ``want`` is the float64 oracle on the same rounded inputs, ``low`` the same eager math computed in the
+    kernel's dtype. The kernel's error must be at most ``k`` times the eager one, plus ``floor`` times the
+    largest magnitude of ``want`` (at least 1): the eager error can be 0 by luck on a small case, and a few
+    ulps of the largest value are noise, not a defect.
+    """
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, oracle {tuple(want.shape)}"
+    err, err_low = max_error(got, want), max_error(low, want)
+    scale = want.detach().abs().max().item() if want.numel() else 0.0
+    bound = k * err_low + floor * max(scale, 1.0)
+    assert math.isfinite(err) and err <= bound, (
+        f"{what}: kernel error {err:.3e} > {k} x eager error {err_low:.3e} + {floor:g} x {max(scale, 1.0):.3g}"
+    )
+
+
+def assert_close(got, want, *, rtol, atol, what="value", equal_nan=False, show=5):
+    """Elementwise |got - want| <= atol + rtol |want| (as torch.testing.assert_close) with a report that says
+    how many elements differ, the largest error and where, and the first ``show`` offenders."""
+    g, w = got.detach().double().cpu(), want.detach().double().cpu()
+    assert g.shape == w.shape, f"{what}: shape {tuple(g.shape)}, expected {tuple(w.shape)}"
+    diff = (g - w).abs()
+    # equal values pass even when they are infinite (inf - inf is NaN); a NaN differs unless equal_nan
+    bad = ~((diff <= atol + rtol * w.abs()) | (g == w))
+    if equal_nan:
+        bad &= ~(g.isnan() & w.isnan())
+    count = int(bad.sum())
+    if count == 0:
+        return
+    where = bad.nonzero()
+    worst = torch.where(bad, diff.nan_to_num(math.inf), -1.0).flatten().argmax()
+    worst_at = tuple(torch.unravel_index(worst, g.shape)) if g.dim() else ()
+    lines = [
+        f"{what}: {count} of {g.numel()} elements differ (rtol={rtol:g}, atol={atol:g}); "
+        f"largest error {diff[worst_at].item():.3e} at {tuple(int(i) for i in worst_at)}"
+    ]
+    for idx in where[:show].tolist():
+        i = tuple(idx)
+        lines.append(f"  at {i}: got {g[i].item():.10g}, expected {w[i].item():.10g}")
+    if count > show:
+        lines.append(f"  ... and {count - show} more")
+    raise AssertionError("\n".join(lines))
