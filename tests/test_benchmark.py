@@ -4,11 +4,11 @@ end on tiny shapes. No timing assertions: only that what is measured is recorded
 
 import csv
 import json
-import math
 import os
 import signal
 from dataclasses import dataclass
 
+import kit
 import pytest
 import torch
 
@@ -280,10 +280,10 @@ def test_memory_estimates_grow_with_the_swept_size():
 
 
 def test_quantiles_match_torch_and_timer_orders_them():
-    samples = torch.rand(37, dtype=torch.float64).tolist()
-    expected = torch.quantile(torch.tensor(samples, dtype=torch.float64), torch.tensor([0.5, 0.2, 0.8],
-                              dtype=torch.float64)).tolist()  # fmt: skip
-    assert all(math.isclose(a, b) for a, b in zip(measure.quantiles(samples), expected))
+    samples = torch.rand(37, dtype=torch.float64)
+    expected = torch.quantile(samples, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    got = torch.tensor(measure.quantiles(samples.tolist()), dtype=torch.float64)
+    kit.assert_close(got, expected, rtol=1e-12, atol=0, what="p50, p20, p80")
     calls = []
     p50, p20, p80 = measure.time_cpu(lambda: calls.append(1), repeats=7, budget_s=0.0)
     assert 0 < p20 <= p50 <= p80 and len(calls) >= 1 + 5  # one calibration call, at least 5 samples

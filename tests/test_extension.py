@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import kit
 import pytest
 import torch
 
@@ -61,9 +62,10 @@ def test_target_cosine_matches_reference(device, dtype, class_start):
     if device == "cuda" and not _extension.cuda_built():
         pytest.fail("a CUDA device is present but facekernels._C was built without CUDA")
     batch, classes, features = 37, 13, 130
-    x = torch.randn(batch, features).to(device, dtype)
-    w = torch.randn(classes, features).to(device, dtype)
-    labels = torch.randint(-2, classes + class_start + 3, (batch,), device=device)
+    x, w, y = kit.head_inputs(batch, classes, features, dtype=dtype)  # half the rows near their class
+    x, w = x.to(device), w.to(device)
+    labels = (y + class_start).to(device)
+    labels[::3] = torch.randint(-2, classes + class_start + 3, (len(labels[::3]),))  # some on no shard
     labels[3] = -100
     labels[4] = class_start  # an owned row and an equal-to-its-weight row (c = 1)
     x[4] = w[0] * 2
@@ -72,7 +74,7 @@ def test_target_cosine_matches_reference(device, dtype, class_start):
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-6, torch.float16: 1e-6}[dtype]
     # the oracle reads the same rounded inputs, so only accumulation error remains
-    torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=0, atol=tol)
+    kit.assert_close(got, want, rtol=0, atol=tol, what="target cosine")
     assert torch.all(got.cpu()[(labels.cpu() - class_start < 0) | (labels.cpu() - class_start >= classes)] == 0)
 
 

@@ -3,6 +3,7 @@ determinism, torch.compile and autocast, for every backend that runs on this mac
 
 import math
 
+import kit
 import oracle
 import pytest
 import torch
@@ -162,23 +163,12 @@ def head_problems(draw):
     return batch, classes, features, case, options, seed, ignore
 
 
-def _head_inputs(batch, classes, features, seed, ignore):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, features, generator=g, dtype=torch.float64)
-    w = torch.randn(classes, features, generator=g, dtype=torch.float64)
-    y = torch.randint(0, classes, (batch,), generator=g)
-    y[torch.rand(batch, generator=g) < ignore] = -100
-    near = torch.rand(batch, generator=g) < 0.5  # targets near their class: margins and hard negatives
-    x[near] = 2 * w[y.clamp_min(0)][near] + 0.5 * torch.randn(int(near.sum()), features, generator=g,
-                                                                dtype=torch.float64)  # fmt: skip
-    return x, w, y
-
-
 @pytest.mark.parametrize("backend", HEAD_BACKENDS)
 @given(problem=head_problems())
 def test_heads_property_against_oracle(backend, problem):
     batch, classes, features, case, options, seed, ignore = problem
-    x, w, y = _head_inputs(batch, classes, features, seed, ignore)
+    g = torch.Generator().manual_seed(seed)
+    x, w, y = kit.head_inputs(batch, classes, features, ignore_frac=ignore, generator=g)
     dtype = HEAD_PRECISE_DTYPE[backend]
     # acos' slope is infinite at +-1: there a rounding of c by one ulp (eps) moves phi = cos(theta + m) by
     # ~sqrt(2 eps) * s, a conditioning effect, not an error of the backend (d = 1 puts every c at +-1)
@@ -192,15 +182,15 @@ def test_heads_property_against_oracle(backend, problem):
     got = _loss(backend, xg, wg, y, case, t=t, **options)
     want, t_want = oracle.head_loss(xo, wo, y, case, t=t0, **options)
     tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
-    torch.testing.assert_close(got.double(), want, **tol)
+    kit.assert_close(got, want, **tol, what="loss")
     if t is not None:
         assert t.item() == pytest.approx(t_want, abs=1e-6)
     if want.requires_grad:
         g = torch.randn(want.shape, dtype=torch.float64)
         (got.double() * g).sum().backward()
         (want * g).sum().backward()
-        torch.testing.assert_close(xg.grad.double(), xo.grad, **tol)
-        torch.testing.assert_close(wg.grad.double(), wo.grad, **tol)
+        kit.assert_close(xg.grad, xo.grad, **tol, what="d embeddings")
+        kit.assert_close(wg.grad, wo.grad, **tol, what="d weight")
 
 
 @st.composite
@@ -224,8 +214,7 @@ def triplet_problems(draw):
 def test_triplet_property_against_brute_force(backend, problem):
     batch, classes, features, opts, seed = problem
     g = torch.Generator().manual_seed(seed)
-    e = torch.randn(batch, features, generator=g, dtype=torch.float64)
-    y = torch.randint(0, classes, (batch,), generator=g)
+    e, y = kit.triplet_inputs(batch, classes, features, generator=g)
     dtype = TRIPLET_PRECISE_DTYPE[backend]
     eg, eo = e.to(dtype).clone().requires_grad_(), e.clone().requires_grad_()
     got = fkf.triplet_margin_loss(eg, y, backend=backend, **opts)
@@ -234,12 +223,12 @@ def test_triplet_property_against_brute_force(backend, problem):
         (got, got_idx), (want, want_idx) = got, want
         assert torch.equal(got_idx, want_idx)
     tol = dict(rtol=1e-8, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(got.double(), want, **tol)
+    kit.assert_close(got, want, **tol, what="loss")
     if want.requires_grad and want.numel():
         w = torch.randn(want.shape, dtype=torch.float64, generator=g)
         (got.double() * w).sum().backward()
         (want * w).sum().backward()
-        torch.testing.assert_close(eg.grad.double(), eo.grad, **tol)
+        kit.assert_close(eg.grad, eo.grad, **tol, what="d embeddings")
 
 
 # ---------------------------------------------------------------------------- long run, determinism
@@ -368,7 +357,7 @@ def test_curricular_gradient_accumulation_uses_each_steps_t(backend):
     y = torch.randint(0, 9, (5,))
     (head(x1, y) + head(x2, y)).backward()
     (ref(x1.double(), y) + ref(x2.double(), y)).backward()
-    torch.testing.assert_close(head.weight.grad.double(), ref.weight.grad, rtol=1e-4, atol=1e-5)
+    kit.assert_close(head.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5, what="d weight")
     torch.testing.assert_close(head.t, ref.t)
 
 

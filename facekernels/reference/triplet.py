@@ -28,8 +28,12 @@ def pairwise_distances(embeddings: torch.Tensor, distance: str, normalize: bool)
         e_hat = e if normalize else normalize_rows(e)
         dist = F.relu(1 - e_hat @ e_hat.t())
         return torch.where(eye, 0, dist)
-    sq_norm = (e * e).sum(dim=1)
-    sq_dist = F.relu(sq_norm.unsqueeze(1) + sq_norm.unsqueeze(0) - 2 * (e @ e.t()))
+    gram = e @ e.t()
+    # the norms from the Gram diagonal, not a separate (e * e).sum: the same products summed the same way,
+    # so two equal rows are at distance exactly 0 (a separate sum can differ by an ulp, which sqrt turns
+    # into ~1e-8 and which can flip a semi-hard choice)
+    sq_norm = gram.diagonal()
+    sq_dist = F.relu(sq_norm.unsqueeze(1) + sq_norm.unsqueeze(0) - 2 * gram)
     sq_dist = torch.where(eye, 0, sq_dist)
     if distance == "squared_euclidean":
         return sq_dist
