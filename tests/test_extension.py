@@ -78,6 +78,27 @@ def test_target_cosine_matches_reference(device, dtype, class_start):
     assert torch.all(got.cpu()[(labels.cpu() - class_start < 0) | (labels.cpu() - class_start >= classes)] == 0)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_target_cosine_keeps_nan(device, dtype):
+    # a NaN / Inf row (or class weight) must give a NaN cosine, as the reference does: clamping it into
+    # [-1, 1] turned NaN into -1, which the sharded CurricularFace t then took in as a valid cosine
+    if device == "cuda" and not _extension.cuda_built():
+        pytest.fail("a CUDA device is present but facekernels._C was built without CUDA")
+    x, w, y = kit.head_inputs(11, 5, 33, dtype=dtype)
+    x[2, 7] = float("nan")
+    x[4, 0] = float("inf")
+    w[y[6]] = float("nan")  # a NaN class: every row of that class
+    x, w, y = x.to(device), w.to(device), y.to(device)
+    got = _extension.target_cosine(x, w, y, 0)
+    want = _target_cosine_oracle(x, w, y, 0)
+    bad = torch.zeros(11, dtype=torch.bool)
+    bad[[2, 4]] = True
+    bad |= (y == y[6]).cpu()
+    assert torch.isnan(want.cpu()[bad]).all() and torch.isfinite(want.cpu()[~bad]).all()
+    kit.assert_close(got, want, rtol=0, atol=1e-6, equal_nan=True, what="target cosine")
+
+
 def test_target_cosine_op_rejects_bad_arguments():
     x, w = torch.randn(4, 6), torch.randn(3, 6)
     with pytest.raises(TypeError, match="one dtype"):
