@@ -198,6 +198,43 @@ def test_integer_batches_with_many_ties_match_reference_exactly(device, dtype, m
         _check_low_precision(e, y, device, _options(mining, distance, False, False, reduction, margin=1.0), "auto")
 
 
+def _batch_all_mean_float64(e, y, margin, distance):
+    """mining="all", reduction="mean" in float64 by another algorithm than the kernels': per anchor the
+    negatives' distances sorted, so that sum_n max(d_ap + margin - d_an, 0) = k (d_ap + margin) - (sum of the
+    k smallest d_an), k = #{n: d_an < d_ap + margin}. Distances from explicit differences."""
+    e = e.double()
+    d = ((e.unsqueeze(1) - e.unsqueeze(0)) ** 2).sum(-1)
+    if distance == "euclidean":
+        d = d.sqrt()
+    rows = torch.arange(len(y))
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for a in range(len(y)):
+        neg = d[a, y != y[a]].sort().values
+        pos = d[a, (y == y[a]) & (rows != a)]
+        prefix = torch.cat([neg.new_zeros(1), neg.cumsum(0)])
+        k = torch.searchsorted(neg, pos + margin)
+        total += (k * (pos + margin) - prefix[k]).sum()
+        count += len(pos) * len(neg)
+    return total / max(count, 1)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("distance", ["squared_euclidean", "euclidean"])
+def test_batch_all_float32_sums_many_terms_accurately(device, distance):
+    # two tight clusters: each anchor has ~B/2 positives and ~B/2 negatives, a quarter million terms of about
+    # the margin, whose float32 running sum (ulp 2^-6 at 2.6e5) was 3e-4 off; the kernels sum in float64
+    if device == "cuda":
+        _require_cuda_build()
+    batch = 1025
+    e, y = kit.triplet_inputs(batch, 2, 16, dtype=torch.float32, spread=0.01)
+    e = 0.02 * e  # small norms: the Gram cancellation in float32 stays ~1e-9, far below the accumulation error
+    got = fkf.triplet_margin_loss(e.to(device), y.to(device), margin=1.0, mining="all", distance=distance,
+                                  normalize=False, backend="auto")  # fmt: skip
+    want = _batch_all_mean_float64(e, y, 1.0, distance)
+    assert 0.8 < want.item() < 1.0  # most terms active, each about the margin
+    kit.assert_close(got, want, rtol=2e-6, atol=0, what="batch-all mean")
+
+
 # ------------------------------------------------------------------------------------- memory contract
 
 

@@ -73,16 +73,15 @@ class TripletFunction(torch.autograd.Function):
             ctx.mark_non_differentiable(triplets)
             return terms, triplets
         stats, coef = ops.triplet_reduce(rows, labels, params.mining, params.distance, params.margin, params.soft)
-        total = stats[:, 0].sum()
-        # per-anchor counts are integers (exact in float32 below 2^24 terms per anchor); their total is
-        # summed in float64 (float32 would round past 2^24 terms in the batch); no gradient flows there
-        count, nonzero = stats[:, 1:].double().sum(0).unbind()
+        # the per-anchor sums (summed in float64 by the kernel, rounded once) and counts (integers, exact in
+        # float32 below 2^24 terms per anchor) are added up in float64 too: the batch can hold billions of
+        # terms; no gradient flows here
+        total, count, nonzero = stats.double().sum(0).unbind()
         denominator = (nonzero if params.reduction == "mean_nonzero" else count).clamp_min(1)
         if params.reduction == "sum":
             denominator = torch.ones_like(denominator)
-        denominator = denominator.to(total.dtype)
-        ctx.save_for_backward(rows, coef, denominator)
-        return total / denominator
+        ctx.save_for_backward(rows, coef, denominator.to(stats.dtype))
+        return (total / denominator).to(stats.dtype)
 
     @staticmethod
     def backward(ctx, *grads):
