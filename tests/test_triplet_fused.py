@@ -271,6 +271,53 @@ def test_no_cubic_allocation(mining, reduction):
     assert _largest_allocation(step("cpu")) <= max(8 * batch * batch, outputs)
 
 
+# ---------------------------------------------------------------------------------- second derivatives
+
+
+def _hessian_vector(e, y, backend, v, u, **opts):
+    """d/de <v, d<u, loss>/de>: the gradient built with create_graph=True, differentiated once more (u weighs
+    the terms with reduction="none")."""
+    e = e.detach().clone().requires_grad_()
+    out = fkf.triplet_margin_loss(e, y, backend=backend, **opts)
+    loss = (out[0] * u[: out[0].shape[0]]).sum() if opts["reduction"] == "none" else out
+    (grad,) = torch.autograd.grad(loss, e, create_graph=True)
+    if not grad.requires_grad:  # the second derivative is identically 0 (every term flat)
+        return grad, torch.zeros_like(e)
+    (hv,) = torch.autograd.grad((grad * v).sum(), e)
+    return grad, hv
+
+
+@pytest.mark.parametrize("mining,distance,normalize,soft,reduction", ALL_OPTIONS)
+def test_cpu_second_derivatives_match_reference_float64(mining, distance, normalize, soft, reduction):
+    # the kernels' slopes are numbers: where they depend on the embeddings (euclidean's 1 / 2d, soft's
+    # sigmoid) a create_graph backward must still carry that dependence, or the second derivative is wrong
+    e, y = kit.triplet_inputs(11, 3, 4)
+    v, u = torch.randn_like(e), torch.randn(11 * 10 * 9, dtype=torch.float64)
+    opts = _options(mining, distance, normalize, soft, reduction)
+    grad, hv = _hessian_vector(e, y, "cpu", v, u, **opts)
+    want_grad, want_hv = _hessian_vector(e, y, "reference", v, u, **opts)
+    kit.assert_close(grad, want_grad, rtol=1e-8, atol=1e-10, what="gradient")
+    kit.assert_close(hv, want_hv, rtol=1e-7, atol=1e-9, what="Hessian-vector product")
+
+
+@pytest.mark.parametrize("mining", MODES)
+@pytest.mark.parametrize("distance,soft", [("euclidean", False), ("squared_euclidean", True), ("euclidean", True),
+                                           ("cosine", True)])  # fmt: skip
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cpu_gradgradcheck(mining, distance, soft, reduction):
+    # finite differences of the gradient itself, independent of the reference; unnormalised rows spread
+    # apart so that no mining choice or hinge flips within the step
+    e, y = kit.triplet_inputs(7, 2, 3)
+    e = 3 * e
+
+    def loss(x):
+        out = fkf.triplet_margin_loss(x, y, margin=0.5, mining=mining, distance=distance, normalize=False,
+                                      soft=soft, reduction=reduction, backend="cpu")  # fmt: skip
+        return out[0] if reduction == "none" else out
+
+    assert torch.autograd.gradgradcheck(loss, (e.requires_grad_(),), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------ direct ops
 
 
