@@ -11,6 +11,7 @@ from pytorch_metric_learning import losses, miners  # a test extra, installed by
 
 from facekernels import TripletMarginLoss
 from facekernels import functional as fkf
+from facekernels.reference.triplet import pairwise_distances
 
 MODES = ["semihard", "hard", "all"]
 DISTANCES = ["squared_euclidean", "euclidean", "cosine"]
@@ -105,6 +106,34 @@ def test_uneven_classes_module_form():
     want = oracle.triplet_loss(e, y, mining="all")
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [30.0, 1.5e4])  # norms ~240 (squared past float16's 65504) and ~1.2e5
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_half_inputs_compute_in_float32(dtype, scale, distance, normalize):
+    # float16 norms and squared distances overflowed (NaN loss without normalisation, zero rows with it) and
+    # the terms were rounded to the input dtype (a margin of 0.19995); they are computed in float32 now
+    e = (scale * kit.triplet_inputs(11, 3, 64)[0]).to(dtype)
+    assert torch.isfinite(e).all()
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+    # float32 distances of rounded inputs: relative error ~1e-6 of the largest distance
+    atol = 1e-5 * float(pairwise_distances(e.double(), distance, normalize).max())
+    for mining in MODES:
+        opts = dict(margin=0.2, mining=mining, distance=distance, normalize=normalize, reduction="mean")
+        e_half, e_orc = e.clone().requires_grad_(), e.double().requires_grad_()
+        got = fkf.triplet_margin_loss(e_half, y, backend="reference", **opts)
+        want = oracle.triplet_loss(e_orc, y, **opts)
+        assert got.dtype == torch.float32
+        kit.assert_close(got, want, rtol=1e-5, atol=atol, what=f"{mining} loss")
+        got.backward()
+        want.backward()
+        assert e_half.grad.dtype == dtype
+        # the gradient is rounded to the input dtype: 2^-8 relative for bfloat16, and float16's subnormal
+        # spacing 2^-24 where it is tiny (normalised rows of norm 1e5)
+        atol_grad = 1e-3 * float(e_orc.grad.abs().max()) + 2**-24
+        kit.assert_close(e_half.grad, e_orc.grad, rtol=1e-2, atol=atol_grad, what=f"{mining} gradient")
 
 
 # ------------------------------------------------------------------ pytorch-metric-learning equivalences

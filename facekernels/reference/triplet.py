@@ -18,11 +18,15 @@ _CHUNK_ELEMENTS = 1 << 24
 
 
 def pairwise_distances(embeddings: torch.Tensor, distance: str, normalize: bool) -> torch.Tensor:
-    """(B, B) distances with an exactly-zero diagonal, floored at 0; differentiable.
+    """(B, B) distances with an exactly-zero diagonal, floored at 0, in float32 (float64 for float64
+    inputs); differentiable.
 
     Floors and hinges are relu: their (sub)gradient is 0 where the value is not strictly positive.
     """
-    e = normalize_rows(embeddings) if normalize else embeddings
+    # float32 at least: a float16 row of norm 256 has a squared norm past float16's 65504 (NaN distances),
+    # and normalising in float16 overflows at norm 65504 (zero rows)
+    e = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
+    e = normalize_rows(e) if normalize else e
     eye = torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
     if distance == "cosine":
         e_hat = e if normalize else normalize_rows(e)
