@@ -59,6 +59,28 @@ def check_int(name: str, value, minimum: int | None = None) -> None:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_int64(name: str, value) -> None:
+    """An int that fits an int64 tensor element (a bigger one raises OverflowError inside a comparison)."""
+    check_int(name, value)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{name} must be an int64, in [-2**63, 2**63 - 1]; got {value}")
+
+
+def check_process_group(value) -> None:
+    """None (not sharded) or a torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD)."""
+    if value is None:
+        return
+    dist = torch.distributed
+    if not (dist.is_available() and isinstance(value, dist.ProcessGroup)):
+        raise TypeError(
+            f"process_group must be None or a torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD "
+            f"after init_process_group); got {type(value).__name__}"
+        )
+
+
 def check_float(name: str, value, *, low=None, high=None, low_open=False, high_open=False) -> None:
     """A finite real number in [low, high] (or the open ends asked for)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -78,7 +100,7 @@ def check_float(name: str, value, *, low=None, high=None, low_open=False, high_o
 
 def check_head_options(reduction: str, ignore_index: int, margin_grad: str, backend: str) -> None:
     check_choice("reduction", reduction, REDUCTIONS)
-    check_int("ignore_index", ignore_index)
+    check_int64("ignore_index", ignore_index)
     check_choice("margin_grad", margin_grad, MARGIN_GRADS)
     check_choice("backend", backend, HEAD_BACKENDS)
 
@@ -93,9 +115,27 @@ def check_triplet_options(margin, mining, distance, normalize, soft, reduction, 
     check_choice("backend", backend, TRIPLET_BACKENDS)
 
 
-def _check_float_matrix(name: str, x) -> None:
+def _check_dense(name: str, x) -> None:
+    """A strided dense tensor: sparse, mkldnn and nested tensors have no strided rows for the kernels (and
+    fail deep inside with an unrelated message)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if x.is_nested:
+        raise TypeError(f"{name} must be a dense strided tensor; got a nested tensor (pad it, or concatenate its rows)")
+    if x.layout != torch.strided:
+        kind = "mkldnn" if x.layout == torch._mkldnn else "sparse" if x.is_sparse or "sparse" in str(x.layout) else ""
+        raise TypeError(f"{name} must be a dense strided tensor; got a {kind} tensor (layout {x.layout}): "
+                        "call .to_dense() first")  # fmt: skip
+
+
+def _check_not_meta(name: str, x: torch.Tensor) -> None:
+    # checked after the one-device check, so that a meta tensor beside real ones reads as a device mismatch
+    if x.is_meta:
+        raise ValueError(f"{name} are meta tensors (shapes without data): facekernels computes on cpu or cuda tensors")
+
+
+def _check_float_matrix(name: str, x) -> None:
+    _check_dense(name, x)
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D; got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
@@ -103,8 +143,7 @@ def _check_float_matrix(name: str, x) -> None:
 
 
 def _check_labels(labels, batch: int) -> None:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}")
+    _check_dense("labels", labels)
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be an int64 (or int32) tensor; got {labels.dtype}")
     if labels.dim() != 1 or labels.shape[0] != batch:
@@ -128,6 +167,7 @@ def check_head_inputs(embeddings, weight, labels, ignore_index: int) -> torch.Te
             f"embeddings, weight and labels must be on one device; got {embeddings.device}, "
             f"{weight.device} and {labels.device}"
         )
+    _check_not_meta("embeddings, weight and labels", embeddings)
     labels = labels.long()
     if _check_label_values and labels.numel() > 0 and not torch.compiler.is_compiling():
         num_classes = weight.shape[0]
@@ -147,4 +187,5 @@ def check_triplet_inputs(embeddings, labels) -> torch.Tensor:
         raise ValueError(
             f"embeddings and labels must be on one device; got {embeddings.device} and {labels.device}"
         )
+    _check_not_meta("embeddings and labels", embeddings)
     return labels.long()

@@ -103,6 +103,7 @@ class _MarginHead(nn.Module):
             from .sharded import check_sharded_backend, shard_range
 
             check_sharded_backend(backend)
+            V.check_process_group(process_group)
             world = torch.distributed.get_world_size(process_group)
             if self.num_classes < world:
                 raise ValueError(f"num_classes must be >= the world size {world}; got {self.num_classes}")

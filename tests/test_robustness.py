@@ -145,6 +145,56 @@ def test_triplet_duplicates_and_nan(backend, distance):
             assert torch.isnan(fkf.triplet_margin_loss(e, y, mining=mining, distance=distance, backend=backend))
 
 
+# ------------------------------------------------------------------------------------ malformed inputs
+
+
+def _unusual_tensors(x):
+    """(description, tensor) of layouts and devices that carry no ordinary strided data."""
+    yield "sparse", x.to_sparse()
+    yield "sparse CSR", x.to_sparse_csr() if x.dim() == 2 else x.to_sparse()
+    if torch.backends.mkldnn.is_available() and x.is_floating_point():
+        yield "mkldnn", x.float().to_mkldnn()
+    yield "nested", torch.nested.nested_tensor(list(x.unbind(0)), layout=torch.jagged) if x.dim() == 2 else None
+    yield "meta", x.to("meta")
+
+
+@pytest.mark.parametrize("argument", ["embeddings", "weight", "labels"])
+def test_unusual_layouts_and_meta_tensors_are_rejected_up_front(argument):
+    # they used to pass the validation and fail deep inside a backend with an unrelated message
+    good = dict(embeddings=torch.randn(4, 6), weight=torch.randn(5, 6), labels=torch.tensor([0, 1, 2, 4]))
+    for kind, bad in _unusual_tensors(good[argument]):
+        if bad is None:
+            continue
+        args = {**good, argument: bad}
+        if kind == "meta":  # a meta tensor beside real ones is a device mismatch; all of them meta is its own case
+            args = {k: v.to("meta") for k, v in good.items()}
+        for backend in ("reference", "cpu"):
+            with pytest.raises((ValueError, TypeError), match=argument if kind != "meta" else "meta") as err:
+                fkf.margin_cross_entropy(args["embeddings"], args["weight"], args["labels"], "arcface",
+                                         backend=backend)  # fmt: skip
+            assert kind.split()[0] in str(err.value), (kind, str(err.value))
+        if argument != "weight":
+            with pytest.raises((ValueError, TypeError), match=argument if kind != "meta" else "meta"):
+                fkf.triplet_margin_loss(args["embeddings"], args["labels"], backend="cpu")
+
+
+@pytest.mark.parametrize("value", [2**63, -(2**63) - 1, 10**30])
+def test_ignore_index_outside_int64_is_a_value_error(value):
+    with pytest.raises(ValueError, match="ignore_index must be an int64"):
+        fk.ArcFace(4, 3, ignore_index=value)
+    with pytest.raises(ValueError, match="ignore_index must be an int64"):
+        fkf.margin_cross_entropy(torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 1]), "cosface",
+                                 ignore_index=value, backend="reference")  # fmt: skip
+    fk.ArcFace(4, 3, ignore_index=2**63 - 1)  # the int64 bounds themselves are fine
+    fk.ArcFace(4, 3, ignore_index=-(2**63))
+
+
+@pytest.mark.parametrize("group", [object(), "world", 0])
+def test_process_group_must_be_a_process_group(group):
+    with pytest.raises(TypeError, match="process_group must be None or a torch.distributed.ProcessGroup"):
+        fk.CosFace(4, 3, process_group=group)
+
+
 # ------------------------------------------------------------------------------- property-based tests
 
 
