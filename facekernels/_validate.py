@@ -98,6 +98,19 @@ def check_float(name: str, value, *, low=None, high=None, low_open=False, high_o
         raise ValueError(f"{name} must be a finite number in {interval}; got {value}")
 
 
+# Upper bounds of the head hyper-parameters, so that nothing overflows float32 (the kernels' logits). Every
+# logit is s times a value of magnitude at most 1 + max(m3, 2 t) (a cosine, minus the additive margin m3 or
+# CosFace's m; MV-Softmax's (t + 1) c + t), so with these bounds |logit| <= 1e4 * 21 and exp(logit - max)
+# never overflows; the exact margin derivative m1 sin(m1 theta + m2) / sin(theta) (sin floored at 1e-6)
+# stays below 1e7 s. They sit 20x to 150x above every published setting (s 30-64, m3 and CosFace m
+# <= 0.35, MV t <= 0.2, SphereFace-style m1 <= 4) and reject values like s = 1e39 that are finite in
+# Python but inf in float32.
+MAX_SCALE = 1e4
+MAX_ADDITIVE_MARGIN = 10.0  # m3, CosFace m
+MAX_M1 = 10.0
+MAX_MV_T = 10.0
+
+
 def check_head_options(reduction: str, ignore_index: int, margin_grad: str, backend: str) -> None:
     check_choice("reduction", reduction, REDUCTIONS)
     check_int64("ignore_index", ignore_index)

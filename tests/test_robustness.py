@@ -195,6 +195,52 @@ def test_process_group_must_be_a_process_group(group):
         fk.CosFace(4, 3, process_group=group)
 
 
+OVERFLOWING_HYPERPARAMETERS = [
+    (fk.ArcFace, dict(s=1e39), "s"),
+    (fk.NormSoftmax, dict(s=1e5), "s"),
+    (fk.CosFace, dict(m=1e38), "m"),
+    (fk.CosFace, dict(m=11.0), "m"),
+    (fk.CombinedMargin, dict(m3=1e38), "m3"),
+    (fk.CombinedMargin, dict(m1=1e38), "m1"),
+    (fk.MVSoftmax, dict(t=1e38), "t"),
+    (fk.MVSoftmax, dict(t=11.0, is_am=False), "t"),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,name", OVERFLOWING_HYPERPARAMETERS)
+def test_hyperparameters_that_overflow_float32_are_rejected(cls, kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name} must be a finite number in"):
+        cls(8, 10, **kwargs)
+    head = cls.__name__.lower().replace("combinedmargin", "combined").replace("mvsoftmax", "mv_softmax")
+    head = {"normsoftmax": "norm_softmax"}.get(head, head)
+    with pytest.raises(ValueError, match=f"^{name} must be a finite number in"):
+        fk.head_params(head, **kwargs)
+
+
+@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+@pytest.mark.parametrize("cls,kwargs", [
+    (fk.CosFace, dict(s=1e4, m=10.0)),
+    (fk.CombinedMargin, dict(s=1e4, m1=10.0, m2=0.5, m3=10.0)),
+    (fk.MVSoftmax, dict(s=1e4, m=0.35, t=10.0)),
+    (fk.MVSoftmax, dict(s=1e4, m=0.5, t=10.0, is_am=False)),
+    (fk.CurricularFace, dict(s=1e4, m=0.5)),
+])  # fmt: skip
+def test_hyperparameters_at_their_bounds_give_finite_float32_results(backend, cls, kwargs):
+    # the largest accepted values: every logit stays below 1e4 * 21 and the loss, its gradients and
+    # CurricularFace's t are finite in float32 (with rows near their class, so margins and MV negatives act)
+    x, w, y = kit.head_inputs(7, 13, 8, dtype=torch.float32)
+    head = cls(8, 13, backend=backend, reduction="sum", **kwargs)
+    head.weight.data.copy_(w)
+    xg = x.clone().requires_grad_()
+    loss = head(xg, y)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(xg.grad).all() and torch.isfinite(head.weight.grad).all()
+    head_ref = cls(8, 13, backend="reference", reduction="sum", **kwargs).double()
+    head_ref.weight.data.copy_(w.double())
+    want = head_ref(x.double(), y)
+    assert abs(loss.item() - want.item()) <= 1e-5 * max(1.0, abs(want.item()))
+
+
 # ------------------------------------------------------------------------------- property-based tests
 
 
