@@ -1,7 +1,10 @@
 """Robustness: defined results at the edges, property-based tests against the oracles, long runs,
 determinism, torch.compile and autocast, for every backend that runs on this machine."""
 
+import ast
+import glob
 import math
+import os
 
 import kit
 import oracle
@@ -404,27 +407,45 @@ def test_autocast_bf16_on_cpu(backend):
     assert head.weight.grad is not None and head.weight.grad.dtype == torch.float32
 
 
-def test_every_registered_op_has_an_opcheck_test():
-    # the opcheck calls live next to each op's tests; this guard fails when a new facekernels:: op lands
-    # without one (test files are searched for torch.library.opcheck on the op's name)
-    import glob
-    import os
+def _opchecked_overloads(source: str) -> set:
+    """The op overloads ("margin_ce.default") that a test file passes to opcheck, by parsing its calls:
+    exact names, so that an opcheck of margin_ce_backward.default does not count for margin_ce.default."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and node.args):
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+        target = node.args[0]  # e.g. torch.ops.facekernels.margin_ce.default
+        if name == "opcheck" and isinstance(target, ast.Attribute) and isinstance(target.value, ast.Attribute):
+            found.add(f"{target.value.attr}.{target.attr}")
+    return found
 
+
+def test_every_registered_op_has_an_opcheck_test():
+    # the opcheck calls live next to each op's tests; this guard fails when a facekernels:: op overload lands
+    # without one (each opcheck call must name the overload, torch.ops.facekernels.<op>.<overload>)
     import facekernels.ops.cpu_heads  # noqa: F401
     import facekernels.ops.triplet  # noqa: F401
     import facekernels.triton.heads  # noqa: F401
 
     assert extension_built()
-    names = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("facekernels::"))
-    assert len(names) >= 9, names
-    sources = ""
-    for path in glob.glob(os.path.join(os.path.dirname(__file__), "test_*.py")):
+    ops = [n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("facekernels::")]
+    registered = {f"{op}.{overload}" for op in ops for overload in getattr(torch.ops.facekernels, op).overloads()}
+    assert len(registered) >= 9, registered
+    sources = []
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "test_*.py"))):
         with open(path) as f:
-            text = f.read()
-        if "opcheck(" in text:
-            sources += text
-    missing = [n for n in names if n not in sources]
-    assert not missing, f"facekernels ops without an opcheck test: {missing}"
+            sources.append(f.read())
+
+    def missing(texts):
+        return registered - set().union(*(_opchecked_overloads(t) for t in texts))
+
+    assert not missing(sources), f"facekernels op overloads without an opcheck test: {sorted(missing(sources))}"
+    # the guard can fail: with the opcheck calls of any one overload renamed away it reports exactly that one
+    # (the former substring match still passed with every margin_ce.default opcheck removed)
+    for overload in sorted(registered):
+        hidden = [text.replace(f".{overload}", ".hidden_op.default") for text in sources]
+        assert missing(hidden) == {overload}
 
 
 # the eager reference mines with data-dependent shapes (torch.nonzero): only the fused op compiles whole
