@@ -3,6 +3,7 @@ kernel files compiling with plain nvcc (no torch headers)."""
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -113,6 +114,57 @@ def test_target_cosine_opcheck():
     x, w = torch.randn(9, 7), torch.randn(5, 7)
     labels = torch.randint(0, 5, (9,))
     torch.library.opcheck(torch.ops.facekernels.target_cosine.default, (x, w, labels, 0))
+
+
+# ------------------------------------------------------------------------------------------- setup.py
+
+
+def _setup(*args, env=None, hide_torch=False):
+    """Run setup.py in a fresh interpreter (optionally one where `import torch` fails, as in pip's isolated
+    build environment); returns the CompletedProcess."""
+    shim = "import sys, runpy\n"
+    if hide_torch:
+        shim += "sys.modules['torch'] = None  # import torch raises ImportError\n"
+    shim += f"sys.argv = ['setup.py', *{list(args)!r}]\nrunpy.run_path('setup.py', run_name='__main__')\n"
+    return subprocess.run([sys.executable, "-c", shim], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def test_setup_without_torch_says_what_to_do():
+    # a plain `pip install .` builds in an isolated environment without torch: it died with a bare ImportError
+    done = _setup("--version", hide_torch=True)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert "Install torch first" in done.stderr and "pip install --no-build-isolation ." in done.stderr
+    assert _setup("--version", env={"FACEKERNELS_NO_EXT": "1"}, hide_torch=True).returncode == 0
+
+
+def test_setup_version_is_the_package_version():
+    import facekernels
+
+    done = _setup("--version", env={"FACEKERNELS_NO_EXT": "1"})
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == facekernels.__version__
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        assert not re.search(r"version\s*=\s*[\"']", f.read()), "setup.py must read the version, not write it"
+
+
+def test_setup_adds_fopenmp_only_where_the_compiler_takes_it(tmp_path):
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH")
+    # a compiler that rejects -fopenmp as Apple clang does, and compiles everything else
+    fake = tmp_path / "clang++"
+    fake.write_text(f"""#!/bin/sh
+for a in "$@"; do [ "$a" = -fopenmp ] && {{ echo "clang: error: unsupported option '-fopenmp'" >&2; exit 1; }}; done
+exec {cxx} "$@"
+""")
+    fake.chmod(0o755)
+    warning = "does not take -fopenmp"
+    assert warning not in _setup("--version", env={"CXX": cxx}).stderr
+    done = _setup("--version", env={"CXX": str(fake)})
+    assert done.returncode == 0 and warning in done.stderr
+    done = _setup("--version", env={"CXX": str(fake), "FACEKERNELS_OPENMP": "1"})
+    assert done.returncode != 0 and "FACEKERNELS_OPENMP=1" in done.stderr
+    assert warning not in _setup("--version", env={"CXX": str(fake), "FACEKERNELS_OPENMP": "0"}).stderr
 
 
 CU_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
