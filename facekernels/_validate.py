@@ -155,16 +155,22 @@ def _check_float_matrix(name: str, x) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {x.dtype}")
 
 
-def _check_labels(labels, batch: int) -> None:
+def _check_labels(labels, batch: int, allow_column: bool = False) -> torch.Tensor:
+    """Labels of shape (batch,); with ``allow_column`` also (batch, 1), as insightface passes them, returned
+    flattened (callers must use the returned tensor, hence opt-in)."""
     _check_dense("labels", labels)
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be an int64 (or int32) tensor; got {labels.dtype}")
+    if allow_column and labels.dim() == 2 and labels.shape[1] == 1:
+        labels = labels.view(-1)
     if labels.dim() != 1 or labels.shape[0] != batch:
-        raise ValueError(f"labels must have shape ({batch},) to match embeddings; got {tuple(labels.shape)}")
+        column = f" or ({batch}, 1)" if allow_column else ""
+        raise ValueError(f"labels must have shape ({batch},){column} to match embeddings; got {tuple(labels.shape)}")
+    return labels
 
 
 def check_head_inputs(embeddings, weight, labels, ignore_index: int) -> torch.Tensor:
-    """Validate a head's forward inputs; returns the labels as int64."""
+    """Validate a head's forward inputs; returns the labels as int64, flattened from (B, 1)."""
     _check_float_matrix("embeddings", embeddings)
     _check_float_matrix("weight", weight)
     if weight.shape[0] == 0:
@@ -174,7 +180,7 @@ def check_head_inputs(embeddings, weight, labels, ignore_index: int) -> torch.Te
             f"embeddings must have {weight.shape[1]} features (weight is {tuple(weight.shape)}); "
             f"got shape {tuple(embeddings.shape)}"
         )
-    _check_labels(labels, embeddings.shape[0])
+    labels = _check_labels(labels, embeddings.shape[0], allow_column=True)
     if not (embeddings.device == weight.device == labels.device):
         raise ValueError(
             f"embeddings, weight and labels must be on one device; got {embeddings.device}, "
@@ -194,8 +200,9 @@ def check_head_inputs(embeddings, weight, labels, ignore_index: int) -> torch.Te
 
 
 def check_triplet_inputs(embeddings, labels) -> torch.Tensor:
+    """Validate the triplet loss's inputs; returns the labels as int64, flattened from (B, 1)."""
     _check_float_matrix("embeddings", embeddings)
-    _check_labels(labels, embeddings.shape[0])
+    labels = _check_labels(labels, embeddings.shape[0], allow_column=True)
     if embeddings.device != labels.device:
         raise ValueError(
             f"embeddings and labels must be on one device; got {embeddings.device} and {labels.device}"

@@ -244,6 +244,40 @@ def test_hyperparameters_at_their_bounds_give_finite_float32_results(backend, cl
     assert abs(loss.item() - want.item()) <= 1e-5 * max(1.0, abs(want.item()))
 
 
+@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_column_labels_of_insightface_are_accepted_by_the_heads(backend, reduction):
+    # insightface's trainers pass labels of shape (B, 1): the same loss and gradients as (B,)
+    x, w, y = kit.head_inputs(7, 11, 6, dtype=torch.float32, ignore_frac=0.2)
+    results = []
+    for labels in (y, y.unsqueeze(1)):
+        head = fk.CurricularFace(6, 11, backend=backend, reduction=reduction)
+        head.weight.data.copy_(w)
+        xg = x.clone().requires_grad_()
+        loss = head(xg, labels)
+        loss.sum().backward()
+        results.append((loss, xg.grad, head.weight.grad, head.t))
+    assert results[1][0].shape == results[0][0].shape == ((7,) if reduction == "none" else ())
+    for got, want, what in zip(results[1], results[0], ("loss", "dx", "dw", "t")):
+        kit.assert_close(got, want, rtol=0, atol=0, what=what)
+    with pytest.raises(ValueError, match=r"labels must have shape \(7,\) or \(7, 1\)"):
+        fkf.margin_cross_entropy(x, w, y.view(7, 1).expand(7, 2), "arcface", backend=backend)
+
+
+@pytest.mark.parametrize("backend", TRIPLET_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_column_labels_are_accepted_by_the_triplet_loss(backend, reduction):
+    e, y = kit.triplet_inputs(13, 3, 5)
+    loss_fn = fk.TripletMarginLoss(mining="hard", reduction=reduction, backend=backend)
+    got, want = loss_fn(e, y.unsqueeze(1)), loss_fn(e, y)
+    if reduction == "none":
+        assert torch.equal(got[1], want[1])
+        got, want = got[0], want[0]
+    kit.assert_close(got, want, rtol=0, atol=0, what="loss")
+    with pytest.raises(ValueError, match="labels must have shape"):
+        loss_fn(e, y.view(1, 13))
+
+
 # ------------------------------------------------------------------------------- property-based tests
 
 
