@@ -59,6 +59,28 @@ def check_int(name: str, value, minimum: int | None = None) -> None:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_int64(name: str, value) -> None:
+    """An int that fits an int64 tensor element (a bigger one raises OverflowError inside a comparison)."""
+    check_int(name, value)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{name} must be an int64, in [-2**63, 2**63 - 1]; got {value}")
+
+
+def check_process_group(value) -> None:
+    """None (not sharded) or a torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD)."""
+    if value is None:
+        return
+    dist = torch.distributed
+    if not (dist.is_available() and isinstance(value, dist.ProcessGroup)):
+        raise TypeError(
+            f"process_group must be None or a torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD "
+            f"after init_process_group); got {type(value).__name__}"
+        )
+
+
 def check_float(name: str, value, *, low=None, high=None, low_open=False, high_open=False) -> None:
     """A finite real number in [low, high] (or the open ends asked for)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -76,9 +98,22 @@ def check_float(name: str, value, *, low=None, high=None, low_open=False, high_o
         raise ValueError(f"{name} must be a finite number in {interval}; got {value}")
 
 
+# Upper bounds of the head hyper-parameters, so that nothing overflows float32 (the kernels' logits). Every
+# logit is s times a value of magnitude at most 1 + max(m3, 2 t) (a cosine, minus the additive margin m3 or
+# CosFace's m; MV-Softmax's (t + 1) c + t), so with these bounds |logit| <= 1e4 * 21 and exp(logit - max)
+# never overflows; the exact margin derivative m1 sin(m1 theta + m2) / sin(theta) (sin floored at 1e-6)
+# stays below 1e7 s. They sit 20x to 150x above every published setting (s 30-64, m3 and CosFace m
+# <= 0.35, MV t <= 0.2, SphereFace-style m1 <= 4) and reject values like s = 1e39 that are finite in
+# Python but inf in float32.
+MAX_SCALE = 1e4
+MAX_ADDITIVE_MARGIN = 10.0  # m3, CosFace m
+MAX_M1 = 10.0
+MAX_MV_T = 10.0
+
+
 def check_head_options(reduction: str, ignore_index: int, margin_grad: str, backend: str) -> None:
     check_choice("reduction", reduction, REDUCTIONS)
-    check_int("ignore_index", ignore_index)
+    check_int64("ignore_index", ignore_index)
     check_choice("margin_grad", margin_grad, MARGIN_GRADS)
     check_choice("backend", backend, HEAD_BACKENDS)
 
@@ -93,26 +128,49 @@ def check_triplet_options(margin, mining, distance, normalize, soft, reduction, 
     check_choice("backend", backend, TRIPLET_BACKENDS)
 
 
-def _check_float_matrix(name: str, x) -> None:
+def _check_dense(name: str, x) -> None:
+    """A strided dense tensor: sparse, mkldnn and nested tensors have no strided rows for the kernels (and
+    fail deep inside with an unrelated message)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if x.is_nested:
+        raise TypeError(f"{name} must be a dense strided tensor; got a nested tensor (pad it, or concatenate its rows)")
+    if x.layout != torch.strided:
+        kind = "mkldnn" if x.layout == torch._mkldnn else "sparse" if x.is_sparse or "sparse" in str(x.layout) else ""
+        raise TypeError(f"{name} must be a dense strided tensor; got a {kind} tensor (layout {x.layout}): "
+                        "call .to_dense() first")  # fmt: skip
+
+
+def _check_not_meta(name: str, x: torch.Tensor) -> None:
+    # checked after the one-device check, so that a meta tensor beside real ones reads as a device mismatch
+    if x.is_meta:
+        raise ValueError(f"{name} are meta tensors (shapes without data): facekernels computes on cpu or cuda tensors")
+
+
+def _check_float_matrix(name: str, x) -> None:
+    _check_dense(name, x)
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D; got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {x.dtype}")
 
 
-def _check_labels(labels, batch: int) -> None:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}")
+def _check_labels(labels, batch: int, allow_column: bool = False) -> torch.Tensor:
+    """Labels of shape (batch,); with ``allow_column`` also (batch, 1), as insightface passes them, returned
+    flattened (callers must use the returned tensor, hence opt-in)."""
+    _check_dense("labels", labels)
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be an int64 (or int32) tensor; got {labels.dtype}")
+    if allow_column and labels.dim() == 2 and labels.shape[1] == 1:
+        labels = labels.view(-1)
     if labels.dim() != 1 or labels.shape[0] != batch:
-        raise ValueError(f"labels must have shape ({batch},) to match embeddings; got {tuple(labels.shape)}")
+        column = f" or ({batch}, 1)" if allow_column else ""
+        raise ValueError(f"labels must have shape ({batch},){column} to match embeddings; got {tuple(labels.shape)}")
+    return labels
 
 
 def check_head_inputs(embeddings, weight, labels, ignore_index: int) -> torch.Tensor:
-    """Validate a head's forward inputs; returns the labels as int64."""
+    """Validate a head's forward inputs; returns the labels as int64, flattened from (B, 1)."""
     _check_float_matrix("embeddings", embeddings)
     _check_float_matrix("weight", weight)
     if weight.shape[0] == 0:
@@ -122,12 +180,13 @@ def check_head_inputs(embeddings, weight, labels, ignore_index: int) -> torch.Te
             f"embeddings must have {weight.shape[1]} features (weight is {tuple(weight.shape)}); "
             f"got shape {tuple(embeddings.shape)}"
         )
-    _check_labels(labels, embeddings.shape[0])
+    labels = _check_labels(labels, embeddings.shape[0], allow_column=True)
     if not (embeddings.device == weight.device == labels.device):
         raise ValueError(
             f"embeddings, weight and labels must be on one device; got {embeddings.device}, "
             f"{weight.device} and {labels.device}"
         )
+    _check_not_meta("embeddings, weight and labels", embeddings)
     labels = labels.long()
     if _check_label_values and labels.numel() > 0 and not torch.compiler.is_compiling():
         num_classes = weight.shape[0]
@@ -141,10 +200,12 @@ def check_head_inputs(embeddings, weight, labels, ignore_index: int) -> torch.Te
 
 
 def check_triplet_inputs(embeddings, labels) -> torch.Tensor:
+    """Validate the triplet loss's inputs; returns the labels as int64, flattened from (B, 1)."""
     _check_float_matrix("embeddings", embeddings)
-    _check_labels(labels, embeddings.shape[0])
+    labels = _check_labels(labels, embeddings.shape[0], allow_column=True)
     if embeddings.device != labels.device:
         raise ValueError(
             f"embeddings and labels must be on one device; got {embeddings.device} and {labels.device}"
         )
+    _check_not_meta("embeddings and labels", embeddings)
     return labels.long()

@@ -43,17 +43,17 @@ def head_params(
             f"{head} got unexpected argument(s) {sorted(unknown)}; it takes {sorted(HEAD_DEFAULTS[head])}"
         )
     a = {**HEAD_DEFAULTS[head], **margins}
-    V.check_float("s", a["s"], low=0.0, low_open=True)
+    V.check_float("s", a["s"], low=0.0, low_open=True, high=V.MAX_SCALE)
     common = dict(s=float(a["s"]), reduction=reduction, ignore_index=int(ignore_index), margin_grad=margin_grad)
     if head == "norm_softmax":
         return HeadParams(**common)
     if head == "cosface":
-        V.check_float("m", a["m"], low=0.0)
+        V.check_float("m", a["m"], low=0.0, high=V.MAX_ADDITIVE_MARGIN)
         return HeadParams(m3=float(a["m"]), **common)
     if head == "combined":
-        V.check_float("m1", a["m1"], low=0.0, low_open=True)
+        V.check_float("m1", a["m1"], low=0.0, low_open=True, high=V.MAX_M1)
         V.check_float("m2", a["m2"], low=0.0, high=math.pi, high_open=True)
-        V.check_float("m3", a["m3"], low=0.0)
+        V.check_float("m3", a["m3"], low=0.0, high=V.MAX_ADDITIVE_MARGIN)
         m1, m2, m3 = float(a["m1"]), float(a["m2"]), float(a["m3"])
         fallback = Fallback.MONOTONIC if m1 == 1.0 and m3 == 0.0 else Fallback.NONE
         return HeadParams(m1=m1, m2=m2, m3=m3, fallback=fallback, **common)
@@ -63,7 +63,7 @@ def head_params(
         V.check_bool("easy_margin", a["easy_margin"])
         return HeadParams(m2=m, fallback=Fallback.POSITIVE if a["easy_margin"] else Fallback.MONOTONIC, **common)
     if head == "mv_softmax":
-        V.check_float("t", a["t"], low=0.0)
+        V.check_float("t", a["t"], low=0.0, high=V.MAX_MV_T)
         V.check_bool("is_am", a["is_am"])
         if a["is_am"]:
             return HeadParams(m3=m, fallback=Fallback.ABOVE_M3, negatives=Negatives.MV, mv_t=float(a["t"]), **common)
@@ -103,6 +103,7 @@ class _MarginHead(nn.Module):
             from .sharded import check_sharded_backend, shard_range
 
             check_sharded_backend(backend)
+            V.check_process_group(process_group)
             world = torch.distributed.get_world_size(process_group)
             if self.num_classes < world:
                 raise ValueError(f"num_classes must be >= the world size {world}; got {self.num_classes}")

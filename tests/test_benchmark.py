@@ -4,11 +4,12 @@ end on tiny shapes. No timing assertions: only that what is measured is recorded
 
 import csv
 import json
-import math
 import os
 import signal
+import sys
 from dataclasses import dataclass
 
+import kit
 import pytest
 import torch
 
@@ -280,10 +281,10 @@ def test_memory_estimates_grow_with_the_swept_size():
 
 
 def test_quantiles_match_torch_and_timer_orders_them():
-    samples = torch.rand(37, dtype=torch.float64).tolist()
-    expected = torch.quantile(torch.tensor(samples, dtype=torch.float64), torch.tensor([0.5, 0.2, 0.8],
-                              dtype=torch.float64)).tolist()  # fmt: skip
-    assert all(math.isclose(a, b) for a, b in zip(measure.quantiles(samples), expected))
+    samples = torch.rand(37, dtype=torch.float64)
+    expected = torch.quantile(samples, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    got = torch.tensor(measure.quantiles(samples.tolist()), dtype=torch.float64)
+    kit.assert_close(got, expected, rtol=1e-12, atol=0, what="p50, p20, p80")
     calls = []
     p50, p20, p80 = measure.time_cpu(lambda: calls.append(1), repeats=7, budget_s=0.0)
     assert 0 < p20 <= p50 <= p80 and len(calls) >= 1 + 5  # one calibration call, at least 5 samples
@@ -410,3 +411,45 @@ def test_cli_end_to_end_on_tiny_shapes(tmp_path):
     assert (out / "plot.png").stat().st_size > 1000 and "speedup vs eager" in (out / "table.md").read_text()
     assert "command: facekernels-bench --classes 50 70" in (out / "run.txt").read_text()
     assert "1 threads" in rows[0]["device"]
+
+
+_TINY = ["--classes", "50", "--batch", "9", "--features", "13", "--triplet-batch", "12", "--providers", "eager",
+         "--budget", "0.01", "--repeats", "5", "--no-progress", "--in-process", "--threads", "1"]  # fmt: skip
+
+
+def test_cli_without_matplotlib_warns_up_front_and_skips_the_plot(tmp_path, monkeypatch, capsys):
+    # it used to measure for minutes, write the CSV, then die at `import matplotlib`
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    measured = []
+    real_sweep = cli.sweep
+
+    def sweep(*args, **kwargs):
+        measured.append(capsys.readouterr().err)  # what was said before the first measurement
+        return real_sweep(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "sweep", sweep)
+    out = tmp_path / "bench"
+    assert cli.main([*_TINY, "--out", str(out)]) == 0
+    assert "matplotlib is not installed" in measured[0] and "no plot" in measured[0]
+    assert (out / "results.csv").exists() and (out / "table.md").exists() and not (out / "plot.png").exists()
+    assert "plot in" not in capsys.readouterr().out
+
+
+def test_gpu_suite_without_matplotlib_skips_the_plot(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "suite"
+    code = cli.main(["--suite", "gpu", "--device", "cpu", "--quick", "--skip-build", "--skip-tests",
+                     "--minutes", "0", "--out", str(out), "--no-progress"])  # fmt: skip
+    assert code == 0 and (out / "results.csv").exists() and not (out / "plot.png").exists()
+    assert "matplotlib is not installed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("load,warned", [(0.5, False), (1.0, False), (1.01, True), (7.0, True)])
+def test_cli_warns_once_when_the_machine_is_loaded(tmp_path, monkeypatch, capsys, load, warned):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+    assert cli.main([*_TINY, "--ops", "heads", "--out", str(tmp_path / "bench")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "load average" in line]
+    assert len(lines) == (1 if warned else 0), lines
+    if warned:
+        assert f"load average {load:.2f}" in lines[0] and "2 cores" in lines[0]

@@ -3,6 +3,7 @@ triplet.md with pytorch-metric-learning, and degenerate batches."""
 
 import itertools
 
+import kit
 import oracle
 import pytest
 import torch
@@ -10,14 +11,11 @@ from pytorch_metric_learning import losses, miners  # a test extra, installed by
 
 from facekernels import TripletMarginLoss
 from facekernels import functional as fkf
+from facekernels.reference.triplet import pairwise_distances
 
 MODES = ["semihard", "hard", "all"]
 DISTANCES = ["squared_euclidean", "euclidean", "cosine"]
 REDUCTIONS = ["mean", "mean_nonzero", "sum", "none"]
-
-
-def _batch(n, classes, features=5, dtype=torch.float64):
-    return torch.randn(n, features, dtype=dtype), torch.randint(0, classes, (n,))
 
 
 ALL_OPTIONS = list(itertools.product(MODES, DISTANCES, [True, False], [False, True], REDUCTIONS))
@@ -25,7 +23,7 @@ ALL_OPTIONS = list(itertools.product(MODES, DISTANCES, [True, False], [False, Tr
 
 @pytest.mark.parametrize("mining,distance,normalize,soft,reduction", ALL_OPTIONS)
 def test_reference_matches_brute_force(mining, distance, normalize, soft, reduction):
-    e, y = _batch(11, 3)
+    e, y = kit.triplet_inputs(11, 3)
     opts = dict(margin=0.3, mining=mining, distance=distance, normalize=normalize, soft=soft, reduction=reduction)
     e_ref, e_orc = e.clone().requires_grad_(), e.clone().requires_grad_()
     got = fkf.triplet_margin_loss(e_ref, y, backend="reference", **opts)
@@ -34,11 +32,11 @@ def test_reference_matches_brute_force(mining, distance, normalize, soft, reduct
         (got, got_idx), (want, want_idx) = got, want
         assert got_idx.dtype == torch.int64 and got_idx.shape == (len(want), 3)
         assert torch.equal(got_idx, want_idx)
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    kit.assert_close(got, want, rtol=1e-9, atol=1e-10, what="loss")
     g = torch.randn_like(got)
     (got * g).sum().backward()
     (want * g).sum().backward()
-    torch.testing.assert_close(e_ref.grad, e_orc.grad, rtol=1e-7, atol=1e-9)
+    kit.assert_close(e_ref.grad, e_orc.grad, rtol=1e-7, atol=1e-9, what="d embeddings")
 
 
 def test_ties_go_to_the_lowest_index():
@@ -69,8 +67,8 @@ def test_semihard_picks_closest_farther_negative_then_fallback():
     # (a=0, p=1): d_ap = 1; negatives at 1.5, 3.0, 0.5 -> the closest one farther than 1 is 2 (1.5)
     # (a=1, p=0): d_ap = 1; negatives at 0.5, 2.0, 0.5 -> farther: 3 (2.0)
     assert idx[:2].tolist() == [[0, 1, 2], [1, 0, 3]]
-    torch.testing.assert_close(terms[:2], torch.tensor([max(1 - 1.5 + 0.1, 0), max(1 - 2.0 + 0.1, 0)],
-                                                       dtype=torch.float64))  # fmt: skip
+    kit.assert_close(terms[:2], torch.tensor([max(1 - 1.5 + 0.1, 0), max(1 - 2.0 + 0.1, 0)]), rtol=1e-12,
+                     atol=1e-15, what="terms")  # fmt: skip
     # no negative is farther than d_ap: the farthest one is used
     e = torch.tensor([[0.0], [5.0], [1.0], [2.0]], dtype=torch.float64)
     y = torch.tensor([0, 0, 1, 1])
@@ -102,7 +100,7 @@ def test_duplicate_embeddings_give_finite_gradients(distance):
 
 
 def test_uneven_classes_module_form():
-    e, y = _batch(17, 4, dtype=torch.float32)
+    e, y = kit.triplet_inputs(17, 4, dtype=torch.float32)
     y[:9] = 0
     loss = TripletMarginLoss(mining="all", backend="reference")(e, y)
     want = oracle.triplet_loss(e, y, mining="all")
@@ -110,11 +108,39 @@ def test_uneven_classes_module_form():
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [30.0, 1.5e4])  # norms ~240 (squared past float16's 65504) and ~1.2e5
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_half_inputs_compute_in_float32(dtype, scale, distance, normalize):
+    # float16 norms and squared distances overflowed (NaN loss without normalisation, zero rows with it) and
+    # the terms were rounded to the input dtype (a margin of 0.19995); they are computed in float32 now
+    e = (scale * kit.triplet_inputs(11, 3, 64)[0]).to(dtype)
+    assert torch.isfinite(e).all()
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+    # float32 distances of rounded inputs: relative error ~1e-6 of the largest distance
+    atol = 1e-5 * float(pairwise_distances(e.double(), distance, normalize).max())
+    for mining in MODES:
+        opts = dict(margin=0.2, mining=mining, distance=distance, normalize=normalize, reduction="mean")
+        e_half, e_orc = e.clone().requires_grad_(), e.double().requires_grad_()
+        got = fkf.triplet_margin_loss(e_half, y, backend="reference", **opts)
+        want = oracle.triplet_loss(e_orc, y, **opts)
+        assert got.dtype == torch.float32
+        kit.assert_close(got, want, rtol=1e-5, atol=atol, what=f"{mining} loss")
+        got.backward()
+        want.backward()
+        assert e_half.grad.dtype == dtype
+        # the gradient is rounded to the input dtype: 2^-8 relative for bfloat16, and float16's subnormal
+        # spacing 2^-24 where it is tiny (normalised rows of norm 1e5)
+        atol_grad = 1e-3 * float(e_orc.grad.abs().max()) + 2**-24
+        kit.assert_close(e_half.grad, e_orc.grad, rtol=1e-2, atol=atol_grad, what=f"{mining} gradient")
+
+
 # ------------------------------------------------------------------ pytorch-metric-learning equivalences
 
 
 def test_batch_all_mean_nonzero_equals_pml():
-    e, y = _batch(23, 4, features=8)
+    e, y = kit.triplet_inputs(23, 4, features=8)
     got = fkf.triplet_margin_loss(e, y, margin=0.2, mining="all", distance="euclidean", normalize=True,
                                   reduction="mean_nonzero", backend="reference")  # fmt: skip
     want = losses.TripletMarginLoss(margin=0.2)(e, y)
@@ -122,7 +148,7 @@ def test_batch_all_mean_nonzero_equals_pml():
 
 
 def test_batch_hard_mean_nonzero_equals_pml():
-    e, y = _batch(23, 4, features=8)
+    e, y = kit.triplet_inputs(23, 4, features=8)
     got = fkf.triplet_margin_loss(e, y, margin=0.2, mining="hard", distance="euclidean", normalize=True,
                                   reduction="mean_nonzero", backend="reference")  # fmt: skip
     miner = miners.BatchHardMiner()
@@ -154,7 +180,7 @@ def _tfa_semihard(e, y, margin, squared):
 
 @pytest.mark.parametrize("distance,squared", [("euclidean", False), ("squared_euclidean", True)])
 def test_semihard_equals_tfa(distance, squared):
-    e, y = _batch(19, 3, features=6)
+    e, y = kit.triplet_inputs(19, 3, features=6)
     got = fkf.triplet_margin_loss(e, y, margin=0.5, mining="semihard", distance=distance, normalize=False,
                                   reduction="mean", backend="reference")  # fmt: skip
     assert got.item() == pytest.approx(_tfa_semihard(e, y, 0.5, squared), rel=1e-9)

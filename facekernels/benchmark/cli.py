@@ -18,6 +18,7 @@ import torch
 from .._params import HEAD_NAMES, MINING_MODES
 from . import measure, results
 from .ops import DTYPES, MODES, OPS, HeadShape, TripletShape
+from .plot import matplotlib_available
 
 DEFAULT_OUT = "facekernels-bench-out"
 
@@ -136,8 +137,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def write_outputs(rows: list, out: str, command: str, device: torch.device, elapsed_s: float,
-                  load_at_start: str = "") -> str:  # fmt: skip
-    """Append to <out>/results.csv; (re)write this run's table.md, plot.png and run.txt."""
+                  load_at_start: str = "", plot: bool = True) -> str:  # fmt: skip
+    """Append to <out>/results.csv; (re)write this run's table.md, plot.png (unless plot=False) and run.txt."""
     from .plot import save_plot
 
     os.makedirs(out, exist_ok=True)
@@ -145,7 +146,8 @@ def write_outputs(rows: list, out: str, command: str, device: torch.device, elap
     table = results.tables(rows)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table)
-    save_plot(rows, os.path.join(out, "plot.png"))
+    if plot:
+        save_plot(rows, os.path.join(out, "plot.png"))
     env = rows[0] if rows else results.environment(device)  # the commit and device the rows were taken on
     with open(os.path.join(out, "run.txt"), "w") as f:
         f.write(f"command: {command}\ncommit: {env['facekernels_commit']}\ndevice: {env['device']}\n"
@@ -163,6 +165,29 @@ def _loadavg() -> str:
         return "unknown"
 
 
+def can_plot() -> bool:
+    """Whether plot.png can be drawn; without matplotlib, says so before measuring (not minutes later)."""
+    if matplotlib_available():
+        return True
+    print("facekernels-bench: warning: matplotlib is not installed: no plot.png (the table and results.csv are "
+          "written); pip install matplotlib, or the [bench] extra, for the plot", file=sys.stderr)  # fmt: skip
+    return False
+
+
+def load_warning() -> str | None:
+    """A warning when the 1-minute load average is above half the cores: other work then slows and
+    scatters the timings (and a memory measurement can meet another process's peak)."""
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # not available on this platform
+        return None
+    cores = os.cpu_count() or 1
+    if load <= cores / 2:
+        return None
+    return (f"facekernels-bench: warning: load average {load:.2f} on {cores} cores: other work is running, "
+            "timings will be slower and noisier than on an idle machine")  # fmt: skip
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     suite = argparse.ArgumentParser(add_help=False)
@@ -177,15 +202,20 @@ def main(argv=None) -> int:
     settings = measure.Settings(repeats=args.repeats, budget_s=args.budget, mem_limit_gib=args.mem_limit,
                                 threads=args.threads)  # fmt: skip
     command = "facekernels-bench " + " ".join(shlex.quote(a) for a in argv)
+    plot = can_plot()
+    warning = load_warning()
+    if warning:
+        print(warning, file=sys.stderr)
     start, load_at_start = time.perf_counter(), _loadavg()
     torch.manual_seed(0)
     rows = sweep(build_cases(args, device), device, settings, in_process=args.in_process,
                  timeout_s=args.timeout, progress=not args.no_progress)  # fmt: skip
     elapsed = time.perf_counter() - start
-    table = write_outputs(rows, args.out, command, device, elapsed, load_at_start)
+    table = write_outputs(rows, args.out, command, device, elapsed, load_at_start, plot=plot)
     print(table)
-    print(f"{len(rows) // 2} cases in {elapsed:.0f} s; rows appended to {os.path.join(args.out, 'results.csv')}, "
-          f"plot in {os.path.join(args.out, 'plot.png')}")  # fmt: skip
+    plotted = f", plot in {os.path.join(args.out, 'plot.png')}" if plot else ""
+    print(f"{len(rows) // 2} cases in {elapsed:.0f} s; rows appended to {os.path.join(args.out, 'results.csv')}"
+          f"{plotted}")  # fmt: skip
     errors = [r for r in rows if r["y_p50"] in ("error", "TIMEOUT")]
     if errors:
         print(f"{len(errors)} measurement(s) failed; see the notes above", file=sys.stderr)

@@ -137,6 +137,9 @@ def main(argv=None) -> int:
         print("--suite gpu needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
     device = torch.device(args.device)
+    from .cli import can_plot
+
+    plot = can_plot()
     out = args.out or result_dir(args.results_root, device)
     os.makedirs(out, exist_ok=True)
     command = "facekernels-bench --suite gpu " + " ".join(shlex.quote(a) for a in argv)
@@ -161,7 +164,7 @@ def main(argv=None) -> int:
     cases = plan(device, max_classes=args.max_classes, quick=args.quick, providers=args.providers)
     rows = sweep(cases, device, settings,
                  timeout_s=args.timeout, progress=not args.no_progress, deadline=deadline)  # fmt: skip
-    write_outputs(rows, out, command, device, time.perf_counter() - sweep_start)
+    write_outputs(rows, out, command, device, time.perf_counter() - sweep_start, plot=plot)
     summary = ", ".join(f"{k} exit {v}" for k, v in codes.items()) or "build and tests skipped"
     with open(os.path.join(out, "env.txt"), "a") as f:
         f.write(f"\nsuite: {summary}; sweep {time.perf_counter() - sweep_start:.0f} s; "

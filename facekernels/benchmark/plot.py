@@ -13,6 +13,15 @@ def _color(provider: str) -> str:
     return f"C{_provider_order(provider) % 10}" if provider in PROVIDER_ORDER else "C9"
 
 
+def matplotlib_available() -> bool:
+    """matplotlib is an optional (bench) dependency: the CLI asks before measuring, not after."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def save_plot(rows: list, path: str) -> str | None:
     """One row of two panels (time, memory) per (kernel, mode, dtype, config); None when nothing to plot."""
     import matplotlib

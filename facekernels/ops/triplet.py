@@ -13,6 +13,11 @@ a (B, B) matrix W = dL/dr. Since r is a function of the Gram matrix g = E E^T,
     cosine:          dL/dg = W
 and dL/dE = (dL/dg + dL/dg^T) E. The L2 normalisation (normalize=True, and always for cosine) is applied
 here with torch ops before the fused part, so autograd chains through x / max(||x||, eps).
+
+Higher derivatives (create_graph=True): the backward is torch ops on E, so autograd differentiates it again;
+that is exact when W is locally constant (the hinge of squared_euclidean or cosine distances). Where the
+slopes depend on E (euclidean's 1 / 2d, soft's sigmoid) such a backward recomputes them as torch ops on the
+mined triplets (``_differentiable_slopes``), so the second derivative includes their variation.
 """
 
 from __future__ import annotations
@@ -58,14 +63,67 @@ def _grad_from_slopes(w: torch.Tensor, rows: torch.Tensor, distance: str) -> tor
     return 2 * ((w.sum(1) + w.sum(0)).unsqueeze(1) * e - w_sym @ e)
 
 
+def _distances(rows: torch.Tensor, distance: str) -> torch.Tensor:
+    """pair_distance of triplet_select.h as differentiable torch ops: (B, B), floored at 0, and a sqrt
+    whose derivative at 0 is 0 (never inf, which would turn a second derivative into NaN)."""
+    gram = rows @ rows.t()
+    if distance == "cosine":
+        return F.relu(1 - gram)
+    sq = gram.diagonal()
+    raw = F.relu(sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * gram)
+    if distance == "squared_euclidean":
+        return raw
+    return torch.where(raw > 0, torch.where(raw > 0, raw, 1).sqrt(), 0)
+
+
+def _differentiable_slopes(rows: torch.Tensor, triplets: torch.Tensor, params: TripletParams) -> torch.Tensor:
+    """The (T, 2) slopes d term / d raw(a, p), d term / d raw(a, n) that the kernels return as numbers,
+    recomputed as functions of the rows (triplet_term and distance_slope of triplet_select.h). Their
+    derivative is the part of the second derivative that constant slopes miss: d(1 / 2d) for euclidean,
+    sigmoid'(gap) for soft. The hinge's slope and the floors are piecewise constant (0 derivative)."""
+    dist = _distances(rows, params.distance)
+    a, p, n = triplets.unbind(1)
+    d_ap, d_an = dist[a, p], dist[a, n]
+    gap = d_ap - d_an
+    if params.soft:
+        # softplus(x) = x above torch's threshold 20 (the reference): slope 1 and no curvature there
+        slope = torch.where(gap > 20, 1, torch.sigmoid(gap))
+    else:
+        h = gap + params.margin
+        slope = ((h > 0) | h.isnan()).to(rows.dtype)
+
+    def dist_slope(d):  # d d / d raw, 0 where the distance is 0 or a floor is active
+        if params.distance == "cosine":
+            return torch.where(d > 0, -1.0, 0.0).to(d.dtype)
+        if params.distance == "squared_euclidean":
+            return (d > 0).to(d.dtype)
+        return torch.where(d > 0, 0.5 / torch.where(d > 0, d, 1), 0)
+
+    return torch.stack([slope * dist_slope(d_ap), -slope * dist_slope(d_an)], dim=1)
+
+
+def _grad_from_terms(rows, triplets, grad_terms, slopes, distance):
+    """dL/dE from per-term upstream gradients and slopes: W = dL/dr scattered from the (a, p), (a, n) pairs."""
+    a, p, n = triplets.unbind(1)
+    w = slopes.new_zeros(rows.shape[0], rows.shape[0])
+    w.index_put_((a, p), grad_terms * slopes[:, 0], accumulate=True)  # in place: autograd records it too
+    w.index_put_((a, n), grad_terms * slopes[:, 1], accumulate=True)
+    return _grad_from_slopes(w, rows, distance)
+
+
+def _slopes_are_constant(params: TripletParams) -> bool:
+    """Whether the slopes are locally constant in the rows (a hinge of squared-euclidean or cosine
+    distances: +-1 or 0), so that a backward with constant W is exact to every order."""
+    return not params.soft and params.distance != "euclidean"
+
+
 class TripletFunction(torch.autograd.Function):
     """Fused mining + loss of ``rows`` (already normalised when the loss normalises)."""
 
     @staticmethod
     def forward(ctx, rows, labels, params: TripletParams):
         ops = torch.ops.facekernels  # loaded when this module was imported
-        ctx.distance = params.distance
-        ctx.reduction = params.reduction
+        ctx.params = params
         if params.reduction == "none":
             terms, triplets, slopes = ops.triplet_terms(rows, labels, params.mining, params.distance,
                                                         params.margin, params.soft)  # fmt: skip
@@ -73,31 +131,48 @@ class TripletFunction(torch.autograd.Function):
             ctx.mark_non_differentiable(triplets)
             return terms, triplets
         stats, coef = ops.triplet_reduce(rows, labels, params.mining, params.distance, params.margin, params.soft)
-        total = stats[:, 0].sum()
-        # per-anchor counts are integers (exact in float32 below 2^24 terms per anchor); their total is
-        # summed in float64 (float32 would round past 2^24 terms in the batch); no gradient flows there
-        count, nonzero = stats[:, 1:].double().sum(0).unbind()
+        # the per-anchor sums (summed in float64 by the kernel, rounded once) and counts (integers, exact in
+        # float32 below 2^24 terms per anchor) are added up in float64 too: the batch can hold billions of
+        # terms; no gradient flows here
+        total, count, nonzero = stats.double().sum(0).unbind()
         denominator = (nonzero if params.reduction == "mean_nonzero" else count).clamp_min(1)
         if params.reduction == "sum":
             denominator = torch.ones_like(denominator)
-        denominator = denominator.to(total.dtype)
-        ctx.save_for_backward(rows, coef, denominator)
-        return total / denominator
+        ctx.save_for_backward(rows, labels, coef, denominator.to(stats.dtype))
+        return (total / denominator).to(stats.dtype)
 
     @staticmethod
     def backward(ctx, *grads):
-        if ctx.reduction != "none":
-            rows, coef, denominator = ctx.saved_tensors
+        # grad mode is on inside backward exactly when the caller asked for create_graph=True
+        if torch.is_grad_enabled() and not _slopes_are_constant(ctx.params):
+            return TripletFunction._backward_with_graph(ctx, grads[0]), None, None
+        distance = ctx.params.distance
+        if ctx.params.reduction != "none":
+            rows, _, coef, denominator = ctx.saved_tensors
             # the gradient is linear in W: scale the (B, d) result rather than the (B, B) matrix
             scale = grads[0].to(coef.dtype) / denominator
-            return (_grad_from_slopes(coef, rows, ctx.distance) * scale).to(rows.dtype), None, None
+            return (_grad_from_slopes(coef, rows, distance) * scale).to(rows.dtype), None, None
         rows, triplets, slopes = ctx.saved_tensors
-        grad_terms = grads[0].to(slopes.dtype)
-        a, p, n = triplets.unbind(1)
-        w = slopes.new_zeros(rows.shape[0], rows.shape[0])
-        w.index_put_((a, p), grad_terms * slopes[:, 0], accumulate=True)
-        w.index_put_((a, n), grad_terms * slopes[:, 1], accumulate=True)
-        return _grad_from_slopes(w, rows, ctx.distance).to(rows.dtype), None, None
+        return _grad_from_terms(rows, triplets, grads[0].to(slopes.dtype), slopes, distance).to(rows.dtype), None, None
+
+    @staticmethod
+    def _backward_with_graph(ctx, grad):
+        """A gradient that is itself differentiable (create_graph=True) where the slopes depend on the rows:
+        the same formula with the slopes recomputed by torch ops on the mined triplets. A reduced loss
+        mines them again (the forward kept only W): O(T) memory, paid only for higher derivatives."""
+        params = ctx.params
+        if params.reduction == "none":
+            rows, triplets, _ = ctx.saved_tensors
+            grad_terms = grad
+        else:
+            rows, labels, _, denominator = ctx.saved_tensors
+            _, triplets, _ = torch.ops.facekernels.triplet_terms(rows.detach(), labels, params.mining, params.distance,
+                                                                 params.margin, params.soft)  # fmt: skip
+            # every term of a reduced loss has the same upstream gradient
+            grad_terms = (grad / denominator).expand(triplets.shape[0])
+        acc = rows.to(_acc_dtype(rows.dtype))
+        slopes = _differentiable_slopes(acc, triplets, params)
+        return _grad_from_terms(acc, triplets, grad_terms.to(acc.dtype), slopes, params.distance).to(rows.dtype)
 
 
 def triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor, params: TripletParams):

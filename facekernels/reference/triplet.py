@@ -18,18 +18,26 @@ _CHUNK_ELEMENTS = 1 << 24
 
 
 def pairwise_distances(embeddings: torch.Tensor, distance: str, normalize: bool) -> torch.Tensor:
-    """(B, B) distances with an exactly-zero diagonal, floored at 0; differentiable.
+    """(B, B) distances with an exactly-zero diagonal, floored at 0, in float32 (float64 for float64
+    inputs); differentiable.
 
     Floors and hinges are relu: their (sub)gradient is 0 where the value is not strictly positive.
     """
-    e = normalize_rows(embeddings) if normalize else embeddings
+    # float32 at least: a float16 row of norm 256 has a squared norm past float16's 65504 (NaN distances),
+    # and normalising in float16 overflows at norm 65504 (zero rows)
+    e = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
+    e = normalize_rows(e) if normalize else e
     eye = torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
     if distance == "cosine":
         e_hat = e if normalize else normalize_rows(e)
         dist = F.relu(1 - e_hat @ e_hat.t())
         return torch.where(eye, 0, dist)
-    sq_norm = (e * e).sum(dim=1)
-    sq_dist = F.relu(sq_norm.unsqueeze(1) + sq_norm.unsqueeze(0) - 2 * (e @ e.t()))
+    gram = e @ e.t()
+    # the norms from the Gram diagonal, not a separate (e * e).sum: the same products summed the same way,
+    # so two equal rows are at distance exactly 0 (a separate sum can differ by an ulp, which sqrt turns
+    # into ~1e-8 and which can flip a semi-hard choice)
+    sq_norm = gram.diagonal()
+    sq_dist = F.relu(sq_norm.unsqueeze(1) + sq_norm.unsqueeze(0) - 2 * gram)
     sq_dist = torch.where(eye, 0, sq_dist)
     if distance == "squared_euclidean":
         return sq_dist

@@ -14,7 +14,6 @@
 namespace facekernels {
 
 using std::fmax;
-using std::fmin;
 using std::sqrt;
 
 // x_hat = x / max(||x||, kNormEps): the eps of torch.nn.functional.normalize and of
@@ -32,10 +31,17 @@ FK_HOST_DEVICE Acc relu_keep_nan(Acc x) {
   return (x > Acc(0) || x != x) ? x : Acc(0);
 }
 
-// c = clamp(x_hat . w_hat, -1, 1) from the three dot products x.w, x.x and w.w.
+// clamp(x, -1, 1) that keeps NaN, like torch.clamp: fmin / fmax return the number when one side is NaN,
+// which turned a NaN cosine into -1 (comparisons with NaN are false, so it falls through unchanged).
+template <typename Acc>
+FK_HOST_DEVICE Acc clamp_unit_keep_nan(Acc x) {
+  return x < Acc(-1) ? Acc(-1) : (x > Acc(1) ? Acc(1) : x);
+}
+
+// c = clamp(x_hat . w_hat, -1, 1) from the three dot products x.w, x.x and w.w; NaN in, NaN out.
 template <typename Acc>
 FK_HOST_DEVICE Acc cosine_from_dots(Acc x_dot_w, Acc x_dot_x, Acc w_dot_w) {
-  return fmin(fmax(x_dot_w * inv_norm(x_dot_x) * inv_norm(w_dot_w), Acc(-1)), Acc(1));
+  return clamp_unit_keep_nan(x_dot_w * inv_norm(x_dot_x) * inv_norm(w_dot_w));
 }
 
 }  // namespace facekernels

@@ -178,10 +178,14 @@ FK_HOST_DEVICE void for_each_anchor_term(const AnchorRow<Acc>& row, Mining minin
 // Per-anchor statistics of a reduced loss (stats[0..2] = sum of terms, number of terms, number of terms
 // > 0) and row `anchor` of W (coef_row[j * coef_stride] += d (sum of terms) / d raw(a, j); zero-initialised
 // by the caller). Everything is written by the owner of the anchor: no atomics, deterministic.
+// The sum of terms is kept in double whatever Acc: with mining="all" one anchor has P * N terms (a quarter
+// million for two classes of 512), and a float32 running sum of that many terms of similar size loses
+// ~log2(count) bits (3e-4 relative at 2.6e5 terms). Each coef entry gets only P or N slopes, like a dot
+// product of that length, so it stays in Acc.
 template <typename Acc>
 FK_HOST_DEVICE void reduce_anchor(const AnchorRow<Acc>& row, Mining mining, Acc margin, bool soft, Acc* stats,
                                   Acc* coef_row, int64_t coef_stride) {
-  Acc total = Acc(0);
+  double total = 0.0;
   int64_t count = 0, nonzero = 0;  // exact; rounded once when stored (float32 is exact below 2^24)
   for_each_anchor_term(row, mining, margin, soft, [&](int64_t p, int64_t n, Acc value, Acc s_ap, Acc s_an) {
     total += value;
@@ -190,7 +194,7 @@ FK_HOST_DEVICE void reduce_anchor(const AnchorRow<Acc>& row, Mining mining, Acc 
     coef_row[p * coef_stride] += s_ap;
     coef_row[n * coef_stride] += s_an;
   });
-  stats[0] = total;
+  stats[0] = static_cast<Acc>(total);
   stats[1] = static_cast<Acc>(count);
   stats[2] = static_cast<Acc>(nonzero);
 }
