@@ -132,8 +132,7 @@ def sharded_margin_cross_entropy(
                 f"embeddings must have {weight.shape[1]} features (weight is {tuple(weight.shape)}); "
                 f"got shape {tuple(embeddings.shape)}"
             )
-        V._check_labels(labels, batch)
-        labels = labels.long()
+        labels = V._check_labels(labels, batch, allow_column=True).long()
         if params.uses_t:
             from .functional import _check_t_buffer
 

@@ -101,7 +101,7 @@ BAD_FORWARDS = [
     (lambda h: h(torch.randn(4, 8), torch.tensor([0, 1, 2, -3])), ValueError, "labels must lie"),
     (lambda h: h(torch.randn(4, 8), torch.tensor([0.0, 1, 2, 3])), TypeError, "labels must be an int64"),
     (lambda h: h(torch.randn(4, 8), torch.tensor([0, 1, 2])), ValueError, "labels must have shape"),
-    (lambda h: h(torch.randn(4, 8), torch.zeros(4, 1, dtype=torch.long)), ValueError, "labels must have shape"),
+    (lambda h: h(torch.randn(4, 8), torch.zeros(4, 2, dtype=torch.long)), ValueError, "labels must have shape"),
     (lambda h: h(torch.randn(4, 7), torch.zeros(4, dtype=torch.long)), ValueError, "embeddings must have 8 features"),
     (lambda h: h(torch.randn(4, 8, 1), torch.zeros(4, dtype=torch.long)), ValueError, "embeddings must be 2-D"),
     (lambda h: h(torch.randint(0, 3, (4, 8)), torch.zeros(4, dtype=torch.long)), TypeError, "embeddings must be float"),
