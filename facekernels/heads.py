@@ -7,12 +7,15 @@ backends never form them).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 
 import torch
 from torch import nn
 
 from . import _validate as V
+from ._backends import BackendUnavailableError
 from ._params import HEAD_NAMES, Fallback, HeadParams, Negatives
 
 # The published defaults of each head's margins, shared by the modules and the functional form.
@@ -26,6 +29,44 @@ HEAD_DEFAULTS = {
 }
 
 
+# The named fallbacks of the angular-margin heads (what each published trainer does where theta + m > pi).
+FALLBACKS = {
+    "monotonic": Fallback.MONOTONIC,  # c - sin(pi - m) m: CurricularFace, TFace, pytorch-metric-learning
+    "none": Fallback.NONE,  # cos(theta + m) as is: insightface arcface_torch's CombinedMarginLoss
+    "facexzoo": Fallback.OFFSET,  # c - margin_am with FaceX-Zoo's default margin_am = 0
+    "easy_margin": Fallback.POSITIVE,  # cos(theta + m) only where c > 0, else c
+}
+
+
+def with_fallback(params: HeadParams, fallback, *, head: str, easy_margin: bool = False) -> HeadParams:
+    """``params`` with the fallback that a head's ``fallback=`` argument selects where theta + m > pi.
+
+    ``fallback`` is None (the head's own), a name of FALLBACKS, or a number a >= 0 meaning ``c - a`` there
+    (FaceX-Zoo's ``margin_am``). A head has an angular margin when its own fallback is MONOTONIC or
+    POSITIVE; the others take only None, or "none" where that is already theirs.
+    """
+    if fallback is None or (isinstance(fallback, str) and fallback == "none" and params.fallback == Fallback.NONE):
+        return params
+    if params.fallback not in (Fallback.MONOTONIC, Fallback.POSITIVE):
+        raise ValueError(
+            "fallback applies to an angular margin only (ArcFace, CombinedMargin with m1 = 1 and m3 = 0, MVSoftmax "
+            f"with is_am=False, CurricularFace); got fallback={fallback!r} for head={head!r} with these margins"
+        )
+    if easy_margin and fallback != "easy_margin":
+        raise ValueError(f"easy_margin=True is fallback='easy_margin'; got fallback={fallback!r} with it")
+    if isinstance(fallback, str):
+        if fallback not in FALLBACKS:
+            raise ValueError(
+                f"fallback must be one of {', '.join(map(repr, FALLBACKS))} or a number >= 0 (c - margin_am); "
+                f"got {fallback!r}"
+            )
+        return dataclasses.replace(params, fallback=FALLBACKS[fallback])
+    if isinstance(fallback, bool) or not isinstance(fallback, numbers.Real):
+        raise TypeError(f"fallback must be a string or a number (margin_am); got {type(fallback).__name__}")
+    V.check_float("fallback", fallback, low=0.0)
+    return dataclasses.replace(params, fallback=Fallback.OFFSET, margin_am=float(fallback))
+
+
 def head_params(
     head: str,
     *,
@@ -35,6 +76,10 @@ def head_params(
     **margins,
 ) -> HeadParams:
     """Validate one head's hyper-parameters and map them onto the common parametrisation."""
+    if "fallback" in margins:  # the angular-margin heads' option, applied on top of the head's own parameters
+        fallback = margins.pop("fallback")
+        params = head_params(head, reduction=reduction, ignore_index=ignore_index, margin_grad=margin_grad, **margins)
+        return with_fallback(params, fallback, head=head, easy_margin=margins.get("easy_margin", False))
     V.check_choice("head", head, HEAD_NAMES)
     V.check_head_options(reduction, ignore_index, margin_grad, "auto")
     unknown = set(margins) - set(HEAD_DEFAULTS[head])
@@ -76,6 +121,7 @@ def head_params(
 
 class _MarginHead(nn.Module):
     head: str  # key of HEAD_DEFAULTS
+    presets: dict = {}  # name -> constructor arguments that reproduce that trainer's head (see like())
 
     def __init__(self, in_features, num_classes, *, reduction, ignore_index, margin_grad, backend, process_group,
                  sample_rate, sample_seed, **margins):  # fmt: skip
@@ -113,6 +159,21 @@ class _MarginHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_local, self.in_features))
         self.reset_parameters()
 
+    @classmethod
+    def like(cls, preset: str, in_features: int, num_classes: int, **overrides):
+        """This head configured as a published trainer's head, e.g. ``ArcFace.like("insightface", 512, C)``.
+
+        Args:
+            preset: one of ``cls.presets`` (the trainer whose numbers to reproduce).
+            in_features: embedding size d.
+            num_classes: number of classes C.
+            **overrides: any constructor argument, replacing the preset's (e.g. ``backend="reference"``).
+        """
+        if not cls.presets:
+            raise ValueError(f"{cls.__name__} has no presets")
+        V.check_choice("preset", preset, tuple(cls.presets))
+        return cls(in_features, num_classes, **{**cls.presets[preset], **overrides})
+
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, 0.0, 0.01)
 
@@ -122,6 +183,7 @@ class _MarginHead(nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         from .functional import _margin_cross_entropy
 
+        self._check_fallback_backend(embeddings)
         if self.process_group is not None:
             from .sharded import sharded_margin_cross_entropy
 
@@ -134,9 +196,21 @@ class _MarginHead(nn.Module):
             embeddings, self.weight, labels, self.params, t=self._t(), training=self.training, backend=self.backend
         )
 
+    def _check_fallback_backend(self, embeddings) -> None:
+        # The compiled CPU kernels derive the fallback's threshold and offset from (fallback, m2) in csrc and
+        # know no Fallback.OFFSET (their own check would name only an enum value): say what to use instead.
+        on_cpu_kernels = self.backend == "cpu" or (self.backend == "auto" and isinstance(embeddings, torch.Tensor)
+                                                   and embeddings.device.type == "cpu")  # fmt: skip
+        if self.params.fallback == Fallback.OFFSET and on_cpu_kernels:
+            raise BackendUnavailableError(
+                f"fallback={self.margins['fallback']!r} (c - margin_am where theta + m > pi, FaceX-Zoo's ArcFace) is "
+                "not in the compiled cpu kernels yet; use backend='reference' for CPU tensors (CUDA tensors: "
+                "backend='triton' or 'auto')"
+            )
+
     def extra_repr(self) -> str:
         p = self.params
-        margins = ", ".join(f"{k}={v}" for k, v in self.margins.items())
+        margins = ", ".join(f"{k}={v!r}" for k, v in self.margins.items())
         return (
             f"in_features={self.in_features}, num_classes={self.num_classes}, {margins}, "
             f"reduction={p.reduction!r}, ignore_index={p.ignore_index}, margin_grad={p.margin_grad!r}, "
@@ -168,11 +242,19 @@ class ArcFace(_MarginHead):
     """Additive angular margin: target cos(theta + m), with the monotonic (or easy_margin) fallback."""
 
     head = "arcface"
+    presets = {
+        # arcface_torch (CombinedMarginLoss(64, 1, 0.5, 0) or ArcFace): cos(theta + m) as is, straight-through
+        "insightface": dict(s=64.0, m=0.5, fallback="none", margin_grad="straight_through"),
+        "curricularface": dict(s=64.0, m=0.5, fallback="monotonic"),  # head/metrics.py ArcFace
+        "tface": dict(s=64.0, m=0.5, fallback="monotonic"),  # torchkit/head/localfc/arcface.py
+        "facexzoo": dict(s=32.0, m=0.35, fallback="facexzoo"),  # head/ArcFace.py defaults (margin_am = 0)
+        "pytorch-metric-learning": dict(s=64.0, m=math.radians(28.6), fallback="monotonic"),  # margin in degrees
+    }
 
-    def __init__(self, in_features, num_classes, s=64.0, m=0.5, easy_margin=False, *, reduction="mean",
-                 ignore_index=-100, margin_grad="exact", backend="auto",
+    def __init__(self, in_features, num_classes, s=64.0, m=0.5, easy_margin=False, *, fallback=None,
+                 reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
                  process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
-        super().__init__(in_features, num_classes, s=s, m=m, easy_margin=easy_margin,
+        super().__init__(in_features, num_classes, s=s, m=m, easy_margin=easy_margin, fallback=fallback,
                          **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
                                     sample_seed))  # fmt: skip
 
@@ -181,6 +263,11 @@ class CosFace(_MarginHead):
     """Additive cosine margin: target cos(theta) - m."""
 
     head = "cosface"
+    presets = {
+        "insightface": dict(s=64.0, m=0.4),  # CombinedMarginLoss(64, 1, 0, 0.4) / CosFace(m=0.40)
+        "facexzoo": dict(s=32.0, m=0.35),  # head/AM_Softmax.py defaults
+        "pytorch-metric-learning": dict(s=64.0, m=0.35),  # CosFaceLoss defaults
+    }
 
     def __init__(self, in_features, num_classes, s=64.0, m=0.35, *, reduction="mean", ignore_index=-100,
                  margin_grad="exact", backend="auto",
@@ -194,11 +281,15 @@ class CombinedMargin(_MarginHead):
     """insightface's combined margin: target cos(m1 * theta + m2) - m3."""
 
     head = "combined"
+    presets = {
+        # arcface_torch's CombinedMarginLoss in its ArcFace mode: no fallback, straight-through margin gradient
+        "insightface": dict(s=64.0, m1=1.0, m2=0.5, m3=0.0, fallback="none", margin_grad="straight_through"),
+    }
 
-    def __init__(self, in_features, num_classes, s=64.0, m1=1.0, m2=0.5, m3=0.0, *, reduction="mean",
-                 ignore_index=-100, margin_grad="exact", backend="auto",
+    def __init__(self, in_features, num_classes, s=64.0, m1=1.0, m2=0.5, m3=0.0, *, fallback=None,
+                 reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
                  process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
-        super().__init__(in_features, num_classes, s=s, m1=m1, m2=m2, m3=m3,
+        super().__init__(in_features, num_classes, s=s, m1=m1, m2=m2, m3=m3, fallback=fallback,
                          **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
                                     sample_seed))  # fmt: skip
 
@@ -207,11 +298,12 @@ class MVSoftmax(_MarginHead):
     """MV-Softmax (FaceX-Zoo): hard negatives reweighted to (t + 1) cos + t; AM or Arc target margin."""
 
     head = "mv_softmax"
+    presets = {"facexzoo": dict(s=32.0, m=0.35, t=0.12, is_am=True)}  # mv_weight = 1.12 = t + 1; is_am=False: Arc
 
-    def __init__(self, in_features, num_classes, s=32.0, m=0.35, t=0.2, is_am=True, *, reduction="mean",
-                 ignore_index=-100, margin_grad="exact", backend="auto",
+    def __init__(self, in_features, num_classes, s=32.0, m=0.35, t=0.2, is_am=True, *, fallback=None,
+                 reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
                  process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
-        super().__init__(in_features, num_classes, s=s, m=m, t=t, is_am=is_am,
+        super().__init__(in_features, num_classes, s=s, m=m, t=t, is_am=is_am, fallback=fallback,
                          **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
                                     sample_seed))  # fmt: skip
 
@@ -224,11 +316,16 @@ class CurricularFace(_MarginHead):
     """
 
     head = "curricular"
+    presets = {
+        "curricularface": dict(s=64.0, m=0.5, momentum=0.01),  # the official head/metrics.py
+        "facexzoo": dict(s=64.0, m=0.5, momentum=0.01),  # head/CurricularFace.py, a copy of the official one
+        "tface": dict(s=64.0, m=0.5, momentum=0.1),  # torchkit/head/localfc/curricularface.py: alpha = 0.1
+    }
 
-    def __init__(self, in_features, num_classes, s=64.0, m=0.5, momentum=0.01, *, reduction="mean",
-                 ignore_index=-100, margin_grad="exact", backend="auto",
+    def __init__(self, in_features, num_classes, s=64.0, m=0.5, momentum=0.01, *, fallback=None,
+                 reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
                  process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
-        super().__init__(in_features, num_classes, s=s, m=m, momentum=momentum,
+        super().__init__(in_features, num_classes, s=s, m=m, momentum=momentum, fallback=fallback,
                          **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
                                     sample_seed))  # fmt: skip
         self.register_buffer("t", torch.zeros((), dtype=torch.float32))
