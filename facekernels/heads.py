@@ -7,6 +7,7 @@ backends never form them).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -180,6 +181,10 @@ class _MarginHead(nn.Module):
     def _t(self):
         return None
 
+    def _updates_t(self) -> bool:
+        # the `training` the backends get: it switches CurricularFace's t update and nothing else
+        return self.training
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         from .functional import _margin_cross_entropy
 
@@ -188,12 +193,12 @@ class _MarginHead(nn.Module):
             from .sharded import sharded_margin_cross_entropy
 
             return sharded_margin_cross_entropy(
-                embeddings, self.weight, labels, self.params, self._t(), self.training, group=self.process_group,
+                embeddings, self.weight, labels, self.params, self._t(), self._updates_t(), group=self.process_group,
                 num_classes=self.num_classes, class_start=self.class_start, backend=self.backend,
                 sample_rate=self.sample_rate, generator=self.sample_generator,
             )  # fmt: skip
         return _margin_cross_entropy(
-            embeddings, self.weight, labels, self.params, t=self._t(), training=self.training, backend=self.backend
+            embeddings, self.weight, labels, self.params, t=self._t(), training=self._updates_t(), backend=self.backend
         )
 
     def _check_fallback_backend(self, embeddings) -> None:
@@ -329,9 +334,46 @@ class CurricularFace(_MarginHead):
                          **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
                                     sample_seed))  # fmt: skip
         self.register_buffer("t", torch.zeros((), dtype=torch.float32))
+        self.update_t = True
 
     def _t(self):
         return self.t
+
+    @property
+    def update_t(self) -> bool:
+        """Whether a training-mode forward updates ``t`` (default True; see ``frozen_t``)."""
+        return self._update_t
+
+    @update_t.setter
+    def update_t(self, value: bool) -> None:
+        V.check_bool("update_t", value)
+        self._update_t = value
+
+    def _updates_t(self) -> bool:
+        return self.training and self.update_t
+
+    @contextlib.contextmanager
+    def frozen_t(self, frozen: bool = True):
+        """Within the block, forwards read ``t`` without updating it (when ``frozen``; else nothing changes).
+
+        For gradient accumulation, update ``t`` once per optimizer step, on the first micro-batch, so that
+        every micro-batch of the step uses the same ``t`` (as one large batch would)::
+
+            for i, (x, y) in enumerate(micro_batches):
+                with head.frozen_t(i > 0):
+                    (head(backbone(x), y) / len(micro_batches)).backward()
+            optimizer.step()
+
+        Args:
+            frozen: freeze ``t`` in the block (a condition such as ``i > 0`` reads well in a loop).
+        """
+        V.check_bool("frozen", frozen)
+        previous = self.update_t
+        self.update_t = previous and not frozen
+        try:
+            yield self
+        finally:
+            self.update_t = previous
 
     def _apply(self, fn, *args, **kwargs):
         # .half() / .double() / .to(dtype) convert the weight; t stays a float32 running statistic
