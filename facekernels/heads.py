@@ -178,6 +178,33 @@ class _MarginHead(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, 0.0, 0.01)
 
+    # Partial FC's sampling generator is module state: a run resumed from state_dict() draws the same classes.
+    # The extra state is a uint8 tensor (the generator's state, empty without a generator), so that every value
+    # of state_dict() stays a tensor (safetensors, EMA helpers).
+    def get_extra_state(self) -> torch.Tensor:
+        if self.sample_generator is None:
+            return torch.empty(0, dtype=torch.uint8)
+        return self.sample_generator.get_state()
+
+    def set_extra_state(self, state) -> None:
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
+            raise ValueError("_extra_state must be a 1-D uint8 tensor (a sampling generator's state)")
+        if state.numel() == 0:
+            return  # saved without a generator: keep this head's own
+        if self.sample_generator is None:
+            self.sample_generator = torch.Generator()
+        self.sample_generator.set_state(state.cpu())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # fmt: skip
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)  # fmt: skip
+        # state dicts without the extra state (another trainer's layout, insightface's Partial FC shards, older
+        # checkpoints) still load with strict=True: nothing to restore, the generator stays as it is
+        key = prefix + "_extra_state"
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)
+
     def _t(self):
         return None
 
