@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from peers import rows_with_target_cosines
 
 import facekernels as fk
 from facekernels import _extension
@@ -20,23 +21,6 @@ M = 0.5
 TARGET_COS = [-0.97, -0.93, -0.9, -0.6, -0.2, 0.1, 0.5, 0.8, 0.95, -0.95, 0.3]
 FALLBACKS = ["monotonic", "none", "easy_margin", "facexzoo", 0.2]
 HEADS = ["arcface", "combined", "curricular", "mv_arc"]
-
-
-def rows_with_target_cosines(cos, classes=7, features=5, dtype=torch.float64, seed=0):
-    """(x, w, y) with cos(x_i, w_{y_i}) = cos[i] exactly (in float64) and unnormalised x and w."""
-    g = torch.Generator().manual_seed(seed)
-    batch = len(cos)
-    w = torch.randn(classes, features, generator=g, dtype=torch.float64)
-    y = torch.randint(0, classes, (batch,), generator=g)
-    w_hat = w / w.norm(dim=1, keepdim=True)
-    u = torch.randn(batch, features, generator=g, dtype=torch.float64)
-    u = u - (u * w_hat[y]).sum(1, keepdim=True) * w_hat[y]  # orthogonal to the target's class
-    u = u / u.norm(dim=1, keepdim=True)
-    c = torch.tensor(cos, dtype=torch.float64).unsqueeze(1)
-    x = c * w_hat[y] + (1 - c * c).sqrt() * u
-    x = x * (0.5 + torch.rand(batch, 1, generator=g, dtype=torch.float64) * 3)
-    w = w * (0.5 + torch.rand(classes, 1, generator=g, dtype=torch.float64) * 3)
-    return x.to(dtype), w.to(dtype), y
 
 
 def oracle_loss(x, w, y, *, s, m, fallback, margin_grad, negatives="plain", t=0.0):
