@@ -1,6 +1,6 @@
 """Hyper-parameters of the heads and the triplet loss, as frozen dataclasses.
 
-Every head of ``shared/spec/heads.md`` is one point of a single parametrisation, so that each backend
+Every head of docs/heads.md is one point of a single parametrisation, so that each backend
 implements one formula (Python reference, Triton helpers, C++ header) instead of one per head:
 
 * target before fallback    ``phi_raw(c) = cos(m1 * theta + m2) - m3``          (theta = acos c)

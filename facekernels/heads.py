@@ -1,4 +1,4 @@
-"""The margin-softmax heads as ``nn.Module``s (``shared/spec/api.md``).
+"""The margin-softmax heads as ``nn.Module``s (semantics: docs/heads.md; other trainers: docs/migration.md).
 
 Each head owns ``weight`` (num_classes, in_features), initialised ``normal_(0, 0.01)``, and its forward
 returns the cross-entropy loss of the head's logits; the logits themselves are never returned (the fused
@@ -42,9 +42,18 @@ FALLBACKS = {
 def with_fallback(params: HeadParams, fallback, *, head: str, easy_margin: bool = False) -> HeadParams:
     """``params`` with the fallback that a head's ``fallback=`` argument selects where theta + m > pi.
 
-    ``fallback`` is None (the head's own), a name of FALLBACKS, or a number a >= 0 meaning ``c - a`` there
-    (FaceX-Zoo's ``margin_am``). A head has an angular margin when its own fallback is MONOTONIC or
-    POSITIVE; the others take only None, or "none" where that is already theirs.
+    A head has an angular margin when its own fallback is MONOTONIC or POSITIVE; the others take only None, or
+    "none" where that is already theirs.
+
+    Args:
+        params: the head's own parameters (head_params without ``fallback``).
+        fallback: None (keep the head's own), a name of FALLBACKS, or a number a >= 0 meaning ``c - a`` there
+            (FaceX-Zoo's ``margin_am``).
+        head: the head's name, for error messages.
+        easy_margin: ArcFace's ``easy_margin`` (it is fallback="easy_margin" and excludes any other).
+
+    Returns:
+        HeadParams with ``fallback`` (and ``margin_am``) set.
     """
     if fallback is None or (isinstance(fallback, str) and fallback == "none" and params.fallback == Fallback.NONE):
         return params
@@ -76,7 +85,19 @@ def head_params(
     margin_grad: str = "exact",
     **margins,
 ) -> HeadParams:
-    """Validate one head's hyper-parameters and map them onto the common parametrisation."""
+    """Validate one head's hyper-parameters and map them onto the common parametrisation.
+
+    Args:
+        head: "norm_softmax", "arcface", "cosface", "combined", "mv_softmax" or "curricular".
+        reduction: "mean", "sum" or "none".
+        ignore_index: the label of ignored rows.
+        margin_grad: "exact" or "straight_through".
+        **margins: the head's own arguments (s, m, easy_margin, m1, m2, m3, t, is_am, momentum, fallback; as the
+            modules take them), each defaulting to the published value.
+
+    Returns:
+        The HeadParams every backend computes with.
+    """
     if "fallback" in margins:  # the angular-margin heads' option, applied on top of the head's own parameters
         fallback = margins.pop("fallback")
         params = head_params(head, reduction=reduction, ignore_index=ignore_index, margin_grad=margin_grad, **margins)
@@ -176,17 +197,24 @@ class _MarginHead(nn.Module):
         return cls(in_features, num_classes, **{**cls.presets[preset], **overrides})
 
     def reset_parameters(self) -> None:
+        """Re-initialise ``weight`` to normal_(0, 0.01) (insightface's and CurricularFace's)."""
         nn.init.normal_(self.weight, 0.0, 0.01)
 
     # Partial FC's sampling generator is module state: a run resumed from state_dict() draws the same classes.
     # The extra state is a uint8 tensor (the generator's state, empty without a generator), so that every value
     # of state_dict() stays a tensor (safetensors, EMA helpers).
     def get_extra_state(self) -> torch.Tensor:
+        """The sampling generator's state (a uint8 tensor; empty without a generator), for state_dict()."""
         if self.sample_generator is None:
             return torch.empty(0, dtype=torch.uint8)
         return self.sample_generator.get_state()
 
     def set_extra_state(self, state) -> None:
+        """Restore the sampling generator from ``state`` (get_extra_state's tensor; empty: leave it as it is).
+
+        Args:
+            state: a 1-D uint8 tensor.
+        """
         if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
             raise ValueError("_extra_state must be a 1-D uint8 tensor (a sampling generator's state)")
         if state.numel() == 0:
@@ -213,6 +241,16 @@ class _MarginHead(nn.Module):
         return self.training
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of a batch.
+
+        Args:
+            embeddings: (B, d) float16, bfloat16, float32 or float64 tensor, not normalised (the head does it).
+            labels: (B,) int64 (or int32) class ids in [0, num_classes), or ignore_index.
+
+        Returns:
+            The loss: a 0-dim tensor, or the (B,) row losses with reduction="none"; float32 (float64 for
+            float64 inputs).
+        """
         from .functional import _margin_cross_entropy
 
         self._check_fallback_backend(embeddings)
@@ -252,26 +290,85 @@ class _MarginHead(nn.Module):
         )
 
 
+# The arguments every head takes, appended to each class docstring (help(fk.ArcFace) shows them).
+_SIZES = """
+        in_features: embedding size d.
+        num_classes: number of classes C; ``weight`` is (C, d) (one row per class), or (num_local, d) on each
+            rank of a class-sharded head."""
+_FALLBACK = """
+        fallback: the target logit where theta + m > pi: None (this head's own), "monotonic"
+            (c - sin(pi - m) m: CurricularFace, TFace, pytorch-metric-learning), "none" (cos(theta + m) as is:
+            insightface), "facexzoo" (c: FaceX-Zoo's ArcFace) or a number a >= 0 (c - a: FaceX-Zoo's
+            margin_am), "easy_margin" (c wherever c <= 0). The compiled cpu kernels do not have "facexzoo" or a
+            number yet: use backend="reference" for CPU tensors there."""
+_COMMON = """
+        reduction: "mean" (over the rows not labelled ignore_index; 0 when there is none), "sum", or "none"
+            (the (B,) row losses, 0 on ignored rows).
+        ignore_index: the label of rows that add no loss and get no gradient (-100 as in
+            torch.nn.functional.cross_entropy).
+        margin_grad: "exact" (the true derivative of the target logit) or "straight_through" (d phi / d cos := 1,
+            as insightface's arcface_torch).
+        backend: "auto" (compiled CPU kernels for CPU tensors, Triton for CUDA tensors), "cpu", "triton" or
+            "reference" (eager PyTorch; forms the (B, C) logits). A backend that cannot run raises
+            BackendUnavailableError.
+        process_group: a torch.distributed group to shard the classes over (insightface's split; the loss is
+            that of the global batch); None: one device.
+        sample_rate: Partial FC: the fraction of each rank's classes used per step (every positive plus random
+            others); below 1 it needs process_group.
+        sample_seed: seed of the head's own sampling generator, whose state is saved in state_dict() (a
+            resumed run draws the same classes); None: torch's global generator.
+
+    Attributes:
+        weight: the class weights, a Parameter of shape (num_classes, in_features) (num_local rows when
+            sharded), initialised normal_(0, 0.01).
+        params: the HeadParams the backends compute with.
+
+    ``forward(embeddings, labels)`` returns the loss; ``Head.like(preset, in_features, num_classes)`` builds
+    the head configured as a published trainer's (``presets``). Semantics: docs/heads.md.
+"""
+
+
 def _options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate, sample_seed):
     return dict(reduction=reduction, ignore_index=ignore_index, margin_grad=margin_grad, backend=backend,
                 process_group=process_group, sample_rate=sample_rate, sample_seed=sample_seed)  # fmt: skip
 
 
 class NormSoftmax(_MarginHead):
-    """NormFace: logits s * cos(theta), no margin."""
+    __doc__ = (
+        """NormFace: the cross-entropy of the logits s * cos(theta), no margin.
+
+    Args:"""
+        + _SIZES
+        + """
+        s: scale of the logits."""
+        + _COMMON
+    )
 
     head = "norm_softmax"
 
     def __init__(self, in_features, num_classes, s=64.0, *, reduction="mean", ignore_index=-100,
                  margin_grad="exact", backend="auto",
                  process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
+        """Build the head; the arguments are described in the class docstring."""
         super().__init__(in_features, num_classes, s=s,
                          **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
                                      sample_seed))  # fmt: skip
 
 
 class ArcFace(_MarginHead):
-    """Additive angular margin: target cos(theta + m), with the monotonic (or easy_margin) fallback."""
+    __doc__ = (
+        """ArcFace (additive angular margin): the target logit s * cos(theta + m), the others s * cos(theta).
+
+    Args:"""
+        + _SIZES
+        + """
+        s: scale of the logits.
+        m: angular margin in radians, in [0, pi).
+        easy_margin: the classic option: the target logit is s * cos(theta) wherever cos(theta) <= 0 (the same
+            as fallback="easy_margin")."""
+        + _FALLBACK
+        + _COMMON
+    )
 
     head = "arcface"
     presets = {
@@ -286,13 +383,23 @@ class ArcFace(_MarginHead):
     def __init__(self, in_features, num_classes, s=64.0, m=0.5, easy_margin=False, *, fallback=None,
                  reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
                  process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
+        """Build the head; the arguments are described in the class docstring."""
         super().__init__(in_features, num_classes, s=s, m=m, easy_margin=easy_margin, fallback=fallback,
                          **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
                                     sample_seed))  # fmt: skip
 
 
 class CosFace(_MarginHead):
-    """Additive cosine margin: target cos(theta) - m."""
+    __doc__ = (
+        """CosFace / AM-Softmax (additive cosine margin): the target logit s * (cos(theta) - m).
+
+    Args:"""
+        + _SIZES
+        + """
+        s: scale of the logits.
+        m: cosine margin, >= 0."""
+        + _COMMON
+    )
 
     head = "cosface"
     presets = {
@@ -304,13 +411,29 @@ class CosFace(_MarginHead):
     def __init__(self, in_features, num_classes, s=64.0, m=0.35, *, reduction="mean", ignore_index=-100,
                  margin_grad="exact", backend="auto",
                  process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
+        """Build the head; the arguments are described in the class docstring."""
         super().__init__(in_features, num_classes, s=s, m=m,
                          **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
                                      sample_seed))  # fmt: skip
 
 
 class CombinedMargin(_MarginHead):
-    """insightface's combined margin: target cos(m1 * theta + m2) - m3."""
+    __doc__ = (
+        """insightface's combined margin: the target logit s * (cos(m1 * theta + m2) - m3).
+
+    m1 = 1, m3 = 0 is ArcFace (with its fallback); m1 = 1, m2 = 0 is CosFace.
+
+    Args:"""
+        + _SIZES
+        + """
+        s: scale of the logits.
+        m1: multiplicative angular margin, > 0.
+        m2: additive angular margin in radians, in [0, pi).
+        m3: additive cosine margin, >= 0."""
+        + _FALLBACK
+        + """ Only when m1 = 1 and m3 = 0."""
+        + _COMMON
+    )
 
     head = "combined"
     presets = {
@@ -321,13 +444,31 @@ class CombinedMargin(_MarginHead):
     def __init__(self, in_features, num_classes, s=64.0, m1=1.0, m2=0.5, m3=0.0, *, fallback=None,
                  reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
                  process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
+        """Build the head; the arguments are described in the class docstring."""
         super().__init__(in_features, num_classes, s=s, m1=m1, m2=m2, m3=m3, fallback=fallback,
                          **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
                                     sample_seed))  # fmt: skip
 
 
 class MVSoftmax(_MarginHead):
-    """MV-Softmax (FaceX-Zoo): hard negatives reweighted to (t + 1) cos + t; AM or Arc target margin."""
+    __doc__ = (
+        """MV-Softmax (FaceX-Zoo): a margin on the target and the hard negatives reweighted to (t + 1) c + t.
+
+    A class j is a hard negative when its cosine exceeds the target's margin-modified cosine (c - m for the AM
+    variant, cos(theta + m) for the Arc one).
+
+    Args:"""
+        + _SIZES
+        + """
+        s: scale of the logits.
+        m: the margin: cosine margin (is_am=True; the target is c - m where c > m, else c) or angular margin in
+            radians (is_am=False; the target is cos(theta + m) where c > 0, else c).
+        t: weight of the hard negatives, >= 0 (FaceX-Zoo's mv_weight is t + 1: its default 1.12 is t = 0.12).
+        is_am: the AM (additive cosine) variant; False: the Arc variant."""
+        + _FALLBACK
+        + """ Only the Arc variant."""
+        + _COMMON
+    )
 
     head = "mv_softmax"
     presets = {"facexzoo": dict(s=32.0, m=0.35, t=0.12, is_am=True)}  # mv_weight = 1.12 = t + 1; is_am=False: Arc
@@ -335,17 +476,34 @@ class MVSoftmax(_MarginHead):
     def __init__(self, in_features, num_classes, s=32.0, m=0.35, t=0.2, is_am=True, *, fallback=None,
                  reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
                  process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
+        """Build the head; the arguments are described in the class docstring."""
         super().__init__(in_features, num_classes, s=s, m=m, t=t, is_am=is_am, fallback=fallback,
                          **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
                                     sample_seed))  # fmt: skip
 
 
 class CurricularFace(_MarginHead):
-    """CurricularFace: ArcFace target, hard negatives reweighted to cos (t + cos) with an adaptive t.
+    __doc__ = (
+        """CurricularFace: the ArcFace target and the hard negatives reweighted to c (t + c), t adaptive.
 
-    ``t`` is a buffer (saved in state_dict) updated in training mode, before the negatives are formed,
-    to ``momentum * mean(target cosine) + (1 - momentum) * t``; read but not updated in eval mode.
-    """
+    A class j is a hard negative when its cosine exceeds cos(theta + m) of the target (before any fallback).
+    ``t`` is a buffer (0-dim float32, saved in state_dict), initially 0, updated in training mode before the
+    negatives are formed: t <- momentum * mean(target cosines) + (1 - momentum) * t, over the rows not
+    ignored (the global batch when sharded); read but not updated in eval mode. Under gradient accumulation,
+    ``frozen_t`` updates it once per optimizer step.
+
+    Args:"""
+        + _SIZES
+        + """
+        s: scale of the logits.
+        m: angular margin in radians, in [0, pi).
+        momentum: the EMA weight of t's update, in [0, 1] (official 0.01; TFace 0.1)."""
+        + _FALLBACK
+        + _COMMON
+        + """
+    Further attributes: ``t`` (the buffer) and ``update_t`` (default True: whether training forwards update t).
+"""
+    )
 
     head = "curricular"
     presets = {
@@ -357,6 +515,7 @@ class CurricularFace(_MarginHead):
     def __init__(self, in_features, num_classes, s=64.0, m=0.5, momentum=0.01, *, fallback=None,
                  reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
                  process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
+        """Build the head; the arguments are described in the class docstring."""
         super().__init__(in_features, num_classes, s=s, m=m, momentum=momentum, fallback=fallback,
                          **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
                                     sample_seed))  # fmt: skip
