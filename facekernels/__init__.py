@@ -4,7 +4,7 @@ Importing the package needs only torch: the compiled extension and Triton load w
 them first runs.
 """
 
-from . import functional, reference
+from . import convert, functional, reference
 from ._backends import BackendUnavailableError
 from ._extension import ExtensionUnavailableError
 from ._params import HeadParams, TripletParams
@@ -26,6 +26,7 @@ __all__ = [
     "NormSoftmax",
     "TripletMarginLoss",
     "TripletParams",
+    "convert",
     "functional",
     "head_params",
     "reference",

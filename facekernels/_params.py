@@ -1,6 +1,6 @@
 """Hyper-parameters of the heads and the triplet loss, as frozen dataclasses.
 
-Every head of ``shared/spec/heads.md`` is one point of a single parametrisation, so that each backend
+Every head of docs/heads.md is one point of a single parametrisation, so that each backend
 implements one formula (Python reference, Triton helpers, C++ header) instead of one per head:
 
 * target before fallback    ``phi_raw(c) = cos(m1 * theta + m2) - m3``          (theta = acos c)
@@ -9,19 +9,24 @@ implements one formula (Python reference, Triton helpers, C++ header) instead of
 * hard-negative threshold   ``tau = phi_raw`` (spec: the margin-modified cosine *before* any fallback);
 * negative logit function   ``N(c)`` (``Negatives``), applied to classes j != y with ``c_j > tau``.
 
-=========================  ===  ===  ===  ====================  ============
-head                       m1   m2   m3   fallback              negatives
-=========================  ===  ===  ===  ====================  ============
-NormSoftmax                1    0    0    NONE                  PLAIN
-CosFace(m)                 1    0    m    NONE                  PLAIN
-ArcFace(m)                 1    m    0    MONOTONIC             PLAIN
-ArcFace(m, easy_margin)    1    m    0    POSITIVE              PLAIN
-CombinedMargin(m1,m2,m3)   m1   m2   m3   MONOTONIC if m1 = 1   PLAIN
-                                          and m3 = 0, else NONE
-MVSoftmax(m, t, is_am)     1    0    m    ABOVE_M3              MV
-MVSoftmax(m, t, arc)       1    m    0    POSITIVE              MV
-CurricularFace(m)          1    m    0    MONOTONIC             CURRICULAR
-=========================  ===  ===  ===  ====================  ============
+=============================  ===  ===  ===  ======================  ============
+head                           m1   m2   m3   fallback                negatives
+=============================  ===  ===  ===  ======================  ============
+NormSoftmax                    1    0    0    NONE                    PLAIN
+CosFace(m)                     1    0    m    NONE                    PLAIN
+ArcFace(m)                     1    m    0    MONOTONIC               PLAIN
+ArcFace(m, easy_margin)        1    m    0    POSITIVE                PLAIN
+CombinedMargin(m1,m2,m3)       m1   m2   m3   MONOTONIC if m1 = 1     PLAIN
+                                              and m3 = 0, else NONE
+MVSoftmax(m, t, is_am)         1    0    m    ABOVE_M3                MV
+MVSoftmax(m, t, arc)           1    m    0    POSITIVE                MV
+CurricularFace(m)              1    m    0    MONOTONIC               CURRICULAR
+=============================  ===  ===  ===  ======================  ============
+
+Where theta + m > pi the heads with an angular margin (ArcFace, CombinedMargin with m1 = 1 and m3 = 0,
+MVSoftmax's Arc variant, CurricularFace) take ``fallback=`` to replace the default of the table
+(facekernels.heads.with_fallback): "monotonic" -> MONOTONIC, "none" -> NONE, "easy_margin" -> POSITIVE,
+"facexzoo" or a number a >= 0 -> OFFSET with margin_am = a ("facexzoo" is a = 0, FaceX-Zoo's default).
 """
 
 from __future__ import annotations
@@ -44,6 +49,10 @@ class Fallback(enum.IntEnum):
     MONOTONIC = 1  # phi = phi_raw if c > cos(pi - m2) else c - sin(pi - m2) * m2  (ArcFace official)
     POSITIVE = 2  # phi = phi_raw if c > 0 else c  (easy_margin, MV-Arc)
     ABOVE_M3 = 3  # phi = phi_raw if c > m3 else c  (MV-AM: c - m if c > m else c)
+    # phi = phi_raw if c > cos(pi - m2) else c - margin_am  (FaceX-Zoo's ArcFace). The Triton kernels and the
+    # reference read any fallback other than NONE through fallback_threshold / fallback_offset; the compiled
+    # CPU kernels derive both from (fallback, m2) in csrc and accept 0..3 only, so they reject this one.
+    OFFSET = 4
 
 
 class Negatives(enum.IntEnum):
@@ -72,6 +81,7 @@ class HeadParams:
     negatives: Negatives = Negatives.PLAIN
     mv_t: float = 0.0  # MV-Softmax's fixed t
     momentum: float = 0.0  # CurricularFace's EMA weight alpha
+    margin_am: float = 0.0  # Fallback.OFFSET: phi = c - margin_am where theta + m2 > pi (FaceX-Zoo's name)
     reduction: str = "mean"
     ignore_index: int = -100
     margin_grad: str = "exact"
@@ -88,8 +98,8 @@ class HeadParams:
     @property
     def fallback_threshold(self) -> float:
         """The cosine above which phi_raw is used (ignored for Fallback.NONE)."""
-        if self.fallback == Fallback.MONOTONIC:
-            return math.cos(math.pi - self.m2)
+        if self.fallback in (Fallback.MONOTONIC, Fallback.OFFSET):
+            return math.cos(math.pi - self.m2)  # theta + m2 > pi  <=>  c < cos(pi - m2)
         if self.fallback == Fallback.ABOVE_M3:
             return self.m3
         return 0.0
@@ -99,6 +109,8 @@ class HeadParams:
         """phi = c - fallback_offset on the fallback branch."""
         if self.fallback == Fallback.MONOTONIC:
             return math.sin(math.pi - self.m2) * self.m2
+        if self.fallback == Fallback.OFFSET:
+            return self.margin_am
         return 0.0
 
 

@@ -1,4 +1,7 @@
-"""Functional forms: the heads with the weight (and CurricularFace's t) passed explicitly."""
+"""Functional forms: the heads with the weight (and CurricularFace's t) passed explicitly, and the triplet loss.
+
+Semantics: docs/heads.md and docs/triplet.md.
+"""
 
 from __future__ import annotations
 
@@ -48,10 +51,30 @@ def margin_cross_entropy(
 ) -> torch.Tensor:
     """Margin-softmax cross-entropy of ``head`` on (embeddings (B, d), weight (C, d), labels (B,)).
 
-    ``head`` is one of "norm_softmax", "arcface", "cosface", "combined", "mv_softmax", "curricular";
-    ``margins`` are that head's constructor arguments (s, m, easy_margin, m1, m2, m3, is_am, momentum),
-    defaulting to the published values. ``t`` is the head's t: MV-Softmax's fixed float, or
-    CurricularFace's 0-dim float32 buffer, updated in place when ``training``.
+    The same loss as the head's module (docs/heads.md), with the class weights (and CurricularFace's t) passed
+    in, e.g. ``margin_cross_entropy(x, W, y, "arcface", s=64.0, m=0.5)``.
+
+    Args:
+        embeddings: (B, d) float16, bfloat16, float32 or float64 tensor, not normalised.
+        weight: (C, d) class weights, one row per class, on the device of ``embeddings``.
+        labels: (B,) int64 (or int32) class ids in [0, C), or ignore_index.
+        head: "norm_softmax", "arcface", "cosface", "combined", "mv_softmax" or "curricular".
+        t: MV-Softmax's fixed t (a float, instead of the ``t`` margin argument), or CurricularFace's buffer (a
+            0-dim float32 tensor on the device of ``embeddings``; required), updated in place when
+            ``training``. Other heads: None.
+        training: for CurricularFace, update ``t`` before the negatives are formed (the modules pass
+            ``head.training and head.update_t``); no effect on the other heads.
+        reduction: "mean" (over the rows not labelled ignore_index; 0 when there is none), "sum" or "none"
+            (the (B,) row losses).
+        ignore_index: the label of rows that add no loss and get no gradient.
+        margin_grad: "exact" (the true derivative of the target logit) or "straight_through" (d phi / d cos := 1).
+        backend: "auto" (compiled CPU kernels for CPU tensors, Triton for CUDA tensors), "cpu", "triton" or
+            "reference".
+        **margins: the head's constructor arguments (s, m, easy_margin, fallback, m1, m2, m3, is_am, momentum),
+            each defaulting to the published value.
+
+    Returns:
+        The loss: 0-dim, or (B,) with reduction="none"; float32 (float64 for float64 inputs).
     """
     V.check_bool("training", training)
     V.check_choice("backend", backend, ("auto", "triton", "cpu", "reference"))
@@ -76,8 +99,26 @@ def triplet_margin_loss(
     reduction: str = "mean",
     backend: str = "auto",
 ):
-    """Triplet loss with in-batch mining (``shared/spec/triplet.md``); with reduction="none" returns
-    ``(terms, triplets)``, triplets an int64 (T, 3) tensor of (anchor, positive, negative)."""
+    """Triplet loss with triplets mined inside the batch (docs/triplet.md).
+
+    Args:
+        embeddings: (B, d) float16, bfloat16, float32 or float64 tensor.
+        labels: (B,) int64 (or int32) labels; rows with equal labels are positives of each other.
+        margin: the hinge margin, >= 0 (unused with soft=True).
+        mining: "semihard" (FaceNet / TF-Addons: per positive pair, the closest negative farther than the
+            positive, else the farthest negative), "hard" (batch-hard: per anchor, the farthest positive and the
+            closest negative) or "all" (every valid triplet).
+        distance: "squared_euclidean", "euclidean" or "cosine" (1 - cosine similarity).
+        normalize: L2-normalise the embeddings first (FaceNet).
+        soft: softplus(d_ap - d_an) instead of the hinge max(d_ap - d_an + margin, 0).
+        reduction: "mean" (over the mined terms), "mean_nonzero" (over the terms > 0), "sum", or "none".
+        backend: "auto" (compiled kernels for the tensors' device), "cpu", "cuda" or "reference".
+
+    Returns:
+        The loss (0-dim; 0 with a zero gradient when the batch has no triplet), or with reduction="none"
+        ``(terms, triplets)``: the (T,) terms and an int64 (T, 3) tensor of their (anchor, positive, negative)
+        row indices.
+    """
     V.check_triplet_options(margin, mining, distance, normalize, soft, reduction, backend)
     labels = V.check_triplet_inputs(embeddings, labels)
     params = TripletParams(float(margin), mining, distance, normalize, soft, reduction)

@@ -1,4 +1,4 @@
-"""The margin-softmax heads as ``nn.Module``s (``shared/spec/api.md``).
+"""The margin-softmax heads as ``nn.Module``s (semantics: docs/heads.md; other trainers: docs/migration.md).
 
 Each head owns ``weight`` (num_classes, in_features), initialised ``normal_(0, 0.01)``, and its forward
 returns the cross-entropy loss of the head's logits; the logits themselves are never returned (the fused
@@ -7,12 +7,16 @@ backends never form them).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import numbers
 
 import torch
 from torch import nn
 
 from . import _validate as V
+from ._backends import BackendUnavailableError
 from ._params import HEAD_NAMES, Fallback, HeadParams, Negatives
 
 # The published defaults of each head's margins, shared by the modules and the functional form.
@@ -26,6 +30,53 @@ HEAD_DEFAULTS = {
 }
 
 
+# The named fallbacks of the angular-margin heads (what each published trainer does where theta + m > pi).
+FALLBACKS = {
+    "monotonic": Fallback.MONOTONIC,  # c - sin(pi - m) m: CurricularFace, TFace, pytorch-metric-learning
+    "none": Fallback.NONE,  # cos(theta + m) as is: insightface arcface_torch's CombinedMarginLoss
+    "facexzoo": Fallback.OFFSET,  # c - margin_am with FaceX-Zoo's default margin_am = 0
+    "easy_margin": Fallback.POSITIVE,  # cos(theta + m) only where c > 0, else c
+}
+
+
+def with_fallback(params: HeadParams, fallback, *, head: str, easy_margin: bool = False) -> HeadParams:
+    """``params`` with the fallback that a head's ``fallback=`` argument selects where theta + m > pi.
+
+    A head has an angular margin when its own fallback is MONOTONIC or POSITIVE; the others take only None, or
+    "none" where that is already theirs.
+
+    Args:
+        params: the head's own parameters (head_params without ``fallback``).
+        fallback: None (keep the head's own), a name of FALLBACKS, or a number a >= 0 meaning ``c - a`` there
+            (FaceX-Zoo's ``margin_am``).
+        head: the head's name, for error messages.
+        easy_margin: ArcFace's ``easy_margin`` (it is fallback="easy_margin" and excludes any other).
+
+    Returns:
+        HeadParams with ``fallback`` (and ``margin_am``) set.
+    """
+    if fallback is None or (isinstance(fallback, str) and fallback == "none" and params.fallback == Fallback.NONE):
+        return params
+    if params.fallback not in (Fallback.MONOTONIC, Fallback.POSITIVE):
+        raise ValueError(
+            "fallback applies to an angular margin only (ArcFace, CombinedMargin with m1 = 1 and m3 = 0, MVSoftmax "
+            f"with is_am=False, CurricularFace); got fallback={fallback!r} for head={head!r} with these margins"
+        )
+    if easy_margin and fallback != "easy_margin":
+        raise ValueError(f"easy_margin=True is fallback='easy_margin'; got fallback={fallback!r} with it")
+    if isinstance(fallback, str):
+        if fallback not in FALLBACKS:
+            raise ValueError(
+                f"fallback must be one of {', '.join(map(repr, FALLBACKS))} or a number >= 0 (c - margin_am); "
+                f"got {fallback!r}"
+            )
+        return dataclasses.replace(params, fallback=FALLBACKS[fallback])
+    if isinstance(fallback, bool) or not isinstance(fallback, numbers.Real):
+        raise TypeError(f"fallback must be a string or a number (margin_am); got {type(fallback).__name__}")
+    V.check_float("fallback", fallback, low=0.0)
+    return dataclasses.replace(params, fallback=Fallback.OFFSET, margin_am=float(fallback))
+
+
 def head_params(
     head: str,
     *,
@@ -34,7 +85,23 @@ def head_params(
     margin_grad: str = "exact",
     **margins,
 ) -> HeadParams:
-    """Validate one head's hyper-parameters and map them onto the common parametrisation."""
+    """Validate one head's hyper-parameters and map them onto the common parametrisation.
+
+    Args:
+        head: "norm_softmax", "arcface", "cosface", "combined", "mv_softmax" or "curricular".
+        reduction: "mean", "sum" or "none".
+        ignore_index: the label of ignored rows.
+        margin_grad: "exact" or "straight_through".
+        **margins: the head's own arguments (s, m, easy_margin, m1, m2, m3, t, is_am, momentum, fallback; as the
+            modules take them), each defaulting to the published value.
+
+    Returns:
+        The HeadParams every backend computes with.
+    """
+    if "fallback" in margins:  # the angular-margin heads' option, applied on top of the head's own parameters
+        fallback = margins.pop("fallback")
+        params = head_params(head, reduction=reduction, ignore_index=ignore_index, margin_grad=margin_grad, **margins)
+        return with_fallback(params, fallback, head=head, easy_margin=margins.get("easy_margin", False))
     V.check_choice("head", head, HEAD_NAMES)
     V.check_head_options(reduction, ignore_index, margin_grad, "auto")
     unknown = set(margins) - set(HEAD_DEFAULTS[head])
@@ -76,6 +143,7 @@ def head_params(
 
 class _MarginHead(nn.Module):
     head: str  # key of HEAD_DEFAULTS
+    presets: dict = {}  # name -> constructor arguments that reproduce that trainer's head (see like())
 
     def __init__(self, in_features, num_classes, *, reduction, ignore_index, margin_grad, backend, process_group,
                  sample_rate, sample_seed, **margins):  # fmt: skip
@@ -114,30 +182,106 @@ class _MarginHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_local, self.in_features))
         self.reset_parameters()
 
+    @classmethod
+    def like(cls, preset: str, in_features: int, num_classes: int, **overrides):
+        """This head configured as a published trainer's head, e.g. ``ArcFace.like("insightface", 512, C)``.
+
+        Args:
+            preset: one of ``cls.presets`` (the trainer whose numbers to reproduce).
+            in_features: embedding size d.
+            num_classes: number of classes C.
+            **overrides: any constructor argument, replacing the preset's (e.g. ``backend="reference"``).
+        """
+        if not cls.presets:
+            raise ValueError(f"{cls.__name__} has no presets")
+        V.check_choice("preset", preset, tuple(cls.presets))
+        return cls(in_features, num_classes, **{**cls.presets[preset], **overrides})
+
     def reset_parameters(self) -> None:
+        """Re-initialise ``weight`` to normal_(0, 0.01) (insightface's and CurricularFace's)."""
         nn.init.normal_(self.weight, 0.0, 0.01)
+
+    # Partial FC's sampling generator is module state: a run resumed from state_dict() draws the same classes.
+    # The extra state is a uint8 tensor (the generator's state, empty without a generator), so that every value
+    # of state_dict() stays a tensor (safetensors, EMA helpers).
+    def get_extra_state(self) -> torch.Tensor:
+        """The sampling generator's state (a uint8 tensor; empty without a generator), for state_dict()."""
+        if self.sample_generator is None:
+            return torch.empty(0, dtype=torch.uint8)
+        return self.sample_generator.get_state()
+
+    def set_extra_state(self, state) -> None:
+        """Restore the sampling generator from ``state`` (get_extra_state's tensor; empty: leave it as it is).
+
+        Args:
+            state: a 1-D uint8 tensor.
+        """
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
+            raise ValueError("_extra_state must be a 1-D uint8 tensor (a sampling generator's state)")
+        if state.numel() == 0:
+            return  # saved without a generator: keep this head's own
+        if self.sample_generator is None:
+            self.sample_generator = torch.Generator()
+        self.sample_generator.set_state(state.cpu())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # fmt: skip
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)  # fmt: skip
+        # state dicts without the extra state (another trainer's layout, insightface's Partial FC shards, older
+        # checkpoints) still load with strict=True: nothing to restore, the generator stays as it is
+        key = prefix + "_extra_state"
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)
 
     def _t(self):
         return None
 
+    def _updates_t(self) -> bool:
+        # the `training` the backends get: it switches CurricularFace's t update and nothing else
+        return self.training
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of a batch.
+
+        Args:
+            embeddings: (B, d) float16, bfloat16, float32 or float64 tensor, not normalised (the head does it).
+            labels: (B,) int64 (or int32) class ids in [0, num_classes), or ignore_index.
+
+        Returns:
+            The loss: a 0-dim tensor, or the (B,) row losses with reduction="none"; float32 (float64 for
+            float64 inputs).
+        """
         from .functional import _margin_cross_entropy
 
+        self._check_fallback_backend(embeddings)
         if self.process_group is not None:
             from .sharded import sharded_margin_cross_entropy
 
             return sharded_margin_cross_entropy(
-                embeddings, self.weight, labels, self.params, self._t(), self.training, group=self.process_group,
+                embeddings, self.weight, labels, self.params, self._t(), self._updates_t(), group=self.process_group,
                 num_classes=self.num_classes, class_start=self.class_start, backend=self.backend,
                 sample_rate=self.sample_rate, generator=self.sample_generator,
             )  # fmt: skip
         return _margin_cross_entropy(
-            embeddings, self.weight, labels, self.params, t=self._t(), training=self.training, backend=self.backend
+            embeddings, self.weight, labels, self.params, t=self._t(), training=self._updates_t(), backend=self.backend
         )
+
+    def _check_fallback_backend(self, embeddings) -> None:
+        # The compiled CPU kernels derive the fallback's threshold and offset from (fallback, m2) in csrc and
+        # know no Fallback.OFFSET (their own check would name only an enum value): say what to use instead.
+        on_cpu_kernels = self.backend == "cpu" or (self.backend == "auto" and isinstance(embeddings, torch.Tensor)
+                                                   and embeddings.device.type == "cpu")  # fmt: skip
+        if self.params.fallback == Fallback.OFFSET and on_cpu_kernels:
+            raise BackendUnavailableError(
+                f"fallback={self.margins['fallback']!r} (c - margin_am where theta + m > pi, FaceX-Zoo's ArcFace) is "
+                "not in the compiled cpu kernels yet; use backend='reference' for CPU tensors (CUDA tensors: "
+                "backend='triton' or 'auto')"
+            )
 
     def extra_repr(self) -> str:
         p = self.params
-        margins = ", ".join(f"{k}={v}" for k, v in self.margins.items())
+        margins = ", ".join(f"{k}={v!r}" for k, v in self.margins.items())
         return (
             f"in_features={self.in_features}, num_classes={self.num_classes}, {margins}, "
             f"reduction={p.reduction!r}, ignore_index={p.ignore_index}, margin_grad={p.margin_grad!r}, "
@@ -147,95 +291,276 @@ class _MarginHead(nn.Module):
         )
 
 
+# The arguments every head takes, appended to each class docstring (help(fk.ArcFace) shows them).
+_SIZES = """
+        in_features: embedding size d.
+        num_classes: number of classes C; ``weight`` is (C, d) (one row per class), or (num_local, d) on each
+            rank of a class-sharded head."""
+_FALLBACK = """
+        fallback: the target logit where theta + m > pi: None (this head's own), "monotonic"
+            (c - sin(pi - m) m: CurricularFace, TFace, pytorch-metric-learning), "none" (cos(theta + m) as is:
+            insightface), "facexzoo" (c: FaceX-Zoo's ArcFace) or a number a >= 0 (c - a: FaceX-Zoo's
+            margin_am), "easy_margin" (c wherever c <= 0). The compiled cpu kernels do not have "facexzoo" or a
+            number yet: use backend="reference" for CPU tensors there."""
+_COMMON = """
+        reduction: "mean" (over the rows not labelled ignore_index; 0 when there is none), "sum", or "none"
+            (the (B,) row losses, 0 on ignored rows).
+        ignore_index: the label of rows that add no loss and get no gradient (-100 as in
+            torch.nn.functional.cross_entropy).
+        margin_grad: "exact" (the true derivative of the target logit) or "straight_through" (d phi / d cos := 1,
+            as insightface's arcface_torch).
+        backend: "auto" (compiled CPU kernels for CPU tensors, Triton for CUDA tensors), "cpu", "triton" or
+            "reference" (eager PyTorch; forms the (B, C) logits). A backend that cannot run raises
+            BackendUnavailableError.
+        process_group: a torch.distributed group to shard the classes over (insightface's split; the loss is
+            that of the global batch); None: one device.
+        sample_rate: Partial FC: the fraction of each rank's classes used per step (every positive plus random
+            others); below 1 it needs process_group.
+        sample_seed: seed of the head's own sampling generator, whose state is saved in state_dict() (a
+            resumed run draws the same classes); None: torch's global generator.
+
+    Attributes:
+        weight: the class weights, a Parameter of shape (num_classes, in_features) (num_local rows when
+            sharded), initialised normal_(0, 0.01).
+        params: the HeadParams the backends compute with.
+
+    ``forward(embeddings, labels)`` returns the loss; ``Head.like(preset, in_features, num_classes)`` builds
+    the head configured as a published trainer's (``presets``). Semantics: docs/heads.md.
+"""
+
+
 def _options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate, sample_seed):
     return dict(reduction=reduction, ignore_index=ignore_index, margin_grad=margin_grad, backend=backend,
                 process_group=process_group, sample_rate=sample_rate, sample_seed=sample_seed)  # fmt: skip
 
 
 class NormSoftmax(_MarginHead):
-    """NormFace: logits s * cos(theta), no margin."""
+    __doc__ = (
+        """NormFace: the cross-entropy of the logits s * cos(theta), no margin.
+
+    Args:"""
+        + _SIZES
+        + """
+        s: scale of the logits."""
+        + _COMMON
+    )
 
     head = "norm_softmax"
 
     def __init__(self, in_features, num_classes, s=64.0, *, reduction="mean", ignore_index=-100,
                  margin_grad="exact", backend="auto",
                  process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
+        """Build the head; the arguments are described in the class docstring."""
         super().__init__(in_features, num_classes, s=s,
                          **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
                                      sample_seed))  # fmt: skip
 
 
 class ArcFace(_MarginHead):
-    """Additive angular margin: target cos(theta + m), with the monotonic (or easy_margin) fallback."""
+    __doc__ = (
+        """ArcFace (additive angular margin): the target logit s * cos(theta + m), the others s * cos(theta).
+
+    Args:"""
+        + _SIZES
+        + """
+        s: scale of the logits.
+        m: angular margin in radians, in [0, pi).
+        easy_margin: the classic option: the target logit is s * cos(theta) wherever cos(theta) <= 0 (the same
+            as fallback="easy_margin")."""
+        + _FALLBACK
+        + _COMMON
+    )
 
     head = "arcface"
+    presets = {
+        # arcface_torch (CombinedMarginLoss(64, 1, 0.5, 0) or ArcFace): cos(theta + m) as is, straight-through
+        "insightface": dict(s=64.0, m=0.5, fallback="none", margin_grad="straight_through"),
+        "curricularface": dict(s=64.0, m=0.5, fallback="monotonic"),  # head/metrics.py ArcFace
+        "tface": dict(s=64.0, m=0.5, fallback="monotonic"),  # torchkit/head/localfc/arcface.py
+        "facexzoo": dict(s=32.0, m=0.35, fallback="facexzoo"),  # head/ArcFace.py defaults (margin_am = 0)
+        "pytorch-metric-learning": dict(s=64.0, m=math.radians(28.6), fallback="monotonic"),  # margin in degrees
+    }
 
-    def __init__(self, in_features, num_classes, s=64.0, m=0.5, easy_margin=False, *, reduction="mean",
-                 ignore_index=-100, margin_grad="exact", backend="auto",
+    def __init__(self, in_features, num_classes, s=64.0, m=0.5, easy_margin=False, *, fallback=None,
+                 reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
                  process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
-        super().__init__(in_features, num_classes, s=s, m=m, easy_margin=easy_margin,
+        """Build the head; the arguments are described in the class docstring."""
+        super().__init__(in_features, num_classes, s=s, m=m, easy_margin=easy_margin, fallback=fallback,
                          **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
                                     sample_seed))  # fmt: skip
 
 
 class CosFace(_MarginHead):
-    """Additive cosine margin: target cos(theta) - m."""
+    __doc__ = (
+        """CosFace / AM-Softmax (additive cosine margin): the target logit s * (cos(theta) - m).
+
+    Args:"""
+        + _SIZES
+        + """
+        s: scale of the logits.
+        m: cosine margin, >= 0."""
+        + _COMMON
+    )
 
     head = "cosface"
+    presets = {
+        "insightface": dict(s=64.0, m=0.4),  # CombinedMarginLoss(64, 1, 0, 0.4) / CosFace(m=0.40)
+        "facexzoo": dict(s=32.0, m=0.35),  # head/AM_Softmax.py defaults
+        "pytorch-metric-learning": dict(s=64.0, m=0.35),  # CosFaceLoss defaults
+    }
 
     def __init__(self, in_features, num_classes, s=64.0, m=0.35, *, reduction="mean", ignore_index=-100,
                  margin_grad="exact", backend="auto",
                  process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
+        """Build the head; the arguments are described in the class docstring."""
         super().__init__(in_features, num_classes, s=s, m=m,
                          **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
                                      sample_seed))  # fmt: skip
 
 
 class CombinedMargin(_MarginHead):
-    """insightface's combined margin: target cos(m1 * theta + m2) - m3."""
+    __doc__ = (
+        """insightface's combined margin: the target logit s * (cos(m1 * theta + m2) - m3).
+
+    m1 = 1, m3 = 0 is ArcFace (with its fallback); m1 = 1, m2 = 0 is CosFace.
+
+    Args:"""
+        + _SIZES
+        + """
+        s: scale of the logits.
+        m1: multiplicative angular margin, > 0.
+        m2: additive angular margin in radians, in [0, pi).
+        m3: additive cosine margin, >= 0."""
+        + _FALLBACK
+        + """ Only when m1 = 1 and m3 = 0."""
+        + _COMMON
+    )
 
     head = "combined"
+    presets = {
+        # arcface_torch's CombinedMarginLoss in its ArcFace mode: no fallback, straight-through margin gradient
+        "insightface": dict(s=64.0, m1=1.0, m2=0.5, m3=0.0, fallback="none", margin_grad="straight_through"),
+    }
 
-    def __init__(self, in_features, num_classes, s=64.0, m1=1.0, m2=0.5, m3=0.0, *, reduction="mean",
-                 ignore_index=-100, margin_grad="exact", backend="auto",
+    def __init__(self, in_features, num_classes, s=64.0, m1=1.0, m2=0.5, m3=0.0, *, fallback=None,
+                 reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
                  process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
-        super().__init__(in_features, num_classes, s=s, m1=m1, m2=m2, m3=m3,
+        """Build the head; the arguments are described in the class docstring."""
+        super().__init__(in_features, num_classes, s=s, m1=m1, m2=m2, m3=m3, fallback=fallback,
                          **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
                                     sample_seed))  # fmt: skip
 
 
 class MVSoftmax(_MarginHead):
-    """MV-Softmax (FaceX-Zoo): hard negatives reweighted to (t + 1) cos + t; AM or Arc target margin."""
+    __doc__ = (
+        """MV-Softmax (FaceX-Zoo): a margin on the target and the hard negatives reweighted to (t + 1) c + t.
+
+    A class j is a hard negative when its cosine exceeds the target's margin-modified cosine (c - m for the AM
+    variant, cos(theta + m) for the Arc one).
+
+    Args:"""
+        + _SIZES
+        + """
+        s: scale of the logits.
+        m: the margin: cosine margin (is_am=True; the target is c - m where c > m, else c) or angular margin in
+            radians (is_am=False; the target is cos(theta + m) where c > 0, else c).
+        t: weight of the hard negatives, >= 0 (FaceX-Zoo's mv_weight is t + 1: its default 1.12 is t = 0.12).
+        is_am: the AM (additive cosine) variant; False: the Arc variant."""
+        + _FALLBACK
+        + """ Only the Arc variant."""
+        + _COMMON
+    )
 
     head = "mv_softmax"
+    presets = {"facexzoo": dict(s=32.0, m=0.35, t=0.12, is_am=True)}  # mv_weight = 1.12 = t + 1; is_am=False: Arc
 
-    def __init__(self, in_features, num_classes, s=32.0, m=0.35, t=0.2, is_am=True, *, reduction="mean",
-                 ignore_index=-100, margin_grad="exact", backend="auto",
+    def __init__(self, in_features, num_classes, s=32.0, m=0.35, t=0.2, is_am=True, *, fallback=None,
+                 reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
                  process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
-        super().__init__(in_features, num_classes, s=s, m=m, t=t, is_am=is_am,
+        """Build the head; the arguments are described in the class docstring."""
+        super().__init__(in_features, num_classes, s=s, m=m, t=t, is_am=is_am, fallback=fallback,
                          **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
                                     sample_seed))  # fmt: skip
 
 
 class CurricularFace(_MarginHead):
-    """CurricularFace: ArcFace target, hard negatives reweighted to cos (t + cos) with an adaptive t.
+    __doc__ = (
+        """CurricularFace: the ArcFace target and the hard negatives reweighted to c (t + c), t adaptive.
 
-    ``t`` is a buffer (saved in state_dict) updated in training mode, before the negatives are formed,
-    to ``momentum * mean(target cosine) + (1 - momentum) * t``; read but not updated in eval mode.
-    """
+    A class j is a hard negative when its cosine exceeds cos(theta + m) of the target (before any fallback).
+    ``t`` is a buffer (0-dim float32, saved in state_dict), initially 0, updated in training mode before the
+    negatives are formed: t <- momentum * mean(target cosines) + (1 - momentum) * t, over the rows not
+    ignored (the global batch when sharded); read but not updated in eval mode. Under gradient accumulation,
+    ``frozen_t`` updates it once per optimizer step.
+
+    Args:"""
+        + _SIZES
+        + """
+        s: scale of the logits.
+        m: angular margin in radians, in [0, pi).
+        momentum: the EMA weight of t's update, in [0, 1] (official 0.01; TFace 0.1)."""
+        + _FALLBACK
+        + _COMMON
+        + """
+    Further attributes: ``t`` (the buffer) and ``update_t`` (default True: whether training forwards update t).
+"""
+    )
 
     head = "curricular"
+    presets = {
+        "curricularface": dict(s=64.0, m=0.5, momentum=0.01),  # the official head/metrics.py
+        "facexzoo": dict(s=64.0, m=0.5, momentum=0.01),  # head/CurricularFace.py, a copy of the official one
+        "tface": dict(s=64.0, m=0.5, momentum=0.1),  # torchkit/head/localfc/curricularface.py: alpha = 0.1
+    }
 
-    def __init__(self, in_features, num_classes, s=64.0, m=0.5, momentum=0.01, *, reduction="mean",
-                 ignore_index=-100, margin_grad="exact", backend="auto",
+    def __init__(self, in_features, num_classes, s=64.0, m=0.5, momentum=0.01, *, fallback=None,
+                 reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
                  process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
-        super().__init__(in_features, num_classes, s=s, m=m, momentum=momentum,
+        """Build the head; the arguments are described in the class docstring."""
+        super().__init__(in_features, num_classes, s=s, m=m, momentum=momentum, fallback=fallback,
                          **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
                                     sample_seed))  # fmt: skip
         self.register_buffer("t", torch.zeros((), dtype=torch.float32))
+        self.update_t = True
 
     def _t(self):
         return self.t
+
+    @property
+    def update_t(self) -> bool:
+        """Whether a training-mode forward updates ``t`` (default True; see ``frozen_t``)."""
+        return self._update_t
+
+    @update_t.setter
+    def update_t(self, value: bool) -> None:
+        V.check_bool("update_t", value)
+        self._update_t = value
+
+    def _updates_t(self) -> bool:
+        return self.training and self.update_t
+
+    @contextlib.contextmanager
+    def frozen_t(self, frozen: bool = True):
+        """Within the block, forwards read ``t`` without updating it (when ``frozen``; else nothing changes).
+
+        For gradient accumulation, update ``t`` once per optimizer step, on the first micro-batch, so that
+        every micro-batch of the step uses the same ``t`` (as one large batch would)::
+
+            for i, (x, y) in enumerate(micro_batches):
+                with head.frozen_t(i > 0):
+                    (head(backbone(x), y) / len(micro_batches)).backward()
+            optimizer.step()
+
+        Args:
+            frozen: freeze ``t`` in the block (a condition such as ``i > 0`` reads well in a loop).
+        """
+        V.check_bool("frozen", frozen)
+        previous = self.update_t
+        self.update_t = previous and not frozen
+        try:
+            yield self
+        finally:
+            self.update_t = previous
 
     def _apply(self, fn, *args, **kwargs):
         # .half() / .double() / .to(dtype) convert the weight; t stays a float32 running statistic

@@ -1,4 +1,4 @@
-"""The triplet loss with in-batch mining as an ``nn.Module`` (``shared/spec/api.md``)."""
+"""The triplet loss with in-batch mining as an ``nn.Module`` (semantics: docs/triplet.md)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,26 @@ from .functional import triplet_margin_loss
 
 
 class TripletMarginLoss(nn.Module):
-    """FaceNet / TF-Addons semi-hard, batch-hard and batch-all triplet loss (``shared/spec/triplet.md``).
+    """FaceNet / TF-Addons semi-hard, batch-hard and batch-all triplet loss, mined inside the batch.
 
-    ``forward(embeddings, labels)`` returns the loss, or ``(terms, triplets)`` with reduction="none".
+    Args:
+        margin: the hinge margin, >= 0 (unused with soft=True).
+        mining: "semihard" (FaceNet / TF-Addons: per positive pair, the closest negative farther than the
+            positive, else the farthest negative), "hard" (batch-hard: per anchor, the farthest positive and the
+            closest negative) or "all" (every valid triplet).
+        distance: "squared_euclidean", "euclidean" or "cosine" (1 - cosine similarity).
+        normalize: L2-normalise the embeddings first (FaceNet).
+        soft: softplus(d_ap - d_an) instead of the hinge max(d_ap - d_an + margin, 0).
+        reduction: "mean" (over the mined terms), "mean_nonzero" (over the terms > 0), "sum", or "none".
+        backend: "auto" (compiled kernels for the tensors' device), "cpu", "cuda" or "reference".
+
+    ``forward(embeddings, labels)`` returns the loss, or ``(terms, triplets)`` with reduction="none"
+    (docs/triplet.md).
     """
 
     def __init__(self, margin=0.2, mining="semihard", distance="squared_euclidean", normalize=True,
                  soft=False, reduction="mean", backend="auto"):  # fmt: skip
+        """Build the loss; the arguments are described in the class docstring."""
         super().__init__()
         V.check_triplet_options(margin, mining, distance, normalize, soft, reduction, backend)
         self.margin = float(margin)
@@ -27,6 +40,15 @@ class TripletMarginLoss(nn.Module):
         self.backend = backend
 
     def forward(self, embeddings, labels):
+        """The loss of a batch.
+
+        Args:
+            embeddings: (B, d) float16, bfloat16, float32 or float64 tensor.
+            labels: (B,) int64 (or int32) labels.
+
+        Returns:
+            The loss (0-dim), or ``(terms, triplets)`` with reduction="none".
+        """
         return triplet_margin_loss(embeddings, labels, self.margin, self.mining, self.distance, self.normalize,
                                    self.soft, self.reduction, self.backend)  # fmt: skip
 

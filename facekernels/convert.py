@@ -1,0 +1,283 @@
+"""Head checkpoints in other trainers' layouts, read into facekernels' layout and written back out.
+
+facekernels stores a head's class weights as ``weight`` of shape (C, d), one row per class as in
+``nn.Linear``, and CurricularFace's running ``t`` as a 0-dim float32 buffer. Several trainers store the
+transpose, (d, C), one column per class:
+
+- the official CurricularFace repository (head/metrics.py: ArcFace, CurricularFace) and TFace's localfc heads:
+  ``kernel`` (d, C), and CurricularFace's ``t`` of shape (1,): :func:`from_curricularface`,
+  :func:`to_curricularface`;
+- FaceX-Zoo: ArcFace, AM_Softmax and MV_Softmax store ``weight`` (d, C); its CurricularFace has the official
+  layout: :func:`from_facexzoo`, :func:`to_facexzoo`;
+- AdaFace (its AdaFace, ArcFace and CosFace heads): ``kernel`` (d, C); the AdaFace head also ``batch_mean``,
+  ``batch_std`` (1,) and an unused ``t``: :func:`from_adaface`, :func:`to_adaface`;
+- pytorch-metric-learning (ArcFaceLoss, CosFaceLoss, ...): ``W`` (d, C):
+  :func:`from_pytorch_metric_learning`, :func:`to_pytorch_metric_learning`;
+- insightface arcface_torch's PartialFC_V2: ``weight`` (num_local, d) per rank, with the class split of the
+  class-sharded heads here (``process_group=``): it loads as it is, no conversion (on one process,
+  num_local = C).
+
+Every function takes a state dict and a ``prefix`` (``"head."`` for a whole-model checkpoint whose head
+lives under ``head``) and returns a new dict: the head's keys under ``prefix`` converted, every other key
+passed through unchanged. Converting is not idempotent for the transposed layouts (a square weight cannot
+tell its layout), so convert each checkpoint once.
+
+The optimizer's per-parameter state (SGD's ``momentum_buffer``, Adam's ``exp_avg`` and ``exp_avg_sq``, ...)
+has the parameter's shape, so it needs the same transpose: :func:`transpose_optimizer_state` with the
+indices that :func:`param_indices` gives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+# the key of the extra state (Partial FC's sampling generator) that every head here saves; no other trainer
+# has it, so writing out drops it
+_EXTRA_STATE = "_extra_state"
+
+
+def _tensor(state_dict: Mapping, key: str) -> torch.Tensor:
+    value = state_dict[key]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"state_dict[{key!r}] must be a tensor; got {type(value).__name__}")
+    return value
+
+
+def _transposed(state_dict: Mapping, key: str) -> torch.Tensor:
+    weight = _tensor(state_dict, key)
+    if weight.dim() != 2:
+        raise ValueError(f"state_dict[{key!r}] must be 2-D (a class-weight matrix); got shape {tuple(weight.shape)}")
+    return weight.t().contiguous()
+
+
+def _running_stat_in(state_dict: Mapping, key: str) -> torch.Tensor:
+    """Their (1,) running statistic (t, batch_mean, batch_std) as our 0-dim float32 buffer."""
+    value = _tensor(state_dict, key)
+    if value.numel() != 1:
+        raise ValueError(f"state_dict[{key!r}] must hold one number; got shape {tuple(value.shape)}")
+    return value.detach().reshape(()).to(torch.float32).clone()
+
+
+def _running_stat_out(state_dict: Mapping, key: str) -> torch.Tensor:
+    """Our 0-dim buffer as their (1,) one (they register ``torch.zeros(1)``, float32)."""
+    return _running_stat_in(state_dict, key).reshape(1)
+
+
+def _check_state_dict(state_dict, prefix: str) -> None:
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors; got {type(state_dict).__name__}")
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a string; got {type(prefix).__name__}")
+
+
+def _require(state_dict: Mapping, prefix: str, key: str, layout: str) -> None:
+    if prefix + key not in state_dict:
+        found = sorted(k[len(prefix):] for k in state_dict if k.startswith(prefix))
+        raise KeyError(f"{layout}: no {prefix + key!r} in the state dict; its keys under {prefix!r}: {found}")
+
+
+def _convert(state_dict, prefix: str, rules: dict, layout: str, required: str) -> dict:
+    """A copy of ``state_dict`` with the head's keys under ``prefix`` rewritten by ``rules``:
+    their name -> (new name or None to drop, function(state_dict, key) -> tensor)."""
+    _check_state_dict(state_dict, prefix)
+    _require(state_dict, prefix, required, layout)
+    out = {}
+    for key, value in state_dict.items():
+        name = key[len(prefix):] if key.startswith(prefix) else None
+        if name in rules:
+            new_name, fn = rules[name]
+            if new_name is not None:
+                out[prefix + new_name] = fn(state_dict, key)
+        else:
+            out[key] = value
+    return out
+
+
+def _keep(state_dict: Mapping, key: str):
+    return state_dict[key]
+
+
+def from_curricularface(state_dict: Mapping, prefix: str = "") -> dict:
+    """Read the official CurricularFace repository's head (and TFace's localfc heads, same layout).
+
+    Args:
+        state_dict: their state dict: ``kernel`` (d, C) and, for CurricularFace, ``t`` of shape (1,).
+        prefix: where the head's keys start (e.g. ``"head."``); keys elsewhere pass through unchanged.
+
+    Returns:
+        A new dict with ``weight`` (C, d) and ``t`` as a 0-dim float32 tensor, for ``fk.CurricularFace`` or
+        ``fk.ArcFace`` (``load_state_dict``).
+    """
+    rules = {"kernel": ("weight", _transposed), "t": ("t", _running_stat_in)}
+    return _convert(state_dict, prefix, rules, "CurricularFace layout", "kernel")
+
+
+def to_curricularface(state_dict: Mapping, prefix: str = "") -> dict:
+    """Write a facekernels head out in the official CurricularFace (and TFace localfc) layout.
+
+    Args:
+        state_dict: ours: ``weight`` (C, d) and, for CurricularFace, the 0-dim ``t``.
+        prefix: where the head's keys start; keys elsewhere pass through unchanged.
+
+    Returns:
+        A new dict with ``kernel`` (d, C) and ``t`` of shape (1,) (without our ``_extra_state``).
+    """
+    rules = {"weight": ("kernel", _transposed), "t": ("t", _running_stat_out), _EXTRA_STATE: (None, _keep)}
+    return _convert(state_dict, prefix, rules, "facekernels layout", "weight")
+
+
+def from_facexzoo(state_dict: Mapping, prefix: str = "") -> dict:
+    """Read a FaceX-Zoo head: ArcFace, AM_Softmax and MV_Softmax store ``weight`` (d, C); its CurricularFace
+    stores ``kernel`` (d, C) and ``t`` (1,), as the official one.
+
+    Args:
+        state_dict: their state dict (FaceX-Zoo's checkpoints hold the model under ``"state_dict"``, with the
+            head's keys under ``"head."``).
+        prefix: where the head's keys start; keys elsewhere pass through unchanged.
+
+    Returns:
+        A new dict with ``weight`` (C, d) (and ``t`` 0-dim float32 for CurricularFace).
+    """
+    _check_state_dict(state_dict, prefix)
+    if prefix + "kernel" in state_dict:
+        return from_curricularface(state_dict, prefix)
+    return _convert(state_dict, prefix, {"weight": ("weight", _transposed)}, "FaceX-Zoo layout", "weight")
+
+
+def to_facexzoo(state_dict: Mapping, prefix: str = "") -> dict:
+    """Write a facekernels head out in FaceX-Zoo's layout: ``weight`` (d, C), or for a CurricularFace head
+    (one with ``t``) ``kernel`` (d, C) and ``t`` (1,).
+
+    Args:
+        state_dict: ours: ``weight`` (C, d) (and ``t`` for CurricularFace).
+        prefix: where the head's keys start; keys elsewhere pass through unchanged.
+    """
+    _check_state_dict(state_dict, prefix)
+    if prefix + "t" in state_dict:
+        return to_curricularface(state_dict, prefix)
+    rules = {"weight": ("weight", _transposed), _EXTRA_STATE: (None, _keep)}
+    return _convert(state_dict, prefix, rules, "facekernels layout", "weight")
+
+
+def from_adaface(state_dict: Mapping, prefix: str = "") -> dict:
+    """Read an AdaFace repository head (AdaFace, ArcFace or CosFace of its head.py).
+
+    Args:
+        state_dict: their state dict: ``kernel`` (d, C); the AdaFace head also has ``batch_mean``,
+            ``batch_std`` (1,) and an unused ``t`` (1,). Their Lightning checkpoints hold the head under
+            ``"head."`` in ``"state_dict"``.
+        prefix: where the head's keys start; keys elsewhere pass through unchanged.
+
+    Returns:
+        A new dict with ``weight`` (C, d) (and ``batch_mean``, ``batch_std`` as 0-dim float32 tensors); the
+        unused ``t`` is dropped. Load an ArcFace or CosFace head's result into ``fk.ArcFace`` / ``fk.CosFace``.
+    """
+    rules = {
+        "kernel": ("weight", _transposed),
+        "batch_mean": ("batch_mean", _running_stat_in),
+        "batch_std": ("batch_std", _running_stat_in),
+        "t": (None, _keep),  # registered by their AdaFace head but never read or updated
+    }
+    return _convert(state_dict, prefix, rules, "AdaFace layout", "kernel")
+
+
+def to_adaface(state_dict: Mapping, prefix: str = "") -> dict:
+    """Write a facekernels head out in the AdaFace repository's layout.
+
+    Args:
+        state_dict: ours: ``weight`` (C, d) (and ``batch_mean``, ``batch_std`` for an AdaFace head).
+        prefix: where the head's keys start; keys elsewhere pass through unchanged.
+
+    Returns:
+        A new dict with ``kernel`` (d, C); with ``batch_mean`` present also ``batch_mean``, ``batch_std`` of
+        shape (1,) and the zero ``t`` (1,) that their AdaFace head registers.
+    """
+    _check_state_dict(state_dict, prefix)
+    if prefix + "t" in state_dict:
+        raise ValueError("the AdaFace repository has no CurricularFace head (this state dict has a 't' buffer)")
+    rules = {
+        "weight": ("kernel", _transposed),
+        "batch_mean": ("batch_mean", _running_stat_out),
+        "batch_std": ("batch_std", _running_stat_out),
+        _EXTRA_STATE: (None, _keep),
+    }
+    out = _convert(state_dict, prefix, rules, "facekernels layout", "weight")
+    if prefix + "batch_mean" in state_dict:
+        out[prefix + "t"] = torch.zeros(1)
+    return out
+
+
+def from_pytorch_metric_learning(state_dict: Mapping, prefix: str = "") -> dict:
+    """Read a pytorch-metric-learning classification loss (ArcFaceLoss, CosFaceLoss, ...).
+
+    Args:
+        state_dict: ``loss_func.state_dict()``: ``W`` (d, C).
+        prefix: where the loss's keys start; keys elsewhere pass through unchanged.
+
+    Returns:
+        A new dict with ``weight`` (C, d).
+    """
+    return _convert(state_dict, prefix, {"W": ("weight", _transposed)}, "pytorch-metric-learning layout", "W")
+
+
+def to_pytorch_metric_learning(state_dict: Mapping, prefix: str = "") -> dict:
+    """Write a facekernels head out as a pytorch-metric-learning loss's state: ``W`` (d, C).
+
+    Args:
+        state_dict: ours: ``weight`` (C, d).
+        prefix: where the head's keys start; keys elsewhere pass through unchanged.
+    """
+    _check_state_dict(state_dict, prefix)
+    if prefix + "t" in state_dict:
+        raise ValueError("pytorch-metric-learning has no CurricularFace loss (this state dict has a 't' buffer)")
+    rules = {"weight": ("W", _transposed), _EXTRA_STATE: (None, _keep)}
+    return _convert(state_dict, prefix, rules, "facekernels layout", "weight")
+
+
+def param_indices(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> list[int]:
+    """Where ``params`` sit in ``optimizer.state_dict()``'s numbering (their order over the param groups).
+
+    Args:
+        optimizer: the optimizer whose state to convert; it must hold the parameters in the order the
+            checkpoint's optimizer held the other trainer's (e.g. the backbone's, then the head's).
+        params: the parameters whose state to transpose, e.g. ``[head.weight]``.
+
+    Returns:
+        Their indices, for :func:`transpose_optimizer_state`.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
+    order = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    indices = []
+    for p in params:
+        if id(p) not in order:
+            raise ValueError(f"params: a parameter of shape {tuple(p.shape)} is not in the optimizer's param groups")
+        indices.append(order[id(p)])
+    return indices
+
+
+def transpose_optimizer_state(optimizer_state: Mapping, indices: Iterable[int]) -> dict:
+    """A copy of an optimizer's ``state_dict()`` whose per-parameter tensors of the listed parameters are
+    transposed: SGD's ``momentum_buffer``, Adam's / AdamW's ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``,
+    and any other 2-D entry (their 0-dim ``step`` is left alone). A transpose is its own inverse, so the same
+    call converts their optimizer state into ours and ours into theirs.
+
+    Args:
+        optimizer_state: ``optimizer.state_dict()`` (a dict with ``"state"`` and ``"param_groups"``).
+        indices: the parameters' indices in that state (:func:`param_indices`).
+
+    Returns:
+        A new dict; parameters without state yet (no step taken) are skipped.
+    """
+    if not isinstance(optimizer_state, Mapping) or "state" not in optimizer_state:
+        raise TypeError("optimizer_state must be an optimizer's state_dict() (a dict with 'state' and 'param_groups')")
+    state = {k: dict(v) for k, v in optimizer_state["state"].items()}
+    for index in indices:
+        for name, value in state.get(index, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() == 2:
+                state[index][name] = value.t().contiguous()
+            elif isinstance(value, torch.Tensor) and value.dim() > 0:
+                raise ValueError(f"optimizer state {name!r} of parameter {index} is {value.dim()}-D, not a matrix")
+    return {**optimizer_state, "state": state}

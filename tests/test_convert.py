@@ -1,0 +1,355 @@
+"""Checkpoint interop (facekernels/convert.py) and Partial FC's sampling generator in the module state.
+
+For each trainer's layout: round trips, a checkpoint saved in that layout (head and optimizer state after two
+steps of the trainer's own head, re-implemented in tests/peers.py) that loads and continues with the same
+third step, and the errors. Then the generator: sample_classes directly, a module state_dict round trip, and
+a Partial FC head resumed bit for bit (one gloo process).
+"""
+
+import io
+
+import peers
+import pytest
+import torch
+import torch.distributed as dist
+
+import facekernels as fk
+from facekernels import _extension, convert
+from facekernels.sharded import sample_classes, shard_range
+
+needs_ext = pytest.mark.skipif(not _extension.is_available(), reason="needs the compiled extension facekernels._C")
+BACKENDS = ["reference", pytest.param("cpu", marks=needs_ext)]
+
+D, C, B = 6, 9, 7
+
+
+def _saved(obj):
+    """obj after torch.save / torch.load (what a checkpoint file gives back)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+def _batches(steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(B, D, generator=g, dtype=torch.float64), torch.randint(0, C, (B,), generator=g))
+            for _ in range(steps)]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ layouts
+
+
+def test_round_trips_and_pass_through():
+    theirs = {"backbone.w": torch.randn(3, 3), "head.kernel": torch.randn(D, C), "head.t": torch.tensor([0.25])}
+    ours = convert.from_curricularface(theirs, prefix="head.")
+    assert set(ours) == {"backbone.w", "head.weight", "head.t"}
+    assert ours["backbone.w"] is theirs["backbone.w"]  # other keys pass through untouched
+    assert torch.equal(ours["head.weight"], theirs["head.kernel"].T) and ours["head.weight"].is_contiguous()
+    assert ours["head.t"].shape == () and ours["head.t"].dtype == torch.float32 and ours["head.t"].item() == 0.25
+    back = convert.to_curricularface(ours, prefix="head.")
+    assert set(back) == set(theirs) and all(torch.equal(back[k], theirs[k]) for k in theirs)
+    assert back["head.t"].shape == (1,)
+
+    for frm, to, key in [(convert.from_facexzoo, convert.to_facexzoo, "weight"),
+                         (convert.from_adaface, convert.to_adaface, "kernel"),
+                         (convert.from_pytorch_metric_learning, convert.to_pytorch_metric_learning, "W")]:  # fmt: skip
+        theirs = {key: torch.randn(D, C)}
+        ours = frm(theirs)
+        assert set(ours) == {"weight"} and torch.equal(ours["weight"], theirs[key].T)
+        back = to(ours)
+        assert set(back) == {key} and torch.equal(back[key], theirs[key])
+
+
+def test_our_heads_load_each_layout_strictly():
+    kernel = torch.randn(D, C)
+    arc = fk.ArcFace(D, C)
+    arc.load_state_dict(convert.from_curricularface({"kernel": kernel}))
+    assert torch.equal(arc.weight.detach(), kernel.T)
+    cur = fk.CurricularFace(D, C)
+    cur.load_state_dict(convert.from_facexzoo({"kernel": kernel, "t": torch.tensor([0.5])}))  # its CurricularFace
+    assert cur.t.item() == 0.5 and cur.t.shape == ()
+    mv = fk.MVSoftmax(D, C)
+    mv.load_state_dict(convert.from_facexzoo({"weight": kernel}))
+    assert torch.equal(mv.weight.detach(), kernel.T)
+    cos = fk.CosFace(D, C)
+    cos.load_state_dict(convert.from_pytorch_metric_learning({"W": kernel}))
+    assert torch.equal(cos.weight.detach(), kernel.T)
+    # AdaFace's own head: the norm statistics become 0-dim float32, the never-used t is dropped
+    ada = convert.from_adaface({"kernel": kernel, "t": torch.zeros(1), "batch_mean": torch.tensor([20.0]),
+                                "batch_std": torch.tensor([100.0])})  # fmt: skip
+    assert set(ada) == {"weight", "batch_mean", "batch_std"} and ada["batch_std"].shape == ()
+    back = convert.to_adaface(ada)
+    assert set(back) == {"kernel", "t", "batch_mean", "batch_std"} and back["batch_mean"].shape == (1,)
+    # AdaFace's ArcFace / CosFace heads have the kernel only
+    arc.load_state_dict(convert.from_adaface({"kernel": kernel}))
+    # writing ours out drops our extra state (no other trainer has it)
+    assert set(convert.to_curricularface(cur.state_dict())) == {"kernel", "t"}
+    assert set(convert.to_pytorch_metric_learning(arc.state_dict())) == {"W"}
+
+
+def test_insightface_partial_fc_shards_load_unchanged():
+    # PartialFC_V2 (arcface_torch/partial_fc_v2.py 60-71): rank r of `world` holds num_classes // world +
+    # (r < num_classes % world) rows starting at num_classes // world * r + min(r, num_classes % world)
+    for classes, world in [(10, 3), (7, 7), (1000, 8), (13, 2)]:
+        for rank in range(world):
+            num_local = classes // world + int(rank < classes % world)
+            start = classes // world * rank + min(rank, classes % world)
+            assert shard_range(classes, world, rank) == (start, num_local)
+    # one rank's checkpoint entry "state_dict_softmax_fc" and its SGD state, in their layout: (num_local, d)
+    shard = {"weight": torch.randn(C, D)}
+    head = fk.ArcFace.like("insightface", D, C)
+    head.load_state_dict(shard)  # strict: no key missing, none unexpected
+    assert torch.equal(head.weight.detach(), shard["weight"])
+    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+    momentum = torch.randn(C, D)
+    opt.load_state_dict({"state": {0: {"momentum_buffer": momentum}},
+                         "param_groups": [{**opt.state_dict()["param_groups"][0]}]})  # fmt: skip
+    assert torch.equal(opt.state[head.weight]["momentum_buffer"], momentum)
+
+
+BAD = [
+    (lambda: convert.from_curricularface({"weight": torch.zeros(D, C)}), KeyError, "no 'kernel'"),
+    (lambda: convert.from_curricularface({"head.kernel": torch.zeros(D, C)}, prefix="x."), KeyError, "'x.kernel'"),
+    (lambda: convert.from_curricularface([1, 2]), TypeError, "state_dict must be a mapping"),
+    (lambda: convert.from_curricularface({"kernel": torch.zeros(D, C)}, prefix=1), TypeError, "prefix"),
+    (lambda: convert.from_curricularface({"kernel": torch.zeros(D, C, 1)}), ValueError, "must be 2-D"),
+    (lambda: convert.from_curricularface({"kernel": [[0.0]]}), TypeError, "must be a tensor"),
+    (lambda: convert.from_curricularface({"kernel": torch.zeros(D, C), "t": torch.zeros(2)}), ValueError, "one number"),
+    (lambda: convert.to_adaface({"weight": torch.zeros(C, D), "t": torch.zeros(())}), ValueError, "CurricularFace"),
+    (lambda: convert.to_pytorch_metric_learning({"weight": torch.zeros(C, D), "t": torch.zeros(())}), ValueError,
+     "CurricularFace"),  # fmt: skip
+    (lambda: convert.param_indices(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1),
+                                   [torch.nn.Parameter(torch.zeros(3))]),
+     ValueError, "not in the optimizer"),  # fmt: skip
+    (lambda: convert.param_indices("sgd", []), TypeError, "optimizer"),
+    (lambda: convert.transpose_optimizer_state({"momentum": 1}, [0]), TypeError, "optimizer_state"),
+    (lambda: convert.transpose_optimizer_state({"state": {0: {"exp_avg": torch.zeros(2, 2, 2)}}, "param_groups": []},
+                                               [0]), ValueError, "not a matrix"),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("i", range(len(BAD)))
+def test_bad_arguments(i):
+    fn, exc, words = BAD[i]
+    with pytest.raises(exc, match=words):
+        fn()
+
+
+# ------------------------------------------------------------------------ checkpoints that continue
+
+# (peer loss of (x, their weight, y, state) -> (loss, new state), their weight key, their layout is (d, C),
+#  our head, converter, optimizer class and options, their state after two steps -> our head's buffers)
+def _curricular_peer(x, kernel, y, state):
+    loss, t = peers.curricularface(x, kernel, y, state["t"])
+    return loss, {"t": t}
+
+
+PEER_CASES = {
+    "curricularface": dict(
+        peer=_curricular_peer, key="kernel", transposed=True, convert=convert.from_curricularface,
+        head=lambda backend: fk.CurricularFace.like("curricularface", D, C, backend=backend),
+        opt=(torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
+    ),
+    "facexzoo_mv_arc": dict(
+        peer=lambda x, w, y, st: (peers.facexzoo_mv_softmax(x, w, y, is_am=False), st), key="weight",
+        transposed=True, convert=convert.from_facexzoo,
+        head=lambda backend: fk.MVSoftmax.like("facexzoo", D, C, is_am=False, backend=backend),
+        opt=(torch.optim.Adam, dict(lr=0.01)),
+    ),
+    "pytorch_metric_learning": dict(
+        peer=lambda x, w, y, st: (peers.pml_arcface(x, w, y), st), key="W", transposed=True,
+        convert=convert.from_pytorch_metric_learning,
+        head=lambda backend: fk.ArcFace.like("pytorch-metric-learning", D, C, backend=backend),
+        opt=(torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05)),
+    ),
+    "insightface": dict(
+        # s = 32: every row's loss stays below insightface's floor -log(1e-30) = 69.08 (s (1 + 1) + log C)
+        peer=lambda x, w, y, st: (peers.insightface(x, w, y, s=32.0, m1=1.0, m2=0.5, m3=0.0), st), key="weight",
+        transposed=False, convert=lambda sd, prefix="": dict(sd),  # PartialFC_V2's layout is ours
+        head=lambda backend: fk.CombinedMargin.like("insightface", D, C, s=32.0, backend=backend),
+        opt=(torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
+    ),
+}
+
+
+def _their_run(case, steps):
+    """Two steps of the peer's head in its layout: a "backbone" (an embedding shift), then the head, both
+    in one optimizer as the trainers do; returns their checkpoint dict."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(D, C, generator=g, dtype=torch.float64) * 0.1
+    weight = torch.nn.Parameter(weight if case["transposed"] else weight.T.contiguous())
+    shift = torch.nn.Parameter(torch.zeros(D, dtype=torch.float64))
+    opt_cls, opt_kw = case["opt"]
+    opt = opt_cls([shift, weight], **opt_kw)
+    state = {"t": 0.0}
+    for x, y in steps:
+        loss, state = case["peer"](x + shift, weight, y, state)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    head = {"head." + case["key"]: weight.detach().clone()}
+    if "t" in state and case["key"] == "kernel":
+        head["head.t"] = torch.tensor([state["t"]], dtype=torch.float32)
+    return _saved({"state_dict": {"backbone.shift": shift.detach().clone(), **head}, "optimizer": opt.state_dict()})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(PEER_CASES))
+def test_a_peer_checkpoint_loads_and_continues(name, backend):
+    case = PEER_CASES[name]
+    steps = _batches(3)
+    ckpt = _their_run(case, steps[:2])
+
+    # their third step
+    theirs = _saved(ckpt)
+    weight = torch.nn.Parameter(theirs["state_dict"]["head." + case["key"]])
+    shift = torch.nn.Parameter(theirs["state_dict"]["backbone.shift"])
+    opt_cls, opt_kw = case["opt"]
+    opt = opt_cls([shift, weight], **opt_kw)
+    opt.load_state_dict(theirs["optimizer"])
+    state = {"t": float(theirs["state_dict"].get("head.t", torch.zeros(1)))}
+    x, y = steps[2]
+    want_loss, state = case["peer"](x + shift, weight, y, state)
+    opt.zero_grad()
+    want_loss.backward()
+    opt.step()
+    want_weight = weight.detach().T if case["transposed"] else weight.detach()
+
+    # ours, from the converted checkpoint
+    ours = case["convert"](ckpt["state_dict"], prefix="head.")
+    head = case["head"](backend).double()
+    head.load_state_dict({k[len("head."):]: v for k, v in ours.items() if k.startswith("head.")})
+    shift = torch.nn.Parameter(ours["backbone.shift"].clone())
+    opt = opt_cls([shift, head.weight], **opt_kw)
+    indices = convert.param_indices(opt, [head.weight]) if case["transposed"] else []
+    opt.load_state_dict(convert.transpose_optimizer_state(ckpt["optimizer"], indices))
+    got_loss = head(x + shift, y)
+    opt.zero_grad()
+    got_loss.backward()
+    opt.step()
+
+    tol = dict(rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(got_loss, want_loss.detach(), **tol)
+    torch.testing.assert_close(head.weight.detach(), want_weight, **tol)
+    if name == "curricularface":
+        assert head.t.item() == pytest.approx(state["t"], abs=1e-7)
+    # and back out: their optimizer state in their layout again
+    back = convert.transpose_optimizer_state(opt.state_dict(), indices)
+    for key, value in back["state"][1].items():
+        if isinstance(value, torch.Tensor) and value.dim() == 2:
+            assert value.shape == ckpt["optimizer"]["state"][1][key].shape
+
+
+def test_the_optimizer_state_needs_the_transpose():
+    # guard: loading the optimizer state untransposed puts (d, C) moments on a (C, d) weight; torch does not
+    # check, and the next step fails (or, for a square weight, silently scrambles the moments)
+    case = PEER_CASES["curricularface"]
+    ckpt = _their_run(case, _batches(2))
+    head = case["head"]("reference").double()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(D, dtype=torch.float64)), head.weight], lr=0.1,
+                          momentum=0.9)  # fmt: skip
+    opt.load_state_dict(ckpt["optimizer"])
+    head.weight.grad = torch.zeros_like(head.weight)
+    opt.param_groups[0]["params"][0].grad = torch.zeros(D, dtype=torch.float64)
+    with pytest.raises(RuntimeError):
+        opt.step()
+
+
+# ---------------------------------------------------------------------- Partial FC sampling generator
+
+
+def test_sample_classes_resumes_from_the_saved_generator_state():
+    labels = torch.tensor([3, 17, 17, 40, 2, 8])
+    valid = torch.ones(6, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(2):
+        sample_classes(labels, valid, 0, 50, 0.3, gen)
+    saved = _saved(gen.get_state())
+    want = [sample_classes(labels, valid, 0, 50, 0.3, gen) for _ in range(2)]
+    resumed = torch.Generator().manual_seed(999)
+    resumed.set_state(saved)
+    got = [sample_classes(labels, valid, 0, 50, 0.3, resumed) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert all(set(labels.tolist()) <= set(g.tolist()) and len(g) == 15 for g in got)
+
+
+def test_head_state_dict_carries_the_generator():
+    labels, valid = torch.tensor([3, 17, 40]), torch.ones(3, dtype=torch.bool)
+    head = fk.ArcFace(D, 50)
+    assert head.get_extra_state().numel() == 0  # no generator: an empty tensor, every value stays a tensor
+    head.sample_generator = torch.Generator().manual_seed(5)  # what sample_seed= gives a sharded head
+    sample_classes(labels, valid, 0, 50, 0.3, head.sample_generator)
+    ckpt = _saved(head.state_dict())
+    want = sample_classes(labels, valid, 0, 50, 0.3, head.sample_generator)
+
+    for seeded in (None, 123):  # a head without a generator gets one; a differently seeded one is reset
+        other = fk.ArcFace(D, 50)
+        if seeded is not None:
+            other.sample_generator = torch.Generator().manual_seed(seeded)
+        other.load_state_dict(ckpt)
+        assert torch.equal(sample_classes(labels, valid, 0, 50, 0.3, other.sample_generator), want)
+
+    # a checkpoint without the extra state (another trainer's, an older one) loads strictly and leaves the
+    # generator alone; an empty one (saved without a generator) too
+    other = fk.ArcFace(D, 50)
+    other.sample_generator = torch.Generator().manual_seed(5)
+    before = other.sample_generator.get_state()
+    other.load_state_dict({"weight": torch.zeros(50, D)})
+    other.load_state_dict(fk.ArcFace(D, 50).state_dict())
+    assert torch.equal(other.sample_generator.get_state(), before)
+    with pytest.raises(ValueError, match="_extra_state"):
+        other.load_state_dict({"weight": torch.zeros(50, D), "_extra_state": torch.zeros(3)})
+    with pytest.raises(RuntimeError, match="weight"):  # strict loading still reports what is really missing
+        other.load_state_dict({"_extra_state": torch.zeros(0, dtype=torch.uint8)})
+
+
+@pytest.fixture
+def one_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_ext
+def test_partial_fc_resume_is_bitwise(one_process_group):
+    classes, steps = 61, _batches(5, seed=4)
+    steps = [(x.float(), torch.randint(0, classes, (B,), generator=torch.Generator().manual_seed(i)))
+             for i, (x, _) in enumerate(steps)]  # fmt: skip
+
+    def make(seed):
+        torch.manual_seed(0)
+        head = fk.ArcFace(D, classes, s=16.0, backend="cpu", process_group=one_process_group, sample_rate=0.2,
+                          sample_seed=seed)  # fmt: skip
+        return head, torch.optim.SGD(head.parameters(), lr=0.5, momentum=0.9)
+
+    def run(head, opt, batches):
+        losses = []
+        for x, y in batches:
+            loss = head(x, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        return torch.stack(losses)
+
+    head, opt = make(seed=7)
+    run(head, opt, steps[:2])
+    ckpt = _saved({"head": head.state_dict(), "opt": opt.state_dict()})
+    want = run(head, opt, steps[2:])
+
+    resumed, opt = make(seed=8)  # another seed: only the checkpoint can make it draw the same classes
+    resumed.load_state_dict(ckpt["head"])
+    opt.load_state_dict(ckpt["opt"])
+    assert torch.equal(run(resumed, opt, steps[2:]), want)
+    assert torch.equal(resumed.weight, head.weight)
+
+    # without the generator's state the resumed run samples other classes (the test can fail)
+    resumed, opt = make(seed=8)
+    resumed.load_state_dict({k: v for k, v in ckpt["head"].items() if k != "_extra_state"})
+    opt.load_state_dict(ckpt["opt"])
+    assert not torch.equal(run(resumed, opt, steps[2:]), want)
