@@ -49,10 +49,7 @@ class Fallback(enum.IntEnum):
     MONOTONIC = 1  # phi = phi_raw if c > cos(pi - m2) else c - sin(pi - m2) * m2  (ArcFace official)
     POSITIVE = 2  # phi = phi_raw if c > 0 else c  (easy_margin, MV-Arc)
     ABOVE_M3 = 3  # phi = phi_raw if c > m3 else c  (MV-AM: c - m if c > m else c)
-    # phi = phi_raw if c > cos(pi - m2) else c - margin_am  (FaceX-Zoo's ArcFace). The Triton kernels and the
-    # reference read any fallback other than NONE through fallback_threshold / fallback_offset; the compiled
-    # CPU kernels derive both from (fallback, m2) in csrc and accept 0..3 only, so they reject this one.
-    OFFSET = 4
+    OFFSET = 4  # phi = phi_raw if c > cos(pi - m2) else c - margin_am  (FaceX-Zoo's ArcFace)
 
 
 class Negatives(enum.IntEnum):

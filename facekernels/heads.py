@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from . import _validate as V
-from ._backends import BackendUnavailableError
 from ._params import HEAD_NAMES, Fallback, HeadParams, Negatives
 
 # The published defaults of each head's margins, shared by the modules and the functional form.
@@ -254,7 +253,6 @@ class _MarginHead(nn.Module):
         """
         from .functional import _margin_cross_entropy
 
-        self._check_fallback_backend(embeddings)
         if self.process_group is not None:
             from .sharded import sharded_margin_cross_entropy
 
@@ -266,18 +264,6 @@ class _MarginHead(nn.Module):
         return _margin_cross_entropy(
             embeddings, self.weight, labels, self.params, t=self._t(), training=self._updates_t(), backend=self.backend
         )
-
-    def _check_fallback_backend(self, embeddings) -> None:
-        # The compiled CPU kernels derive the fallback's threshold and offset from (fallback, m2) in csrc and
-        # know no Fallback.OFFSET (their own check would name only an enum value): say what to use instead.
-        on_cpu_kernels = self.backend == "cpu" or (self.backend == "auto" and isinstance(embeddings, torch.Tensor)
-                                                   and embeddings.device.type == "cpu")  # fmt: skip
-        if self.params.fallback == Fallback.OFFSET and on_cpu_kernels:
-            raise BackendUnavailableError(
-                f"fallback={self.margins['fallback']!r} (c - margin_am where theta + m > pi, FaceX-Zoo's ArcFace) is "
-                "not in the compiled cpu kernels yet; use backend='reference' for CPU tensors (CUDA tensors: "
-                "backend='triton' or 'auto')"
-            )
 
     def extra_repr(self) -> str:
         p = self.params
@@ -300,8 +286,7 @@ _FALLBACK = """
         fallback: the target logit where theta + m > pi: None (this head's own), "monotonic"
             (c - sin(pi - m) m: CurricularFace, TFace, pytorch-metric-learning), "none" (cos(theta + m) as is:
             insightface), "facexzoo" (c: FaceX-Zoo's ArcFace) or a number a >= 0 (c - a: FaceX-Zoo's
-            margin_am), "easy_margin" (c wherever c <= 0). The compiled cpu kernels do not have "facexzoo" or a
-            number yet: use backend="reference" for CPU tensors there."""
+            margin_am), "easy_margin" (c wherever c <= 0)."""
 _COMMON = """
         reduction: "mean" (over the rows not labelled ignore_index; 0 when there is none), "sum", or "none"
             (the (B,) row losses, 0 on ignored rows).

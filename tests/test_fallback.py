@@ -100,30 +100,16 @@ needs_ext = pytest.mark.skipif(not _extension.is_available(), reason="needs the 
 
 @needs_ext
 @pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
-@pytest.mark.parametrize("fallback", ["monotonic", "none", "easy_margin"])
+@pytest.mark.parametrize("fallback", FALLBACKS, ids=str)
 @pytest.mark.parametrize("kind", HEADS)
 def test_cpu_kernels(kind, fallback, margin_grad):
     check(kind, fallback, margin_grad, "cpu", torch.float64, 1e-10)
     check(kind, fallback, margin_grad, "cpu", torch.float32, 2e-4)
 
 
-@needs_ext
-@pytest.mark.parametrize("fallback", ["facexzoo", 0.2], ids=str)
-def test_cpu_kernels_refuse_the_offset_fallback(fallback):
-    # the compiled CPU kernels derive their fallback from (fallback, m2) and have no c - margin_am branch yet:
-    # the module says which backend to use instead of computing the monotonic fallback's numbers
-    x, w, y = rows_with_target_cosines(TARGET_COS)
-    for backend in ("cpu", "auto"):
-        with pytest.raises(fk.BackendUnavailableError, match="backend='reference'"):
-            fk.ArcFace(5, 7, fallback=fallback, backend=backend)(x, y)
-    # the functional form reaches the kernel, whose own check refuses the unknown fallback
-    with pytest.raises(ValueError, match="fallback"):
-        fkf.margin_cross_entropy(x, w, y, "arcface", fallback=fallback, backend="cpu")
-
-
 def _triton_runs():
     try:
-        import facekernels.triton.heads as th
+        import facekernels.kernels.triton as th
     except Exception:
         return False
     return th._TRITON_IMPORT_ERROR is None and (torch.cuda.is_available() or th._INTERPRETED)
