@@ -60,8 +60,9 @@ def target_cosine(x: torch.Tensor, w: torch.Tensor, target: torch.Tensor, inv_x:
     return raw.clamp(-1.0, 1.0).to(inv_x.dtype), inside
 
 
-def target_logit(c: torch.Tensor, p: HeadParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Elementwise on target cosines: (phi, phi', tau), none of them carrying autograd history.
+def target_logit(c: torch.Tensor, p: HeadParams, differentiable: bool = False):
+    """Elementwise on target cosines: (phi, phi', tau), carrying no autograd history unless ``differentiable``
+    (then they are torch expressions of c: differentiating phi' gives the second derivative).
 
     phi_raw(c) = cos(m1*theta + m2) - m3 with theta = acos(c), so
     d phi_raw / dc = m1 sin(m1*theta + m2) / sin(theta)        (d theta / dc = -1 / sin theta)
@@ -70,7 +71,8 @@ def target_logit(c: torch.Tensor, p: HeadParams) -> tuple[torch.Tensor, torch.Te
     with sin(theta) floored at SIN_THETA_EPS in the derivative only. tau (the hard-negative threshold) is
     phi_raw before any fallback; the fallback branch is c - offset with derivative 1 (spec: "Which fallback").
     """
-    c = c.detach()
+    if not differentiable:
+        c = c.detach()
     if p.target_is_linear:
         phi_raw = c - p.m3
         dphi_raw = torch.ones_like(c)
@@ -92,6 +94,31 @@ def target_logit(c: torch.Tensor, p: HeadParams) -> tuple[torch.Tensor, torch.Te
     if p.margin_grad == "straight_through":
         dphi = torch.ones_like(c)
     return phi, dphi, phi_raw
+
+
+class _TargetLogitFunction(torch.autograd.Function):
+    """phi(c) whose derivative is target_logit's phi' (sin theta floored, the fallback's 1, straight-through's 1),
+    itself differentiable: the backward computes phi' with torch ops on the saved c, so a second derivative
+    (create_graph=True) differentiates that expression."""
+
+    @staticmethod
+    def forward(c, p):
+        return target_logit(c, p)[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.params = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (c,) = ctx.saved_tensors
+        return grad * target_logit(c, ctx.params, differentiable=True)[1], None
+
+
+def differentiable_target_logit(c: torch.Tensor, p: HeadParams) -> torch.Tensor:
+    """phi(c) with autograd through target_logit's derivatives, to every order (the eager reference's)."""
+    return _TargetLogitFunction.apply(c, p)
 
 
 def update_t_(t: torch.Tensor, target_cos: torch.Tensor, valid: torch.Tensor, momentum: float) -> None:

@@ -548,8 +548,10 @@ class CurricularFace(_MarginHead):
             self.update_t = previous
 
     def _apply(self, fn, *args, **kwargs):
-        # .half() / .double() / .to(dtype) convert the weight; t stays a float32 running statistic
+        # .half() / .double() / .to(dtype) convert the weight; t stays a float32 running statistic, with its
+        # value from before the cast (casting back from float16 would round it: 0.12345679 -> 0.12353516)
+        before = self.t
         super()._apply(fn, *args, **kwargs)
         if self.t.dtype != torch.float32:
-            self.t = self.t.float()
+            self.t = before.to(self.t.device)
         return self

@@ -3,6 +3,7 @@ gradcheck and the CurricularFace t recursion."""
 
 import math
 
+import kit
 import oracle
 import pytest
 import torch
@@ -159,3 +160,24 @@ def test_low_precision_reference_is_close(dtype):
     assert got.dtype == torch.float32
     tol = {torch.float32: 1e-4, torch.bfloat16: 0.5, torch.float16: 0.1}[dtype]
     assert abs(got.item() - want.item()) < tol * max(1.0, abs(want.item()))
+
+
+@pytest.mark.parametrize("case", ["arcface", "combined_general", "curricular", "mv_arc", "cosface"])
+def test_second_derivatives_match_the_oracle(case):
+    # Hessian-vector products of the reference (phi' of _rowmath, differentiated again) against the oracle's
+    # direct acos / cos formulas through autograd, in float64, away from the poles (where sin theta is floored)
+    x, w, y = kit.head_inputs(6, 9, 5)
+    head, kw = oracle.HEAD_CASES[case]
+    params = fk.head_params(head, reduction="sum", **kw)
+    v = torch.randn_like(x)
+
+    def hvp(loss_fn):
+        xa = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(loss_fn(xa), xa, create_graph=True)
+        (h,) = torch.autograd.grad((g * v).sum(), xa)
+        return h
+
+    t0 = 0.2
+    got = hvp(lambda a: fk.reference.margin_cross_entropy(a, w, y, params, torch.tensor(t0), True))
+    want = hvp(lambda a: oracle.head_loss(a, w, y, case, t=t0, reduction="sum")[0])
+    kit.assert_close(got, want, rtol=1e-8, atol=1e-9, what=f"{case} Hessian-vector product")

@@ -524,3 +524,27 @@ def test_repeated_triplet_runs_are_bitwise_equal(backend, mining):
         results.append((loss, eg.grad))
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double"])
+def test_curricular_t_keeps_its_float32_value_through_dtype_casts(cast):
+    head = fk.CurricularFace(4, 5, backend="reference")
+    head.t.fill_(0.12345679)
+    before = head.t.clone()
+    getattr(head, cast)()
+    assert head.t.dtype == torch.float32 and torch.equal(head.t, before)  # not rounded through the half type
+    assert head.weight.dtype == getattr(torch, {"half": "float16"}.get(cast, cast))
+
+
+@pytest.mark.skipif(not extension_built(), reason="needs facekernels._C")
+def test_triplet_under_torch_func():
+    # torch.func.grad matches autograd; forward-mode AD and vmap raise torch's clear errors (no jvp / vmap rule)
+    e, y = kit.triplet_inputs(8, 3, dtype=torch.float64)
+    loss = lambda a: fkf.triplet_margin_loss(a, y, backend="cpu")  # noqa: E731
+    ea = e.clone().requires_grad_()
+    loss(ea).backward()
+    kit.assert_close(torch.func.grad(loss)(e), ea.grad, rtol=1e-12, atol=1e-12, what="torch.func.grad")
+    with pytest.raises(NotImplementedError, match="jvp"):
+        torch.func.jvp(loss, (e,), (torch.ones_like(e),))
+    with pytest.raises(RuntimeError, match="vmap"):
+        torch.func.vmap(loss)(e.unsqueeze(0).expand(2, -1, -1).clone())

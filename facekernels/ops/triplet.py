@@ -121,15 +121,12 @@ class TripletFunction(torch.autograd.Function):
     """Fused mining + loss of ``rows`` (already normalised when the loss normalises)."""
 
     @staticmethod
-    def forward(ctx, rows, labels, params: TripletParams):
+    def forward(rows, labels, params: TripletParams):
+        # setup_context style (torch.func can transform it): what the backward needs is returned beside the loss
+        # ((terms, triplets, slopes) or (loss, W, denominator)) and marked non-differentiable
         ops = torch.ops.facekernels  # loaded when this module was imported
-        ctx.params = params
         if params.reduction == "none":
-            terms, triplets, slopes = ops.triplet_terms(rows, labels, params.mining, params.distance,
-                                                        params.margin, params.soft)  # fmt: skip
-            ctx.save_for_backward(rows, triplets, slopes)
-            ctx.mark_non_differentiable(triplets)
-            return terms, triplets
+            return ops.triplet_terms(rows, labels, params.mining, params.distance, params.margin, params.soft)
         stats, coef = ops.triplet_reduce(rows, labels, params.mining, params.distance, params.margin, params.soft)
         # the per-anchor sums (summed in float64 by the kernel, rounded once) and counts (integers, exact in
         # float32 below 2^24 terms per anchor) are added up in float64 too: the batch can hold billions of
@@ -138,8 +135,18 @@ class TripletFunction(torch.autograd.Function):
         denominator = (nonzero if params.reduction == "mean_nonzero" else count).clamp_min(1)
         if params.reduction == "sum":
             denominator = torch.ones_like(denominator)
-        ctx.save_for_backward(rows, labels, coef, denominator.to(stats.dtype))
-        return (total / denominator).to(stats.dtype)
+        return (total / denominator).to(stats.dtype), coef, denominator.to(stats.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        rows, labels, params = inputs
+        ctx.params = params
+        _, second, third = output
+        ctx.mark_non_differentiable(second, third)
+        if params.reduction == "none":
+            ctx.save_for_backward(rows, second, third)  # rows, triplets, slopes
+        else:
+            ctx.save_for_backward(rows, labels, second, third)  # rows, labels, W, denominator
 
     @staticmethod
     def backward(ctx, *grads):
@@ -182,4 +189,5 @@ def triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor, params: 
     if params.normalize or params.distance == "cosine":
         # x / max(||x||, eps) in the accumulation dtype (an O(B d) copy for half inputs)
         rows = F.normalize(embeddings.to(_acc_dtype(embeddings.dtype)), dim=1, eps=NORM_EPS)
-    return TripletFunction.apply(rows, labels, params)
+    first, second, _ = TripletFunction.apply(rows, labels, params)
+    return (first, second) if params.reduction == "none" else first

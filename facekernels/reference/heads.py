@@ -11,7 +11,15 @@ from __future__ import annotations
 import torch
 
 from .._params import HeadParams, Negatives
-from .._rowmath import acc_dtype, clamp_cosine, normalize_rows, reduce_row_losses, target_logit, update_t_
+from .._rowmath import (
+    acc_dtype,
+    clamp_cosine,
+    differentiable_target_logit,
+    normalize_rows,
+    reduce_row_losses,
+    target_logit,
+    update_t_,
+)
 
 __all__ = ["clamp_cosine", "margin_cross_entropy", "normalize_rows", "target_logit", "update_t_"]
 
@@ -37,9 +45,8 @@ def margin_cross_entropy(
     safe_labels = torch.where(valid, labels, 0).unsqueeze(1)
     # the per-row target math runs in float32 at least: phi' reaches 1/SIN_THETA_EPS, beyond float16
     c_target = cos.gather(1, safe_labels).squeeze(1).to(torch.promote_types(dtype, torch.float32))
-    phi, dphi, tau = target_logit(c_target, p)
-    # value phi, gradient dphi * dc (c - c.detach() is exactly 0 in the forward)
-    phi = phi + dphi * (c_target - c_target.detach())
+    tau = target_logit(c_target, p)[2]
+    phi = differentiable_target_logit(c_target, p)  # phi' as the spec has it, to every order
 
     if p.uses_t and training:
         update_t_(t, c_target, valid, p.momentum)
