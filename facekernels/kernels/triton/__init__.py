@@ -154,8 +154,9 @@ def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int
     return combine_lse(torch.cat(partials, dim=1), dim=1)
 
 
-# The backward epilogue's tile: elementwise (no tl.dot), 64 x 128 float32 values over 4 warps, 16-byte accesses.
-GRAD_BLOCK_B, GRAD_BLOCK_C, GRAD_WARPS = 64, 128, 4
+# The backward epilogue's tile: elementwise (no tl.dot), 32 x 128 values over 4 warps (32 a thread; 64 spill),
+# 16-byte accesses.
+GRAD_BLOCK_B, GRAD_BLOCK_C, GRAD_WARPS = 32, 128, 4
 
 
 def grad_logits(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, s: float, negatives: int, mv_t: float):
