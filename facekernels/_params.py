@@ -25,7 +25,7 @@ CurricularFace(m)              1    m    0    MONOTONIC               CURRICULAR
 
 Where theta + m > pi the heads with an angular margin (ArcFace, CombinedMargin with m1 = 1 and m3 = 0,
 MVSoftmax's Arc variant, CurricularFace) take ``fallback=`` to replace the default of the table
-(facekernels.heads.with_fallback): "monotonic" -> MONOTONIC, "none" -> NONE, "easy_margin" -> POSITIVE,
+(facekernels._head_params.with_fallback): "monotonic" -> MONOTONIC, "none" -> NONE, "easy_margin" -> POSITIVE,
 "facexzoo" or a number a >= 0 -> OFFSET with margin_am = a ("facexzoo" is a = 0, FaceX-Zoo's default).
 """
 

@@ -209,3 +209,12 @@ def check_triplet_inputs(embeddings, labels) -> torch.Tensor:
         )
     _check_not_meta("embeddings and labels", embeddings)
     return labels.long()
+
+
+def check_t_buffer(t, embeddings: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a 0-dim float32 tensor (CurricularFace's buffer); got {type(t).__name__}")
+    if t.dim() != 0 or t.dtype != torch.float32:
+        raise ValueError(f"t must be a 0-dim float32 tensor; got shape {tuple(t.shape)} and {t.dtype}")
+    if t.device != embeddings.device:
+        raise ValueError(f"t must be on the device of embeddings ({embeddings.device}); got {t.device}")

@@ -10,23 +10,14 @@ import torch
 from . import _algorithm
 from . import _validate as V
 from ._backends import head_kernels, triplet_backend
+from ._head_params import head_params
 from ._params import HeadParams, TripletParams
-from .heads import head_params
-
-
-def _check_t_buffer(t, embeddings: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"t must be a 0-dim float32 tensor (CurricularFace's buffer); got {type(t).__name__}")
-    if t.dim() != 0 or t.dtype != torch.float32:
-        raise ValueError(f"t must be a 0-dim float32 tensor; got shape {tuple(t.shape)} and {t.dtype}")
-    if t.device != embeddings.device:
-        raise ValueError(f"t must be on the device of embeddings ({embeddings.device}); got {t.device}")
 
 
 def _margin_cross_entropy(embeddings, weight, labels, params: HeadParams, t, training: bool, backend: str):
     labels = V.check_head_inputs(embeddings, weight, labels, params.ignore_index)
     if params.uses_t:
-        _check_t_buffer(t, embeddings)
+        V.check_t_buffer(t, embeddings)
     kernels = head_kernels(backend, embeddings.device)
     if kernels is None:
         from .reference.heads import margin_cross_entropy as reference_loss

@@ -134,9 +134,7 @@ def sharded_margin_cross_entropy(
             )
         labels = V._check_labels(labels, batch, allow_column=True).long()
         if params.uses_t:
-            from .functional import _check_t_buffer
-
-            _check_t_buffer(t, embeddings)
+            V.check_t_buffer(t, embeddings)
         kernels = head_kernels(check_sharded_backend(backend, embeddings.device), embeddings.device)
         kernels.compute_dtype(embeddings, weight)
         if V._check_label_values and not torch.compiler.is_compiling():

@@ -1,4 +1,4 @@
-"""The public API of shared/spec/api.md: names, defaults, dispatch and argument validation."""
+"""The public API of the API contract (README "Use", docs/): names, defaults, dispatch and argument validation."""
 
 import pytest
 import torch

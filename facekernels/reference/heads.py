@@ -1,7 +1,7 @@
 """Eager PyTorch margin-softmax heads: the test oracle and the benchmark baseline.
 
 They materialise the (B, C) cosine and logit matrices on purpose, the way CurricularFace's official code
-and insightface compute today. Semantics: ``shared/spec/heads.md``; the parametrisation of every head by
+and insightface compute today. Semantics: ``docs/heads.md``; the parametrisation of every head by
 (m1, m2, m3, fallback, negatives) is documented in ``facekernels/_params.py``; the per-row math (phi, phi',
 tau, t) is ``facekernels/_rowmath.py``'s, the one definition every backend uses.
 """

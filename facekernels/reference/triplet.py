@@ -1,6 +1,6 @@
 """Eager PyTorch triplet loss with in-batch mining: the test oracle and the benchmark baseline.
 
-Semantics: ``shared/spec/triplet.md``. The (B, B) distance matrix is materialised on purpose; the mining
+Semantics: ``docs/triplet.md``. The (B, B) distance matrix is materialised on purpose; the mining
 works on chunks of anchors so that memory stays O(B^2 + chunk * B) rather than the (B, B, B) mask that
 pytorch-metric-learning and TF-Addons build.
 """

@@ -1,4 +1,4 @@
-// The per-class head math of the fused C++ kernels (shared/spec/heads.md), written once for the CPU and CUDA
+// The per-class head math of the fused C++ kernels (docs/heads.md), written once for the CPU and CUDA
 // builds. No torch include: a .cu kernel compiled by plain nvcc can include it.
 //
 // The per-row target math (phi, phi', tau of the target cosine, CurricularFace's t) is O(B) and lives in

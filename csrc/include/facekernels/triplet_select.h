@@ -1,4 +1,4 @@
-// Triplet mining of shared/spec/triplet.md, written once for the CPU (csrc/cpu/triplet.cpp) and CUDA
+// Triplet mining of docs/triplet.md, written once for the CPU (csrc/cpu/triplet.cpp) and CUDA
 // (csrc/cuda/triplet.cu) kernels. No torch: plain `nvcc -c` compiles every file that includes it.
 //
 // Both kernels start from the (B, B) Gram matrix g = E E^T of the rows the loss sees (already

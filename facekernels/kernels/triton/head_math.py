@@ -1,4 +1,4 @@
-"""The per-class head math of ``shared/spec/heads.md`` as ``@triton.jit`` helpers: the one Triton definition.
+"""The per-class head math of ``docs/heads.md`` as ``@triton.jit`` helpers: the one Triton definition.
 
 The per-row target math (phi, phi', tau, t) is computed once in torch (``facekernels/_rowmath.py``) for every
 backend and reaches the kernels as per-row tensors; what is per (row, class) lives here. The structural
