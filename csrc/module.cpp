@@ -1,12 +1,8 @@
-// The Python module facekernels._C and the schemas of the facekernels:: operator namespace.
-// Each op's kernels register their implementations (TORCH_LIBRARY_IMPL) in their own files; later ops
-// may add schemas with TORCH_LIBRARY_FRAGMENT next to their CPU implementation.
+// The Python module facekernels._C. The schemas of the facekernels:: ops and their shape functions live in
+// facekernels/_library.py (one place, loaded before this module); each op's kernels register their
+// implementations (TORCH_LIBRARY_IMPL) in their own files.
 #include <torch/extension.h>
 #include <torch/library.h>
-
-TORCH_LIBRARY(facekernels, m) {
-  m.def("target_cosine(Tensor embeddings, Tensor weight, Tensor labels, int class_start) -> Tensor");
-}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 #ifdef FACEKERNELS_WITH_CUDA

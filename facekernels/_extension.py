@@ -22,6 +22,8 @@ BUILD_HINT = (
 
 @functools.cache
 def _load():
+    from . import _library  # noqa: F401  (the schemas the C++ implementations register against)
+
     try:
         module = importlib.import_module("facekernels._C")
     except ModuleNotFoundError as err:
@@ -30,7 +32,6 @@ def _load():
         raise ExtensionUnavailableError(
             f"facekernels._C does not load with torch {torch.__version__} ({err}); rebuild it: {BUILD_HINT}"
         ) from err
-    _register_fakes()
     return module
 
 
@@ -51,33 +52,6 @@ def ops():
     """torch.ops.facekernels, after loading the extension that registers it."""
     _load()
     return torch.ops.facekernels
-
-
-def _register_fakes() -> None:
-    """Shape functions of every C++ op (the one place they are registered), so that torch.compile can trace the
-    ops without running them."""
-
-    def acc(t):
-        return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-    @torch.library.register_fake("facekernels::target_cosine")
-    def _(embeddings, weight, labels, class_start):
-        return embeddings.new_empty(embeddings.shape[0], dtype=acc(embeddings))
-
-    @torch.library.register_fake("facekernels::inv_norms")
-    def _(rows):
-        return rows.new_empty(rows.shape[0], dtype=acc(rows))
-
-    @torch.library.register_fake("facekernels::margin_lse")
-    def _(embeddings, weight, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t, class_tile=0):
-        return embeddings.new_empty(embeddings.shape[0], dtype=acc(embeddings))
-
-    @torch.library.register_fake("facekernels::margin_backward")
-    def _(grad_rows, embeddings, weight, inv_x, inv_w, target, phi, dphi, tau, t, lse, s, negatives, mv_t,
-          need_embeddings_grad, need_weight_grad, class_tile=0):  # fmt: skip
-        a = embeddings.new_empty(embeddings.shape, dtype=acc(embeddings)) if need_embeddings_grad else None
-        return (a if a is not None else embeddings.new_empty(0, dtype=acc(embeddings)),
-                torch.empty_like(weight) if need_weight_grad else weight.new_empty(0))  # fmt: skip
 
 
 def target_cosine(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, class_start: int = 0):

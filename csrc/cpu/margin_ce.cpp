@@ -1,6 +1,6 @@
 // The compiled CPU kernels of the margin-softmax heads: the "cpu" implementation of the kernel interface of
-// facekernels/_algorithm.py (the one head algorithm; Python side facekernels/kernels/cpu.py). Schemas:
-// TORCH_LIBRARY_FRAGMENT below.
+// facekernels/_algorithm.py (the one head algorithm; Python side facekernels/kernels/cpu.py). Schemas and
+// shape functions: facekernels/_library.py.
 //
 // The algorithm hands every op the per-row inputs it computed once in torch (facekernels/_rowmath.py): the
 // inverse norms, the target column of each row in this weight (-1 or >= C: none here), the target logit phi,
@@ -370,21 +370,6 @@ at::Tensor inv_norms_cpu(const at::Tensor& a) {
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(facekernels, m) {
-  // Per-row log-sum-exp over the classes of `weight` of the logits z_ij = s N(c_ij), z_i,target = s phi_i
-  // (float32; float64 for float64 inputs). target_i outside [0, C) means no target column in this weight.
-  m.def(
-      "margin_lse(Tensor embeddings, Tensor weight, Tensor inv_x, Tensor inv_w, Tensor target, Tensor phi, "
-      "Tensor tau, Tensor? t, float s, int negatives, float mv_t, int class_tile=0) -> Tensor");
-  // (A, d weight) of sum_i grad_rows_i (lse_i - s phi_i), with A = d x_hat / max(||x||, eps) (the caller finishes
-  // the embeddings' normalisation backward); a gradient not asked for is an empty tensor.
-  m.def(
-      "margin_backward(Tensor grad_rows, Tensor embeddings, Tensor weight, Tensor inv_x, Tensor inv_w, "
-      "Tensor target, Tensor phi, Tensor dphi, Tensor tau, Tensor? t, Tensor lse, float s, int negatives, "
-      "float mv_t, bool need_embeddings_grad, bool need_weight_grad, int class_tile=0) -> (Tensor, Tensor)");
-  m.def("inv_norms(Tensor rows) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(facekernels, CPU, m) {
   m.impl("margin_lse", &margin_lse_cpu);

@@ -112,15 +112,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_terms_cpu(const at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(facekernels, m) {
-  m.def(
-      "triplet_reduce(Tensor embeddings, Tensor labels, str mining, str distance, float margin, bool soft) "
-      "-> (Tensor stats, Tensor coef)");
-  m.def(
-      "triplet_terms(Tensor embeddings, Tensor labels, str mining, str distance, float margin, bool soft) "
-      "-> (Tensor terms, Tensor triplets, Tensor slopes)");
-}
-
 TORCH_LIBRARY_IMPL(facekernels, CPU, m) {
   m.impl("triplet_reduce", &triplet_reduce_cpu);
   m.impl("triplet_terms", &triplet_terms_cpu);

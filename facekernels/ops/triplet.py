@@ -28,25 +28,10 @@ import torch.nn.functional as F
 from .. import _extension
 from .._params import NORM_EPS, TripletParams
 
-# Importing this module loads the extension (a clear ExtensionUnavailableError when it is not built) and
-# registers the shape functions torch.compile needs; the backend dispatch imports it with an import
-# statement, which torch.compile executes, so a compiled model works on its first call too.
+# Importing this module loads the extension (a clear ExtensionUnavailableError when it is not built) and with
+# it the ops' schemas and shape functions (facekernels/_library.py); the backend dispatch imports it with an
+# import statement, which torch.compile executes, so a compiled model works on its first call too.
 _extension.ops()
-
-
-@torch.library.register_fake("facekernels::triplet_reduce")
-def _(embeddings, labels, mining, distance, margin, soft):
-    acc = _acc_dtype(embeddings.dtype)
-    batch = embeddings.shape[0]
-    return embeddings.new_empty(batch, 3, dtype=acc), embeddings.new_empty(batch, batch, dtype=acc)
-
-
-@torch.library.register_fake("facekernels::triplet_terms")
-def _(embeddings, labels, mining, distance, margin, soft):
-    acc = _acc_dtype(embeddings.dtype)
-    count = torch.library.get_ctx().new_dynamic_size()
-    return (embeddings.new_empty(count, dtype=acc), labels.new_empty(count, 3),
-            embeddings.new_empty(count, 2, dtype=acc))  # fmt: skip
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
