@@ -8,6 +8,7 @@ from . import convert, functional, reference
 from ._backends import BackendUnavailableError
 from ._extension import ExtensionUnavailableError
 from ._params import HeadParams, TripletParams
+from ._rowmath import HeadStats
 from ._validate import set_label_checks
 from .heads import ArcFace, CombinedMargin, CosFace, CurricularFace, MVSoftmax, NormSoftmax, head_params
 from .triplet import TripletMarginLoss
@@ -22,6 +23,7 @@ __all__ = [
     "CurricularFace",
     "ExtensionUnavailableError",
     "HeadParams",
+    "HeadStats",
     "MVSoftmax",
     "NormSoftmax",
     "TripletMarginLoss",

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ._params import HeadParams
-from ._rowmath import acc_dtype, reduce_row_losses, target_cosine, target_logit, update_t_
+from ._rowmath import acc_dtype, head_stats, reduce_row_losses, target_cosine, target_logit, update_t_
 
 
 class HeadKernels(Protocol):
@@ -48,8 +48,9 @@ class HeadKernels(Protocol):
     def inv_norms(self, rows: torch.Tensor) -> torch.Tensor:
         """1 / max(||row||, eps) per row, overflow-safe, NaN for a NaN row."""
 
-    def lse(self, x, w, inv_x, inv_w, target, phi, tau, t, params: HeadParams) -> torch.Tensor:
-        """Per-row log-sum-exp over w's classes (the target column, if in w, holds s phi)."""
+    def lse(self, x, w, inv_x, inv_w, target, phi, tau, t, params: HeadParams):
+        """Per-row (log-sum-exp, max) of the logits over w's classes (the target column, if in w, holds
+        s phi)."""
 
     def backward_chunk(self, g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, params: HeadParams,
                        need_dx: bool, need_dw: bool, dw_out: torch.Tensor | None,
@@ -90,16 +91,18 @@ torch.compile cannot trace) instead of returning a silent 0.
         # phi and tau may be one tensor (torch.compile traces no tensor passed twice)
         x_all = x if x_all is None else x_all
         phi, _, tau = target_rows
-        lse = kernels.lse(x_all, w, inv_x, inv_w, target, phi, tau, t, params)
+        lse, row_max = kernels.lse(x_all, w, inv_x, inv_w, target, phi, tau, t, params)
         if group is not None:
-            # global lse = M + log sum_r exp(lse_r - M), M = max_r lse_r (every shard has >= 1 class: finite)
-            top = lse.clone()
-            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+            # global lse = M + log sum_r exp(lse_r - M), M = max_r lse_r (every shard has >= 1 class: finite);
+            # the logits' row max rides along in the same MAX all-reduce
+            tops = torch.stack([lse, row_max])
+            dist.all_reduce(tops, op=dist.ReduceOp.MAX, group=group)
+            top, row_max = tops.unbind()
             total = torch.exp(lse - top)
             dist.all_reduce(total, group=group)
             lse = top + torch.log(total)
         # loss_i = lse_i - s phi_i, phi_i from the shared target cosine: the same on every rank
-        return torch.where(valid, lse - params.s * phi, 0), lse
+        return torch.where(valid, lse - params.s * phi, 0), lse, row_max
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -107,10 +110,10 @@ torch.compile cannot trace) instead of returning a silent 0.
         x_all = x if x_all is None else x_all
         ctx.save_for_backward(x_all, w, inv_x, inv_w, target, target_rows, t, valid, output[1])
         ctx.params, ctx.kernels, ctx.group, ctx.batch_local = params, kernels, group, x.shape[0]
-        ctx.mark_non_differentiable(output[1])
+        ctx.mark_non_differentiable(output[1], output[2])
 
     @staticmethod
-    def backward(ctx, grad_rows, grad_lse):
+    def backward(ctx, grad_rows, grad_lse, grad_max):
         with torch.no_grad():
             dx, dw = _HeadRows._gradients(ctx, grad_rows)
         # create_graph=True: first order works, second order raises. (torch.func transforms run backward with
@@ -171,13 +174,15 @@ def margin_cross_entropy(
     group=None,
     class_start: int = 0,
     sampler=None,
-) -> torch.Tensor:
+    stats: bool = False,
+):
     """Loss of one head (module docstring), inputs already validated. ``embeddings`` (B_l, d), ``labels``
     (B_l,) global class ids; ``weight`` (C_l, d): all the classes (group None) or this rank's shard
     [class_start, class_start + C_l); ``sampler(labels, valid)``, given the global batch's labels, returns
 Partial FC's sorted sampled rows of the shard. ``t``
     (CurricularFace) is updated in place when ``training``. Returns the loss of the (global) batch, the same on
-    every rank; float32 (float64 for float64 inputs)."""
+    every rank; float32 (float64 for float64 inputs). With ``stats``: (loss, HeadStats) of the (global) batch,
+from the fused pass (target cosine, and the logits' row max that the forward computes anyway)."""
     p = params
     dtype = kernels.compute_dtype(embeddings, weight)
     x, w = embeddings.to(dtype), weight.to(dtype)
@@ -216,6 +221,7 @@ Partial FC's sorted sampled rows of the shard. ``t``
         # which may run before this backward (gradient accumulation)
         t_used = t.detach().clone()
     target_rows = torch.stack([phi, dphi, tau])
-    rows, _ = _HeadRows.apply(x, w, None if group is None else x_all, inv_x, inv_w, target, target_rows, t_used,
-                              valid, p, kernels, group)  # fmt: skip
-    return reduce_row_losses(rows.to(acc_dtype(dtype)), valid, p.reduction)
+    rows, _, row_max = _HeadRows.apply(x, w, None if group is None else x_all, inv_x, inv_w, target, target_rows,
+                                       t_used, valid, p, kernels, group)  # fmt: skip
+    loss = reduce_row_losses(rows.to(acc_dtype(dtype)), valid, p.reduction)
+    return (loss, head_stats(c, p.s * phi, row_max, valid)) if stats else loss

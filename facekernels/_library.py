@@ -17,11 +17,11 @@ LIBRARY = torch.library.Library("facekernels", "DEF")
 LIBRARY.define("target_cosine(Tensor embeddings, Tensor weight, Tensor labels, int class_start) -> Tensor")
 # 1 / max(||row||, eps) per row, squares summed in float64
 LIBRARY.define("inv_norms(Tensor rows) -> Tensor")
-# Per-row log-sum-exp over the classes of `weight` of the logits z_ij = s N(c_ij), z_i,target = s phi_i;
+# Per-row (log-sum-exp, max) over the classes of `weight` of the logits z_ij = s N(c_ij), z_i,target = s phi_i;
 # target_i outside [0, C) means no target column in this weight (csrc/cpu/margin_ce.cpp)
 LIBRARY.define(
     "margin_lse(Tensor embeddings, Tensor weight, Tensor inv_x, Tensor inv_w, Tensor target, Tensor phi, "
-    "Tensor tau, Tensor? t, float s, int negatives, float mv_t, int class_tile=0) -> Tensor"
+    "Tensor tau, Tensor? t, float s, int negatives, float mv_t, int class_tile=0) -> (Tensor, Tensor)"
 )
 # (A, d weight) of sum_i grad_rows_i (lse_i - s phi_i), A = d x_hat / max(||x||, eps) (the caller finishes the
 # embeddings' normalisation backward); a gradient not asked for is an empty tensor
@@ -58,7 +58,8 @@ def _(rows):
 
 @torch.library.register_fake("facekernels::margin_lse")
 def _(embeddings, weight, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t, class_tile=0):
-    return embeddings.new_empty(embeddings.shape[0], dtype=_acc(embeddings))
+    row = embeddings.new_empty(embeddings.shape[0], dtype=_acc(embeddings))
+    return row, row.clone()
 
 
 @torch.library.register_fake("facekernels::margin_backward")

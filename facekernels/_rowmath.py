@@ -10,6 +10,7 @@ math (``N(c)``: Triton ``kernels/triton/head_math.py``, C++ ``csrc/include/facek
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -141,6 +142,21 @@ def combine_lse(lse: torch.Tensor, dim: int) -> torch.Tensor:
     top = lse.amax(dim=dim, keepdim=True)
     top = torch.where(top == -math.inf, 0.0, top)  # every partial -inf: stays -inf instead of NaN
     return (top + torch.exp(lse - top).sum(dim=dim, keepdim=True).log()).squeeze(dim)
+
+
+class HeadStats(NamedTuple):
+    """What trainers log from a head's logits, per row of the batch (the global batch of a sharded head),
+    without the logits: detached, O(B)."""
+
+    target_cosine: torch.Tensor  # cos(theta_y), the target class's cosine; 0 on ignored rows
+    correct: torch.Tensor  # bool: the target's logit (margin included) is the row's largest (top-1); False on
+    #                        ignored rows
+
+
+def head_stats(target_cos, target_z, row_max, valid) -> HeadStats:
+    """HeadStats from the target cosines, the target logits s*phi and the rows' largest logits. The target logit
+    is one of the logits its row's max runs over, so it wins exactly when it equals the max (a tie counts)."""
+    return HeadStats(torch.where(valid, target_cos, 0).detach(), (valid & (target_z >= row_max)).detach())
 
 
 def reduce_row_losses(row_loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:

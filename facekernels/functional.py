@@ -14,7 +14,8 @@ from ._head_params import head_params
 from ._params import HeadParams, TripletParams
 
 
-def _margin_cross_entropy(embeddings, weight, labels, params: HeadParams, t, training: bool, backend: str):
+def _margin_cross_entropy(embeddings, weight, labels, params: HeadParams, t, training: bool, backend: str,
+                          stats: bool = False):
     labels = V.check_head_inputs(embeddings, weight, labels, params.ignore_index)
     if params.uses_t:
         V.check_t_buffer(t, embeddings)
@@ -22,8 +23,8 @@ def _margin_cross_entropy(embeddings, weight, labels, params: HeadParams, t, tra
     if kernels is None:
         from .reference.heads import margin_cross_entropy as reference_loss
 
-        return reference_loss(embeddings, weight, labels, params, t, training)
-    return _algorithm.margin_cross_entropy(embeddings, weight, labels, params, t, training, kernels)
+        return reference_loss(embeddings, weight, labels, params, t, training, stats)
+    return _algorithm.margin_cross_entropy(embeddings, weight, labels, params, t, training, kernels, stats=stats)
 
 
 def margin_cross_entropy(
@@ -38,8 +39,9 @@ def margin_cross_entropy(
     ignore_index: int = -100,
     margin_grad: str = "exact",
     backend: str = "auto",
+    return_stats: bool = False,
     **margins,
-) -> torch.Tensor:
+):
     """Margin-softmax cross-entropy of ``head`` on (embeddings (B, d), weight (C, d), labels (B,)).
 
     The same loss as the head's module (docs/heads.md), with the class weights (and CurricularFace's t) passed
@@ -61,13 +63,18 @@ def margin_cross_entropy(
         margin_grad: "exact" (the true derivative of the target logit) or "straight_through" (d phi / d cos := 1).
         backend: "auto" (compiled CPU kernels for CPU tensors, Triton for CUDA tensors), "cpu", "triton" or
             "reference".
+        return_stats: also return a ``HeadStats`` of detached per-row tensors, from the fused pass at O(B)
+            memory: ``target_cosine`` (the target class's cosine) and ``correct`` (the target's logit is the
+            row's largest: top-1 accuracy without the logits); ignored rows 0 and False.
         **margins: the head's constructor arguments (s, m, easy_margin, fallback, m1, m2, m3, is_am, momentum),
             each defaulting to the published value.
 
     Returns:
-        The loss: 0-dim, or (B,) with reduction="none"; float32 (float64 for float64 inputs).
+        The loss: 0-dim, or (B,) with reduction="none"; float32 (float64 for float64 inputs). With
+        return_stats: (loss, HeadStats).
     """
     V.check_bool("training", training)
+    V.check_bool("return_stats", return_stats)
     V.check_choice("backend", backend, ("auto", "triton", "cpu", "reference"))
     if head == "mv_softmax" and t is not None:
         margins["t"] = t
@@ -76,7 +83,7 @@ def margin_cross_entropy(
     params = head_params(head, reduction=reduction, ignore_index=ignore_index, margin_grad=margin_grad, **margins)
     if params.uses_t and t is None:
         raise ValueError("t is required for head='curricular': pass its 0-dim float32 buffer")
-    return _margin_cross_entropy(embeddings, weight, labels, params, t, training, backend)
+    return _margin_cross_entropy(embeddings, weight, labels, params, t, training, backend, return_stats)
 
 
 def triplet_margin_loss(

@@ -26,6 +26,8 @@ class _MarginHead(nn.Module):
     def __init__(self, in_features, num_classes, *, reduction, ignore_index, margin_grad, backend, process_group,
                  sample_rate, sample_seed, **margins):  # fmt: skip
         super().__init__()
+        # forward returns (loss, HeadStats) when True: per-row target cosine and top-1 correctness (monitoring)
+        self.return_stats = False
         V.check_int("in_features", in_features, minimum=1)
         V.check_int("num_classes", num_classes, minimum=1)
         V.check_choice("backend", backend, ("auto", "triton", "cpu", "reference"))
@@ -128,19 +130,21 @@ class _MarginHead(nn.Module):
 
         Returns:
             The loss: a 0-dim tensor, or the (B,) row losses with reduction="none"; float32 (float64 for
-            float64 inputs).
+            float64 inputs). With ``head.return_stats = True``: (loss, HeadStats), the per-row target cosine
+            and top-1 correctness of the batch (of the global batch when sharded), computed in the fused pass
+            (``facekernels.functional.margin_cross_entropy``, return_stats).
         """
+        stats = bool(self.return_stats)
         if self.process_group is not None:
             from .sharded import sharded_margin_cross_entropy
 
             return sharded_margin_cross_entropy(
                 embeddings, self.weight, labels, self.params, self._t(), self._updates_t(), group=self.process_group,
                 num_classes=self.num_classes, class_start=self.class_start, backend=self.backend,
-                sample_rate=self.sample_rate, generator=self.sample_generator,
+                sample_rate=self.sample_rate, generator=self.sample_generator, stats=stats,
             )  # fmt: skip
-        return _margin_cross_entropy(
-            embeddings, self.weight, labels, self.params, t=self._t(), training=self._updates_t(), backend=self.backend
-        )
+        return _margin_cross_entropy(embeddings, self.weight, labels, self.params, t=self._t(),
+                                     training=self._updates_t(), backend=self.backend, stats=stats)  # fmt: skip
 
     def extra_repr(self) -> str:
         p = self.params

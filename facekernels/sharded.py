@@ -115,7 +115,8 @@ def sharded_margin_cross_entropy(
     backend: str = "cpu",
     sample_rate: float = 1.0,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
+    stats: bool = False,
+):
     """Loss of one class-sharded head: ``embeddings`` (B_l, d) and ``labels`` (B_l,) with global class ids on
     this rank, ``weight`` (num_local, d) this rank's shard. Returns the loss of the global batch, identical on
     every rank ("none": the (B,) row losses of the global batch, in rank order; a gradient given to them must
@@ -150,5 +151,5 @@ def sharded_margin_cross_entropy(
         sampler = functools.partial(sample_classes, class_start=class_start, num_local=weight.shape[0],
                                     sample_rate=sample_rate, generator=generator)  # fmt: skip
     return _algorithm.margin_cross_entropy(embeddings, weight, labels, params, t, training, kernels, group=group,
-                                           class_start=class_start, sampler=sampler)  # fmt: skip
+                                           class_start=class_start, sampler=sampler, stats=stats)  # fmt: skip
 

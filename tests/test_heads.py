@@ -531,3 +531,33 @@ def test_triton_million_classes_error_ratio():
     for name, i in (("loss", 0), ("dx", 1), ("dw", 2)):
         kit.assert_error_ratio(kernel[i], eager[i], exact[i], what=name)
     assert math.isfinite(exact[0].item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["arcface", "mv_am", "curricular"])
+def test_stats_match_the_logits(backend, case, small_tiles):
+    # target cosine and top-1 correctness from the fused pass against the reference's logits matrix, on rows
+    # that are right and rows that are wrong (near their class or not), with ignored rows
+    dev = _device(backend)
+    x, w, y = (a.to(dev) for a in kit.head_inputs(40, 300, 33, dtype=_dtype(backend), ignore_frac=0.1,
+                                                  near_frac=0.5))  # fmt: skip
+    params = _params(case)
+    t_got, t_ref = _t0(case, dev), _t0(case, dev)
+    loss, stats = fkf._margin_cross_entropy(x, w, y, params, t_got, True, backend, True)
+    want_loss, want = fkf._margin_cross_entropy(x.double(), w.double(), y, params, t_ref, True, "reference", True)
+    kit.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5, what="loss")
+    kit.assert_close(stats.target_cosine, want.target_cosine, rtol=1e-6, atol=1e-6, what="target cosine")
+    assert stats.correct.dtype == torch.bool and torch.equal(stats.correct.cpu(), want.correct.cpu())
+    assert 0 < int(want.correct.sum()) < int((y != -100).sum())  # the case has right and wrong rows
+    assert not stats.correct[y == -100].any() and torch.all(stats.target_cosine[y == -100] == 0)
+
+
+def test_module_and_functional_return_stats():
+    head = fk.ArcFace(9, 30, backend="reference")
+    x, y = torch.randn(5, 9), torch.randint(0, 30, (5,))
+    assert isinstance(head(x, y), torch.Tensor)
+    head.return_stats = True
+    loss, stats = head(x, y)
+    assert isinstance(stats, fk.HeadStats) and stats.target_cosine.shape == (5,) and stats.correct.shape == (5,)
+    loss2, stats2 = fkf.margin_cross_entropy(x, head.weight, y, "arcface", return_stats=True, backend="reference")
+    assert torch.equal(loss, loss2) and torch.equal(stats.correct, stats2.correct)

@@ -8,6 +8,7 @@ results; the comparisons run here, in the test process."""
 
 import os
 
+import kit
 import oracle
 import pytest
 import torch
@@ -16,6 +17,7 @@ import torch.multiprocessing as mp
 
 import facekernels as fk
 from facekernels import _extension
+from facekernels import functional as fkf
 from facekernels.sharded import sample_classes, shard_range
 
 pytestmark = pytest.mark.skipif(not _extension.is_available(), reason="needs the compiled extension facekernels._C")
@@ -159,6 +161,12 @@ def _worker(rank, world, store, scenarios, out_dir):
                     record["loss_again"] = again(x_local.detach(), y[rank * b : (rank + 1) * b]).detach()
             steps.append(record)
         results[sc["name"]] = steps
+    # monitoring: the per-row stats of the global batch, the same on every rank (compared in _check)
+    stats_head = fk.ArcFace(33, 29, backend="cpu", process_group=group)
+    stats_head.return_stats = True
+    x, w, y = _stats_inputs(world)
+    stats_head.weight.data.copy_(w[stats_head.class_start : stats_head.class_start + stats_head.num_local])
+    results["stats"] = tuple(stats_head(x[rank * 4 : (rank + 1) * 4], y[rank * 4 : (rank + 1) * 4])[1])
     # errors on one rank only: every rank raises the same error (no rank is left waiting in a collective until
     # the group's timeout, no abort inside gloo on unequal shapes or dtypes), with the label checks on and off
     head = fk.ArcFace(6, 9, backend="cpu", process_group=group)
@@ -185,6 +193,13 @@ def _worker(rank, world, store, scenarios, out_dir):
     torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _stats_inputs(world):
+    g = torch.Generator().manual_seed(7)
+    x, w, y = kit.head_inputs(4 * world, 29, 33, dtype=torch.float32, near_frac=0.6, generator=g)
+    y[1] = -100
+    return x, w, y
 
 
 def _spawn(world, scenarios, tmp_path):
@@ -279,6 +294,12 @@ def _check(results, scenarios, world):
                         assert bool(unsampled.any()), f"{where}: sampling kept every class"
                     if step == 0:
                         assert torch.equal(got["loss_again"], got["loss"]), f"{where}: not reproducible"
+    x, w, y = _stats_inputs(world)
+    want = fkf.margin_cross_entropy(x, w, y, "arcface", backend="reference", return_stats=True)[1]
+    for rank in range(world):
+        got = fk.HeadStats(*results[rank]["stats"])
+        torch.testing.assert_close(got.target_cosine, want.target_cosine, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got.correct, want.correct) and 0 < int(want.correct.sum())
     expected = ["same batch size", "labels must lie in [0, 9)", "same batch size", "same embeddings dtype",
                 "6 features", "labels must be an int64"]  # fmt: skip
     for rank in range(world):

@@ -143,7 +143,8 @@ Rows<acc_t> make_rows(const at::Tensor& x, const at::Tensor& inv_x, const at::Te
 }
 
 template <typename scalar_t>
-at::Tensor lse_impl(const at::Tensor& x, const at::Tensor& w, const Rows<at::opmath_type<scalar_t>>& rows,
+std::tuple<at::Tensor, at::Tensor> lse_impl(const at::Tensor& x, const at::Tensor& w,
+                                            const Rows<at::opmath_type<scalar_t>>& rows,
                     double t_value, const NegativeMath& p, int64_t tile) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = x.size(0), d = x.size(1), num_classes = w.size(0);
@@ -196,10 +197,13 @@ at::Tensor lse_impl(const at::Tensor& x, const at::Tensor& w, const Rows<at::opm
   });
 
   at::Tensor lse = at::empty({batch}, opts);
+  at::Tensor row_max = at::empty({batch}, opts);
   acc_t* lp = lse.data_ptr<acc_t>();
+  acc_t* mp = row_max.data_ptr<acc_t>();
   for (int64_t i = 0; i < batch; ++i) {
     acc_t m = -acc_t(kInf);
     for (int64_t k = 0; k < threads; ++k) m = max_keep_nan(m, run_max[k * batch + i]);
+    mp[i] = m;
     acc_t sum = 0;
     for (int64_t k = 0; k < threads; ++k) {  // skip threads that saw no tile (their max is still -inf)
       const acc_t mk = run_max[k * batch + i];
@@ -207,7 +211,7 @@ at::Tensor lse_impl(const at::Tensor& x, const at::Tensor& w, const Rows<at::opm
     }
     lp[i] = m + std::log(sum);  // NaN when any partial is NaN (max_keep_nan)
   }
-  return lse;
+  return {lse, row_max};
 }
 
 template <typename scalar_t>
@@ -296,7 +300,7 @@ NegativeMath negative_math(double s, int64_t negatives, double mv_t) {
   return NegativeMath{s, mv_t, static_cast<Negatives>(negatives)};
 }
 
-at::Tensor margin_lse_cpu(const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& inv_x,
+std::tuple<at::Tensor, at::Tensor> margin_lse_cpu(const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& inv_x,
                           const at::Tensor& inv_w, const at::Tensor& target, const at::Tensor& phi,
                           const at::Tensor& tau, const c10::optional<at::Tensor>& t, double s, int64_t negatives,
                           double mv_t, int64_t class_tile) {
@@ -306,7 +310,7 @@ at::Tensor margin_lse_cpu(const at::Tensor& embeddings, const at::Tensor& weight
   const auto ix = inv_x.contiguous(), iw = inv_w.contiguous(), y = target.contiguous(), ph = phi.contiguous(),
              ta = tau.contiguous();
   const int64_t tile = resolve_class_tile(class_tile, x.size(0), w.size(0));
-  at::Tensor out;
+  std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "margin_lse_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto rows = make_rows<acc_t>(x, ix, iw, y, ph, at::Tensor(), ta);

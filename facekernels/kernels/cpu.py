@@ -36,7 +36,7 @@ class CpuKernels:
     def inv_norms(self, rows: torch.Tensor) -> torch.Tensor:
         return self.ops.inv_norms(rows)
 
-    def lse(self, x, w, inv_x, inv_w, target, phi, tau, t, params: HeadParams) -> torch.Tensor:
+    def lse(self, x, w, inv_x, inv_w, target, phi, tau, t, params: HeadParams):
         return self.ops.margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, params.s, int(params.negatives),
                                    params.mv_t, CLASS_TILE)  # fmt: skip
 

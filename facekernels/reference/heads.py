@@ -15,6 +15,7 @@ from .._rowmath import (
     acc_dtype,
     clamp_cosine,
     differentiable_target_logit,
+    head_stats,
     normalize_rows,
     reduce_row_losses,
     target_logit,
@@ -31,9 +32,11 @@ def margin_cross_entropy(
     params: HeadParams,
     t: torch.Tensor | None = None,
     training: bool = True,
-) -> torch.Tensor:
+    stats: bool = False,
+):
     """Loss of one head, computed in the promoted dtype of (embeddings, weight); returned as float32
-    (float64 for float64 inputs). Updates ``t`` in place when the head uses it and ``training``."""
+    (float64 for float64 inputs). Updates ``t`` in place when the head uses it and ``training``. With
+    ``stats``: (loss, HeadStats) read off the logits matrix."""
     p = params
     dtype = torch.promote_types(embeddings.dtype, weight.dtype)
     valid = labels != p.ignore_index
@@ -63,4 +66,7 @@ def margin_cross_entropy(
     row_loss = torch.logsumexp(logits, dim=1).to(phi.dtype) - p.s * phi
     row_loss = torch.where(valid, row_loss, 0)
 
-    return reduce_row_losses(row_loss.to(acc_dtype(dtype)), valid, p.reduction)
+    loss = reduce_row_losses(row_loss.to(acc_dtype(dtype)), valid, p.reduction)
+    if not stats:
+        return loss
+    return loss, head_stats(c_target, logits.gather(1, safe_labels).squeeze(1), logits.amax(dim=1), valid)

@@ -123,15 +123,16 @@ def inv_norms(rows: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int, mv_t: float) -> torch.Tensor:
-    """(B,) float32 log-sum-exp over w's classes; -inf for every row when w has no class. The classes up to a
+def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int, mv_t: float):
+    """(log-sum-exp, max) (B,) float32 of the logits over w's classes; -inf when w has no class. The classes up to a
     multiple of 2 x BLOCK_C go to the paired kernel, the ragged tail to an unpaired launch (forward.py)."""
     x, w = _aligned_rows(x), _aligned_rows(w)
     (batch, features), classes = x.shape, w.shape[0]
     cfg = tile_config(batch, x.dtype)
     row_blocks = triton.cdiv(batch, cfg.block_b)
     paired_end = classes // (2 * cfg.block_c) * 2 * cfg.block_c
-    partials = [torch.full((batch, 1), -math.inf, device=x.device)]
+    empty = torch.full((batch, 1), -math.inf, device=x.device)
+    partials = [(empty, empty)]
     for c0, c1, paired in ((0, paired_end, True), (paired_end, classes, False)):
         if c1 == c0 or batch == 0:
             continue
@@ -150,8 +151,9 @@ def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int
                 mv_t, NEGATIVES=negatives, BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, BLOCK_K=cfg.block_k,
                 PAIRED=paired, DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages)  # fmt: skip
-        partials.append(part_max + torch.log(part_sum))
-    return combine_lse(torch.cat(partials, dim=1), dim=1)
+        partials.append((part_max + torch.log(part_sum), part_max))
+    lse_parts, max_parts = (torch.cat(parts, dim=1) for parts in zip(*partials))
+    return combine_lse(lse_parts, dim=1), max_parts.amax(dim=1)
 
 
 # The backward epilogue's tile: elementwise (no tl.dot), 32 x 128 values over 4 warps (32 a thread; 64 spill),
@@ -219,13 +221,14 @@ def _(rows):
 @torch.library.custom_op("facekernels::triton_margin_lse", mutates_args=())
 def _margin_lse_op(x: torch.Tensor, w: torch.Tensor, inv_x: torch.Tensor, inv_w: torch.Tensor, target: torch.Tensor,
                    phi: torch.Tensor, tau: torch.Tensor, t: torch.Tensor | None, s: float, negatives: int,
-                   mv_t: float) -> torch.Tensor:  # fmt: skip
+                   mv_t: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     return margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t)
 
 
 @_margin_lse_op.register_fake
 def _(x, w, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t):
-    return x.new_empty(x.shape[0], dtype=torch.float32)
+    row = x.new_empty(x.shape[0], dtype=torch.float32)
+    return row, row.clone()
 
 
 @torch.library.custom_op("facekernels::triton_grad_logits", mutates_args=())
@@ -276,7 +279,7 @@ class TritonKernels:
     def inv_norms(self, rows: torch.Tensor) -> torch.Tensor:
         return _inv_norms_op(rows)
 
-    def lse(self, x, w, inv_x, inv_w, target, phi, tau, t, params: HeadParams) -> torch.Tensor:
+    def lse(self, x, w, inv_x, inv_w, target, phi, tau, t, params: HeadParams):
         return _margin_lse_op(x, w, inv_x, inv_w, target, phi, tau, t, params.s, int(params.negatives), params.mv_t)
 
     def backward_chunk(self, g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, params: HeadParams,
