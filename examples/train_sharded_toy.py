@@ -1,6 +1,7 @@
 """Train a toy backbone with a class-sharded ArcFace head on CPU (gloo):
 
     torchrun --nproc_per_node=2 examples/train_sharded_toy.py [--steps 60] [--sample-rate 0.5]
+    ... --save-at 20 --stop-at 20 --checkpoint ck    then    ... --resume ck    (continues bit for bit)
 
 from the repository root with facekernels installed (or prefix ``PYTHONPATH=.`` to use the checkout).
 
@@ -8,6 +9,10 @@ The backbone is replicated with DistributedDataParallel (it averages the backbon
 ranks); the head is NOT wrapped in DDP: each rank owns a different slice of the classes, and the gradient
 the head returns for the local embeddings is already world_size x d(global mean loss)/d(local embeddings),
 so DDP's average is the gradient of the global loss (README, "Class-sharded heads").
+
+Each rank checkpoints its own shard (``ck.rank<r>.pt``): the backbone, the head's state_dict (its weight shard
+and, with Partial FC, its sampling generator, so a resumed run draws the same classes), the optimizer and the
+data generator; every step's batch then comes out as in an uninterrupted run.
 """
 
 import argparse
@@ -26,6 +31,10 @@ def main():
     parser.add_argument("--classes", type=int, default=101)
     parser.add_argument("--batch", type=int, default=32, help="per rank")
     parser.add_argument("--sample-rate", type=float, default=1.0, help="< 1: Partial FC sampling")
+    parser.add_argument("--checkpoint", default="ck", help="checkpoint prefix: <prefix>.rank<r>.pt")
+    parser.add_argument("--save-at", type=int, default=-1, help="save a checkpoint after this step")
+    parser.add_argument("--stop-at", type=int, default=-1, help="stop after this step (to resume later)")
+    parser.add_argument("--resume", default=None, help="checkpoint prefix to resume from")
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -44,7 +53,17 @@ def main():
     opt = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.1, momentum=0.9)
 
     data = torch.Generator().manual_seed(1000 + rank)  # each rank its own batches
-    for step in range(args.steps):
+    start = 0
+    if args.resume:
+        state = torch.load(f"{args.resume}.rank{rank}.pt", weights_only=False)
+        backbone.load_state_dict(state["backbone"])
+        head.load_state_dict(state["head"])  # the weight shard and Partial FC's generator
+        opt.load_state_dict(state["optimizer"])
+        data.set_state(state["data"])
+        start = state["step"] + 1
+        if rank == 0:
+            print(f"resumed from {args.resume} after step {state['step']}", flush=True)
+    for step in range(start, args.steps):
         labels = torch.randint(0, args.classes, (args.batch,), generator=data)
         inputs = centres[labels] + torch.randn(args.batch, in_features, generator=data)
         loss = head(backbone(inputs), labels)  # the loss of the global batch, the same on every rank
@@ -53,6 +72,15 @@ def main():
         opt.step()
         if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
             print(f"step {step:3d}  loss {loss.item():.4f}", flush=True)
+        if step == args.save_at:
+            torch.save(dict(backbone=backbone.state_dict(), head=head.state_dict(), optimizer=opt.state_dict(),
+                            data=data.get_state(), step=step), f"{args.checkpoint}.rank{rank}.pt")  # fmt: skip
+        if step == args.stop_at:
+            if rank == 0:
+                print(f"stopped after step {step}", flush=True)
+            break
+    if rank == 0:
+        print(f"final loss {loss.item().hex()}", flush=True)  # exact, for comparing runs
     dist.destroy_process_group()
 
 
