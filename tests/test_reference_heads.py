@@ -181,3 +181,14 @@ def test_second_derivatives_match_the_oracle(case):
     got = hvp(lambda a: fk.reference.margin_cross_entropy(a, w, y, params, torch.tensor(t0), True))
     want = hvp(lambda a: oracle.head_loss(a, w, y, case, t=t0, reduction="sum")[0])
     kit.assert_close(got, want, rtol=1e-8, atol=1e-9, what=f"{case} Hessian-vector product")
+
+
+def test_float16_rows_with_norms_beyond_float16_are_not_zero_vectors():
+    # a float16 norm above 65504 is inf, and x / inf a zero vector: the reference normalises in float32
+    x, w, y = kit.head_inputs(6, 11, 8, dtype=torch.float32)
+    params = fk.head_params("arcface")
+    big = (x / x.norm(dim=1, keepdim=True) * 7e4).half()  # norm 7e4 > 65504, every element finite
+    got = ref_loss(big, w.half(), y, params)
+    assert torch.isfinite(big).all() and torch.isfinite(got)
+    kit.assert_close(got, ref_loss(big.float(), w.half().float(), y, params), rtol=2e-2, atol=2e-2,
+                     what="float16 loss")  # fmt: skip
