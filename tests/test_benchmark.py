@@ -453,3 +453,14 @@ def test_cli_warns_once_when_the_machine_is_loaded(tmp_path, monkeypatch, capsys
     assert len(lines) == (1 if warned else 0), lines
     if warned:
         assert f"load average {load:.2f}" in lines[0] and "2 cores" in lines[0]
+
+
+def test_double_to_sweeps_classes_doubling_and_stops_each_provider_at_its_oom():
+    args = cli.parser().parse_args(["--ops", "heads", "--classes", "1000", "--double-to", "9000",
+                                    "--providers", "cpu", "eager"])  # fmt: skip
+    cases = cli.build_cases(args, CPU)
+    assert [s.classes for s, _ in cases[("heads", "cpu")]] == [1000, 2000, 4000, 8000]
+    # the harness skips every size above a provider's first OOM (measure.run_shapes): the largest C it reached
+    # is the last one measured
+    args = cli.parser().parse_args(["--ops", "heads", "--classes", "1000", "30000", "--double-to", "4000"])
+    assert [s.classes for s, _ in cli.build_cases(args, CPU)[("heads", "eager")]] == [1000, 2000, 4000, 30000]

@@ -45,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=256, help="heads: B")
     p.add_argument("--features", type=int, default=512, help="d (heads and triplet)")
     p.add_argument("--classes", type=int, nargs="+", default=[10_000, 30_000, 100_000], help="heads: C values")
+    p.add_argument("--double-to", type=int, default=None, metavar="C_MAX",
+                   help="heads: also C doubling from the smallest --classes up to C_MAX; a provider stops at its "
+                        "first OOM (the scale question: the largest C each provider reaches on this machine)")
     p.add_argument("--triplet-batch", type=int, nargs="+", default=[256, 512, 1024], help="triplet: B values")
     p.add_argument("--triplet-k", type=int, nargs="+", default=[4], help="triplet: samples per identity")
     p.add_argument("--mining", nargs="+", choices=MINING_MODES, default=["semihard"])
@@ -77,8 +80,14 @@ def build_cases(args, device: torch.device) -> dict:
         providers = args.providers or op.default_providers(device)
         providers = [p for p in providers if p in op.providers]
         if op_name == "heads":
+            classes = set(args.classes)
+            if args.double_to:
+                c = min(args.classes)
+                while c <= args.double_to:
+                    classes.add(c)
+                    c *= 2
             shapes = [HeadShape(h, args.batch, args.features, c, dt)
-                      for dt in args.dtype for h in args.heads for c in sorted(args.classes)]  # fmt: skip
+                      for dt in args.dtype for h in args.heads for c in sorted(classes)]  # fmt: skip
         else:
             shapes = [TripletShape(b, args.features, k, mining, dt)
                       for dt in args.dtype for mining in args.mining for k in args.triplet_k
