@@ -154,9 +154,13 @@ class HeadsOp:
     def estimate_bytes(self, provider: str, shape: HeadShape, mode: str) -> int:
         """Bytes a step needs beyond its inputs, with margin: used only to refuse runs that would exhaust a
         CPU machine. Eager materialises about a dozen (B, C) matrices in the computation dtype (cos, its
-        clamp, masks, logits, their scatter, softmax and gradients) plus normalised copies of W."""
+        clamp, masks, logits, their scatter, softmax and gradients) plus normalised copies of W and their
+        gradients (4 x W); the fused heads need the weight's gradient (1 x W) and O(B chunk) buffers (a
+        margin of 1 GiB)."""
         e = DTYPES[shape.dtype].itemsize
         bc, cd = shape.batch * shape.classes, shape.classes * shape.features
+        if provider in ("cpu", "triton"):
+            return cd * e + 2**30 + self.input_bytes(shape)
         per_bc = {"eager": 12, "compile": 6, "gemm": 3}.get(provider, 0)
         return per_bc * bc * e + 4 * cd * e + self.input_bytes(shape)
 
