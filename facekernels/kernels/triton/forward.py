@@ -1,5 +1,5 @@
 """Forward kernels of the fused margin-softmax cross-entropy: inverse norms and the class-split online
-log-sum-exp.
+log-sum-exp (with each row's largest logit, for monitoring).
 
 Normalisation is folded into the tiles: cos_ij = (x_i . w_j) * inv_x_i * inv_w_j with inv = 1 / max(||row||,
 NORM_EPS) precomputed per row, so the operands of tl.dot are the raw inputs (bfloat16 / float16 tensor cores,
@@ -7,9 +7,9 @@ float32 accumulation) and no normalised copy of W is made. Logits never leave th
 (s = 64 times a cosine overflows no float32 exp after the max is subtracted).
 
 Tiles are sized for Hopper's wgmma: BLOCK_B rows (64 per warpgroup of 4 warps: 128 rows with 8 warps) by
-BLOCK_C = 128 classes, BLOCK_K-wide steps over d pipelined num_stages deep (kernels/triton/__init__.py,
-``tile_config``). tests/test_gpu_static.py compiles every launch the heads make for sm_90 and checks that each
-tl.dot lowers to wgmma without spills.
+BLOCK_C = 128 classes (two such accumulators per x tile when PAIRED), BLOCK_K-wide steps over d pipelined
+num_stages deep (kernels/triton/__init__.py, ``tile_config``). tests/test_gpu_static.py compiles every launch
+the heads make for sm_90 and checks that each tl.dot lowers to wgmma without spills.
 
 Offsets: rows and classes are widened to int64 before they multiply a stride (C * d > 2^31 at a few million
 classes); the target compare runs in int32 (C < 2^31).
@@ -36,21 +36,6 @@ def _inv_norm_kernel(X, out_ptr, n_rows, D, stride_x, BLOCK_R: tl.constexpr, BLO
     norm = tl.sqrt(sq)
     norm = tl.where(norm != norm, norm, tl.maximum(norm, eps))  # tl.maximum would drop a NaN
     tl.store(out_ptr + rows, (1.0 / norm).to(tl.float32), mask=row_mask)
-
-
-@triton.jit
-def raw_cosine_tile(X, W, rows, cols, row_mask, col_mask, inv_x, inv_w, D, stride_x, stride_w,
-                    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
-    """x_hat_rows . w_hat_cols^T (BLOCK_B, BLOCK_C) in float32, before the clamp; rows, cols int64."""
-    acc = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < D
-        x = tl.load(X + rows[:, None] * stride_x + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(W + cols[:, None] * stride_w + k[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    return acc * inv_x[:, None] * inv_w[None, :]
 
 
 @triton.jit
