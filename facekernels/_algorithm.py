@@ -179,10 +179,10 @@ def margin_cross_entropy(
     """Loss of one head (module docstring), inputs already validated. ``embeddings`` (B_l, d), ``labels``
     (B_l,) global class ids; ``weight`` (C_l, d): all the classes (group None) or this rank's shard
     [class_start, class_start + C_l); ``sampler(labels, valid)``, given the global batch's labels, returns
-Partial FC's sorted sampled rows of the shard. ``t``
-    (CurricularFace) is updated in place when ``training``. Returns the loss of the (global) batch, the same on
-    every rank; float32 (float64 for float64 inputs). With ``stats``: (loss, HeadStats) of the (global) batch,
-from the fused pass (target cosine, and the logits' row max that the forward computes anyway)."""
+    Partial FC's sorted sampled rows of the shard. ``t`` (CurricularFace) is updated in place when
+    ``training``. Returns the loss of the (global) batch, the same on every rank; float32 (float64 for float64
+    inputs). With ``stats``: (loss, HeadStats) of the (global) batch, from the fused pass (target cosine, and
+    the logits' row max that the forward computes anyway)."""
     p = params
     dtype = kernels.compute_dtype(embeddings, weight)
     x, w = embeddings.to(dtype), weight.to(dtype)
