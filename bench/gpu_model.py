@@ -104,7 +104,7 @@ def fused_lines(batch, classes, features, dtype):
     """The fused path as the code launches it: tiles, grids and chunk size from the captured launches."""
     elem = torch.tensor([], dtype=dtype).element_size()
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "tf32"}[dtype]
-    launches = sm90.capture(batch, classes, features, dtype, 2)
+    launches = sm90.capture(batch, classes, features, dtype, sm90.Variant(2))
     forward = next(launch for launch in launches if launch[0].fn.__name__ == "_lse_partial_kernel")
     chunk = tk.KERNELS.chunk_classes(batch, classes, dtype)
     chunks = math.ceil(classes / chunk)

@@ -10,22 +10,40 @@ from ._extension import ExtensionUnavailableError
 from ._params import HeadParams, TripletParams
 from ._rowmath import HeadStats
 from ._validate import set_label_checks
-from .heads import ArcFace, CombinedMargin, CosFace, CurricularFace, MVSoftmax, NormSoftmax, head_params
+from .heads import (
+    AdaFace,
+    ArcFace,
+    CombinedMargin,
+    CosFace,
+    CurricularFace,
+    ElasticArcFace,
+    ElasticCosFace,
+    MagFace,
+    MVSoftmax,
+    NormSoftmax,
+    SubCenterArcFace,
+    head_params,
+)
 from .triplet import TripletMarginLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaFace",
     "ArcFace",
     "BackendUnavailableError",
     "CombinedMargin",
     "CosFace",
     "CurricularFace",
+    "ElasticArcFace",
+    "ElasticCosFace",
     "ExtensionUnavailableError",
     "HeadParams",
     "HeadStats",
     "MVSoftmax",
+    "MagFace",
     "NormSoftmax",
+    "SubCenterArcFace",
     "TripletMarginLoss",
     "TripletParams",
     "convert",

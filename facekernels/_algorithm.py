@@ -8,14 +8,17 @@ or Partial FC's sampled rows of it), with the per-class work done by a kernel ba
    must never reach the products (a NaN there would otherwise give every class a NaN gradient, NaN * 0).
 2. pre-pass, O(B d + C d): inverse norms (kernels), each row's target cosine c_i where its target class is in
    ``w`` (torch, ``_rowmath.target_cosine``; all-reduced over the ranks, so that every rank holds every c_i),
-   then phi_i, phi'_i and tau_i (``_rowmath.target_logit``) and CurricularFace's t update, identical on every
-   rank.
+   then the step's margins (``_rowmath.row_margins``: the head's own, or per row: AdaFace's from the norms and
+   its running statistics, MagFace's from the norms, ElasticFace's drawn), phi_i, phi'_i and tau_i
+   (``_rowmath.target_logit``) and CurricularFace's t update, identical on every rank.
 3. forward: the kernels give each row's log-sum-exp over w's classes of z_ij = s N(c_ij), z_i,y = s phi_i;
-   sharded, all-reduce MAX then SUM of exp(lse_r - max) combines the ranks' partials. loss_i = lse_i - s phi_i.
+   sharded, all-reduce MAX then SUM of exp(lse_r - max) combines the ranks' partials. loss_i = lse_i - s phi_i
+   (+ MagFace's row term).
 4. backward, per class chunk (GPU: a chunk sized to stay in L2; CPU: the whole range in one call that threads
    over tiles inside): the kernels recompute the chunk's cosines once and return A = d x_hat / ||x|| (summed
    over the chunks, and over the ranks) and the chunk's weight gradient (through w's normalisation); the
-   embeddings' normalisation backward is applied once here: dx = A - x_hat (x_hat . A).
+   embeddings' normalisation backward is applied once here: dx = A - x_hat (x_hat . A), plus x_hat d loss / dn
+   for margins that depend on n = ||x|| (MagFace: from p_iy = exp(s phi_i - lse_i), no kernel involved).
 
 Nothing of size (B, C) exists at any point: O(B chunk + B d + C) beyond the inputs and dW.
 
@@ -31,8 +34,18 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from ._params import HeadParams
-from ._rowmath import acc_dtype, head_stats, reduce_row_losses, target_cosine, target_logit, update_t_
+from ._params import ElasticMargins, HeadParams
+from ._rowmath import (
+    MarginState,
+    acc_dtype,
+    head_stats,
+    reduce_row_losses,
+    row_margins,
+    row_norms,
+    target_cosine,
+    target_logit,
+    update_t_,
+)
 
 
 class HeadKernels(Protocol):
@@ -86,9 +99,10 @@ torch.compile cannot trace) instead of returning a silent 0.
     """
 
     @staticmethod
-    def forward(x, w, x_all, inv_x, inv_w, target, target_rows, t, valid, params, kernels, group):
+    def forward(x, w, x_all, inv_x, inv_w, target, target_rows, norm_rows, t, valid, params, kernels, group):
         # x_all: the global batch (sharded), None when it is x itself; target_rows: (phi, phi', tau) stacked, as
-        # phi and tau may be one tensor (torch.compile traces no tensor passed twice)
+        # phi and tau may be one tensor (torch.compile traces no tensor passed twice); norm_rows: None, or for
+        # margins that depend on n = ||x|| (MagFace) the row term, d phi / dn and d(row term) / dn stacked
         x_all = x if x_all is None else x_all
         phi, _, tau = target_rows
         lse, row_max = kernels.lse(x_all, w, inv_x, inv_w, target, phi, tau, t, params)
@@ -101,14 +115,17 @@ torch.compile cannot trace) instead of returning a silent 0.
             total = torch.exp(lse - top)
             dist.all_reduce(total, group=group)
             lse = top + torch.log(total)
-        # loss_i = lse_i - s phi_i, phi_i from the shared target cosine: the same on every rank
-        return torch.where(valid, lse - params.s * phi, 0), lse, row_max
+        # loss_i = lse_i - s phi_i (+ the row term), phi_i from the shared target cosine: the same on every rank
+        rows = lse - params.s * phi
+        if norm_rows is not None:
+            rows = rows + norm_rows[0]
+        return torch.where(valid, rows, 0), lse, row_max
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w, x_all, inv_x, inv_w, target, target_rows, t, valid, params, kernels, group = inputs
+        x, w, x_all, inv_x, inv_w, target, target_rows, norm_rows, t, valid, params, kernels, group = inputs
         x_all = x if x_all is None else x_all
-        ctx.save_for_backward(x_all, w, inv_x, inv_w, target, target_rows, t, valid, output[1])
+        ctx.save_for_backward(x_all, w, inv_x, inv_w, target, target_rows, norm_rows, t, valid, output[1])
         ctx.params, ctx.kernels, ctx.group, ctx.batch_local = params, kernels, group, x.shape[0]
         ctx.mark_non_differentiable(output[1], output[2])
 
@@ -121,18 +138,19 @@ torch.compile cannot trace) instead of returning a silent 0.
         if torch.is_grad_enabled() and not torch._C._functorch.is_functorch_wrapped_tensor(grad_rows):
             x_all, w = ctx.saved_tensors[:2]
             dx, dw = (None if g is None else _no_second_derivative(g, a) for g, a in ((dx, x_all), (dw, w)))
-        return (dx, dw) + (None,) * 10
+        return (dx, dw) + (None,) * 11
 
     @staticmethod
     def _gradients(ctx, grad_rows):
-        x_all, w, inv_x, inv_w, target, (phi, dphi, tau), t, valid, lse = ctx.saved_tensors
+        x_all, w, inv_x, inv_w, target, (phi, dphi, tau), norm_rows, t, valid, lse = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dx or need_dw):
             return None, None
         p, kernels = ctx.params, ctx.kernels
         g = torch.where(valid, grad_rows.to(lse.dtype), 0).contiguous()
-        classes = w.shape[0]
-        chunk = kernels.chunk_classes(x_all.shape[0], classes, x_all.dtype)
+        k = p.subcenters  # rows of w per class
+        classes = w.shape[0] // k
+        chunk = kernels.chunk_classes(x_all.shape[0], classes * k, x_all.dtype) // k
         single = chunk >= classes
         a = None
         dw = None if single or not need_dw else torch.empty_like(w)
@@ -140,8 +158,8 @@ torch.compile cannot trace) instead of returning a silent 0.
             c1 = min(classes, c0 + chunk)
             # the target column relative to the chunk: rows whose target lies outside it get none here
             part_a, part_dw = kernels.backward_chunk(
-                g, x_all, w[c0:c1], inv_x, inv_w[c0:c1], target - c0 if c0 else target, phi, dphi, tau, t, lse,
-                p, need_dx, need_dw, None if single or not need_dw else dw[c0:c1],
+                g, x_all, w[c0 * k : c1 * k], inv_x, inv_w[c0 * k : c1 * k], target - c0 if c0 else target, phi,
+                dphi, tau, t, lse, p, need_dx, need_dw, None if single or not need_dw else dw[c0 * k : c1 * k],
             )  # fmt: skip
             if need_dx:
                 a = part_a if a is None else a.add_(part_a)
@@ -154,7 +172,15 @@ torch.compile cannot trace) instead of returning a silent 0.
                 dist.all_reduce(a, group=group)  # every shard holds the part through its classes
             # the embeddings' normalisation backward: dx = (d x_hat - x_hat (x_hat . d x_hat)) / ||x||
             x_hat = x_all.to(a.dtype) * inv_x.unsqueeze(1)
-            dx = torch.where(valid.unsqueeze(1), a - x_hat * (x_hat * a).sum(dim=1, keepdim=True), 0)
+            radial = (x_hat * a).sum(dim=1)
+            if norm_rows is not None:
+                # a margin and a row term that depend on n = ||x||: d loss_i / d n_i = g_i (s (p_iy - 1) d phi_i / dn
+                # + d term_i / dn), with p_iy = exp(s phi_i - lse_i) the target's softmax probability (the global
+                # one when sharded: identical on every rank); dn / dx = x_hat
+                term, dphi_dn, dterm_dn = norm_rows
+                p_target = torch.exp(p.s * phi - lse)
+                radial = radial - g * (p.s * (p_target - 1) * dphi_dn + dterm_dn)
+            dx = torch.where(valid.unsqueeze(1), a - x_hat * radial.unsqueeze(1), 0)
             if group is not None:
                 rank, b = dist.get_rank(group), ctx.batch_local
                 dx = dx[rank * b : (rank + 1) * b] * dist.get_world_size(group)  # Partial FC convention
@@ -175,6 +201,7 @@ def margin_cross_entropy(
     class_start: int = 0,
     sampler=None,
     stats: bool = False,
+    state: MarginState | None = None,
 ):
     """Loss of one head (module docstring), inputs already validated. ``embeddings`` (B_l, d), ``labels``
     (B_l,) global class ids; ``weight`` (C_l, d): all the classes (group None) or this rank's shard
@@ -195,24 +222,38 @@ def margin_cross_entropy(
         x = x_all = torch.where(valid.unsqueeze(1), x, 0)
     else:
         x_all = torch.where(valid.unsqueeze(1), x_all, 0)
+    k = p.subcenters
     local = labels - class_start
-    in_shard = valid & (local >= 0) & (local < w.shape[0])
+    in_shard = valid & (local >= 0) & (local < w.shape[0] // k)
     if sampler is not None:
         sample_index = sampler(labels, valid)
-        w = w.index_select(0, sample_index)  # autograd scatters the gradient back onto the sampled rows
+        sampled_rows = (sample_index.unsqueeze(1) * k + torch.arange(k, device=w.device)).view(-1)  # k per class
+        w = w.index_select(0, sampled_rows)  # autograd scatters the gradient back onto the sampled rows
         position = torch.searchsorted(sample_index, local).clamp_max(sample_index.numel() - 1)
         in_shard &= sample_index[position] == local
         local = position
-    target = torch.where(in_shard, local, -1)
+    target_col = torch.where(in_shard, local, -1)
 
     with torch.no_grad():
         x_det, w_det = x_all.detach(), w.detach()
         inv_x, inv_w = kernels.inv_norms(x_det), kernels.inv_norms(w_det)
-        c, inside = target_cosine(x_det, w_det, target, inv_x, inv_w)
+        c, inside = target_cosine(x_det, w_det, target_col, inv_x, inv_w, p)
         if group is not None:
             dist.all_reduce(c, group=group)  # one rank owns each row's target: the sum is its cosine
-        phi, dphi, tau = target_logit(c, p)
-        dphi = dphi * inside  # the clamp's derivative, on the rank whose w holds the target column
+        norms = row_norms(x_det) if p.row_margins is not None else None
+        margins = row_margins(p, norms, c, valid, training, state)
+        if group is not None and isinstance(p.row_margins, ElasticMargins) and training:
+            # drawn per rank: the first rank's draws are everyone's (identical margins for the same rows)
+            dist.broadcast(margins.m2 if p.row_margins.angular else margins.m3, dist.get_global_rank(group, 0),
+                           group=group)  # fmt: skip
+        logit = target_logit(c, p, margins.m2, margins.m3)
+        phi, tau = logit.phi, logit.tau
+        dphi = logit.dphi * inside  # the clamp's derivative, on the rank whose w holds the target column
+        norm_rows = None
+        if margins.extra is not None:  # MagFace: d phi / dn through the margin that depends on n
+            angular = margins.dm2_dn is not None
+            dphi_dn = logit.dphi_dm2 * margins.dm2_dn if angular else logit.dphi_dm3 * margins.dm3_dn
+            norm_rows = torch.stack([margins.extra, dphi_dn, margins.dextra_dn])
     t_used = None
     if p.uses_t:
         if training:
@@ -221,7 +262,7 @@ def margin_cross_entropy(
         # which may run before this backward (gradient accumulation)
         t_used = t.detach().clone()
     target_rows = torch.stack([phi, dphi, tau])
-    rows, _, row_max = _HeadRows.apply(x, w, None if group is None else x_all, inv_x, inv_w, target, target_rows,
-                                       t_used, valid, p, kernels, group)  # fmt: skip
+    rows, _, row_max = _HeadRows.apply(x, w, None if group is None else x_all, inv_x, inv_w, target_col,
+                                       target_rows, norm_rows, t_used, valid, p, kernels, group)  # fmt: skip
     loss = reduce_row_losses(rows.to(acc_dtype(dtype)), valid, p.reduction)
     return (loss, head_stats(c, p.s * phi, row_max, valid)) if stats else loss

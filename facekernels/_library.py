@@ -18,17 +18,21 @@ LIBRARY.define("target_cosine(Tensor embeddings, Tensor weight, Tensor labels, i
 # 1 / max(||row||, eps) per row, squares summed in float64
 LIBRARY.define("inv_norms(Tensor rows) -> Tensor")
 # Per-row (log-sum-exp, max) over the classes of `weight` of the logits z_ij = s N(c_ij), z_i,target = s phi_i;
-# target_i outside [0, C) means no target column in this weight (csrc/cpu/margin_ce.cpp)
+# target_i outside [0, C) means no target column in this weight (csrc/cpu/margin_ce.cpp). Every cosine is
+# clamped to [-cos_bound, cos_bound]; a negative above filter_threshold gets the logit 0 (inf: off); a class has
+# `subcenters` consecutive rows of weight, its cosine their max.
 LIBRARY.define(
     "margin_lse(Tensor embeddings, Tensor weight, Tensor inv_x, Tensor inv_w, Tensor target, Tensor phi, "
-    "Tensor tau, Tensor? t, float s, int negatives, float mv_t, int class_tile=0) -> (Tensor, Tensor)"
+    "Tensor tau, Tensor? t, float s, int negatives, float mv_t, float cos_bound, float filter_threshold, "
+    "int subcenters, int class_tile=0) -> (Tensor, Tensor)"
 )
 # (A, d weight) of sum_i grad_rows_i (lse_i - s phi_i), A = d x_hat / max(||x||, eps) (the caller finishes the
 # embeddings' normalisation backward); a gradient not asked for is an empty tensor
 LIBRARY.define(
     "margin_backward(Tensor grad_rows, Tensor embeddings, Tensor weight, Tensor inv_x, Tensor inv_w, "
     "Tensor target, Tensor phi, Tensor dphi, Tensor tau, Tensor? t, Tensor lse, float s, int negatives, "
-    "float mv_t, bool need_embeddings_grad, bool need_weight_grad, int class_tile=0) -> (Tensor, Tensor)"
+    "float mv_t, float cos_bound, float filter_threshold, int subcenters, bool need_embeddings_grad, "
+    "bool need_weight_grad, int class_tile=0) -> (Tensor, Tensor)"
 )
 # fused triplet mining (csrc/cpu/triplet.cpp, csrc/cuda/triplet.cu): per-anchor (sum, count, nonzero) and the
 # (B, B) slope matrix W of a reduced loss; the mined terms, their (a, p, n) triplets and slopes
@@ -57,14 +61,15 @@ def _(rows):
 
 
 @torch.library.register_fake("facekernels::margin_lse")
-def _(embeddings, weight, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t, class_tile=0):
+def _(embeddings, weight, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t, cos_bound, filter_threshold,
+      subcenters, class_tile=0):  # fmt: skip
     row = embeddings.new_empty(embeddings.shape[0], dtype=_acc(embeddings))
     return row, row.clone()
 
 
 @torch.library.register_fake("facekernels::margin_backward")
-def _(grad_rows, embeddings, weight, inv_x, inv_w, target, phi, dphi, tau, t, lse, s, negatives, mv_t,
-      need_embeddings_grad, need_weight_grad, class_tile=0):  # fmt: skip
+def _(grad_rows, embeddings, weight, inv_x, inv_w, target, phi, dphi, tau, t, lse, s, negatives, mv_t, cos_bound,
+      filter_threshold, subcenters, need_embeddings_grad, need_weight_grad, class_tile=0):  # fmt: skip
     a = embeddings.new_empty(embeddings.shape if need_embeddings_grad else (0,), dtype=_acc(embeddings))
     return a, torch.empty_like(weight) if need_weight_grad else weight.new_empty(0)
 

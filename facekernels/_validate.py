@@ -169,12 +169,16 @@ def _check_labels(labels, batch: int, allow_column: bool = False) -> torch.Tenso
     return labels
 
 
-def check_head_inputs(embeddings, weight, labels, ignore_index: int) -> torch.Tensor:
-    """Validate a head's forward inputs; returns the labels as int64, flattened from (B, 1)."""
+def check_head_inputs(embeddings, weight, labels, ignore_index: int, subcenters: int = 1) -> torch.Tensor:
+    """Validate a head's forward inputs (``subcenters`` rows of weight per class); returns the labels as int64,
+    flattened from (B, 1)."""
     _check_float_matrix("embeddings", embeddings)
     _check_float_matrix("weight", weight)
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one class (row); got 0")
+    if weight.shape[0] % subcenters:
+        raise ValueError(f"weight must have num_classes * k rows (k = {subcenters} sub-centers per class); got "
+                         f"{weight.shape[0]} rows")  # fmt: skip
     if embeddings.shape[1] != weight.shape[1]:
         raise ValueError(
             f"embeddings must have {weight.shape[1]} features (weight is {tuple(weight.shape)}); "
@@ -189,7 +193,7 @@ def check_head_inputs(embeddings, weight, labels, ignore_index: int) -> torch.Te
     _check_not_meta("embeddings, weight and labels", embeddings)
     labels = labels.long()
     if _check_label_values and labels.numel() > 0 and not torch.compiler.is_compiling():
-        num_classes = weight.shape[0]
+        num_classes = weight.shape[0] // subcenters
         bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
         if bool(bad.any()):
             first = int(labels[bad][0])
@@ -218,3 +222,40 @@ def check_t_buffer(t, embeddings: torch.Tensor) -> None:
         raise ValueError(f"t must be a 0-dim float32 tensor; got shape {tuple(t.shape)} and {t.dtype}")
     if t.device != embeddings.device:
         raise ValueError(f"t must be on the device of embeddings ({embeddings.device}); got {t.device}")
+
+
+def check_margin_state(params, state, embeddings: torch.Tensor) -> None:
+    """The per-row margins' state (facekernels._rowmath.MarginState) against the head: AdaFace needs its two
+    statistics; a generator or given margins belong to ElasticFace; nothing else takes any."""
+    from ._params import AdaFaceMargins, ElasticMargins
+
+    kind = params.row_margins
+    batch_mean, batch_std, generator, margins = state if state is not None else (None,) * 4
+    if isinstance(kind, AdaFaceMargins):
+        for name, value in (("batch_mean", batch_mean), ("batch_std", batch_std)):
+            if value is None:
+                raise ValueError(f"{name} is required for head='adaface': a 0-dim float32 tensor (the module's buffer)")
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name} must be a 0-dim float32 or float64 tensor; got {type(value).__name__}")
+            if value.dim() != 0 or value.dtype not in (torch.float32, torch.float64):
+                raise ValueError(f"{name} must be a 0-dim float32 or float64 tensor; got shape {tuple(value.shape)} "
+                                 f"and {value.dtype}")  # fmt: skip
+            if value.device != embeddings.device:
+                raise ValueError(f"{name} must be on the device of embeddings ({embeddings.device}); got "
+                                 f"{value.device}")  # fmt: skip
+    elif batch_mean is not None or batch_std is not None:
+        raise ValueError("batch_mean and batch_std are AdaFace's statistics; got them for another head")
+    if not isinstance(kind, ElasticMargins):
+        if generator is not None or margins is not None:
+            raise ValueError("generator and row_margins are ElasticFace's; got them for another head")
+        return
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+    if margins is not None:
+        _check_dense("row_margins", margins)
+        if margins.shape != (embeddings.shape[0],) or not margins.is_floating_point():
+            raise ValueError(f"row_margins must be a floating-point tensor of shape ({embeddings.shape[0]},); got "
+                             f"{tuple(margins.shape)} {margins.dtype}")  # fmt: skip
+        if margins.device != embeddings.device:
+            raise ValueError(f"row_margins must be on the device of embeddings ({embeddings.device}); got "
+                             f"{margins.device}")  # fmt: skip

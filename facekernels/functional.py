@@ -12,19 +12,22 @@ from . import _validate as V
 from ._backends import head_kernels, triplet_backend
 from ._head_params import head_params
 from ._params import HeadParams, TripletParams
+from ._rowmath import MarginState
 
 
 def _margin_cross_entropy(embeddings, weight, labels, params: HeadParams, t, training: bool, backend: str,
-                          stats: bool = False):
-    labels = V.check_head_inputs(embeddings, weight, labels, params.ignore_index)
+                          stats: bool = False, state: MarginState | None = None):  # fmt: skip
+    labels = V.check_head_inputs(embeddings, weight, labels, params.ignore_index, params.subcenters)
     if params.uses_t:
         V.check_t_buffer(t, embeddings)
+    V.check_margin_state(params, state, embeddings)
     kernels = head_kernels(backend, embeddings.device)
     if kernels is None:
         from .reference.heads import margin_cross_entropy as reference_loss
 
-        return reference_loss(embeddings, weight, labels, params, t, training, stats)
-    return _algorithm.margin_cross_entropy(embeddings, weight, labels, params, t, training, kernels, stats=stats)
+        return reference_loss(embeddings, weight, labels, params, t, training, stats, state)
+    return _algorithm.margin_cross_entropy(embeddings, weight, labels, params, t, training, kernels, stats=stats,
+                                           state=state)  # fmt: skip
 
 
 def margin_cross_entropy(
@@ -34,6 +37,10 @@ def margin_cross_entropy(
     head: str = "arcface",
     *,
     t=None,
+    batch_mean: torch.Tensor | None = None,
+    batch_std: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    row_margins: torch.Tensor | None = None,
     training: bool = True,
     reduction: str = "mean",
     ignore_index: int = -100,
@@ -49,14 +56,23 @@ def margin_cross_entropy(
 
     Args:
         embeddings: (B, d) float16, bfloat16, float32 or float64 tensor, not normalised.
-        weight: (C, d) class weights, one row per class, on the device of ``embeddings``.
+        weight: (C, d) class weights, one row per class, on the device of ``embeddings`` ("subcenter_arcface":
+            (C k, d), row j k + i the sub-center i of class j).
         labels: (B,) int64 (or int32) class ids in [0, C), or ignore_index.
-        head: "norm_softmax", "arcface", "cosface", "combined", "mv_softmax" or "curricular".
+        head: "norm_softmax", "arcface", "cosface", "combined", "mv_softmax", "curricular", "adaface", "magface",
+            "elastic_arcface", "elastic_cosface" or "subcenter_arcface".
         t: MV-Softmax's fixed t (a float, instead of the ``t`` margin argument), or CurricularFace's buffer (a
             0-dim float32 tensor on the device of ``embeddings``; required), updated in place when
             ``training``. Other heads: None.
-        training: for CurricularFace, update ``t`` before the negatives are formed (the modules pass
-            ``head.training and head.update_t``); no effect on the other heads.
+        batch_mean: AdaFace's running mean of the norms (0-dim float32 or float64 tensor on the device of
+            ``embeddings``; required, updated in place when ``training``; the module's starts at 20).
+        batch_std: AdaFace's running std of the norms (as batch_mean; the module's starts at 100).
+        generator: ElasticFace's random generator for the margins drawn in training (None: the default
+            generator of its device).
+        row_margins: ElasticFace: a (B,) tensor of the rows' margins, used as they are instead of a draw.
+        training: update CurricularFace's ``t`` before the negatives are formed (the modules pass
+            ``head.training and head.update_t``), AdaFace's batch statistics before the margins, and draw
+            ElasticFace's margins (in eval every row gets m); no effect on the other heads.
         reduction: "mean" (over the rows not labelled ignore_index; 0 when there is none), "sum" or "none"
             (the (B,) row losses).
         ignore_index: the label of rows that add no loss and get no gradient.
@@ -66,8 +82,9 @@ def margin_cross_entropy(
         return_stats: also return a ``HeadStats`` of detached per-row tensors, from the fused pass at O(B)
             memory: ``target_cosine`` (the target class's cosine) and ``correct`` (the target's logit is the
             row's largest: top-1 accuracy without the logits); ignored rows 0 and False.
-        **margins: the head's constructor arguments (s, m, easy_margin, fallback, m1, m2, m3, is_am, momentum),
-            each defaulting to the published value.
+        **margins: the head's constructor arguments (s, m, easy_margin, fallback, m1, m2, m3, is_am, momentum, h,
+            t_alpha, eps, l_a, u_a, l_m, u_m, lambda_g, kind, std, plus, k, interclass_filtering_threshold), each
+            defaulting to the published value.
 
     Returns:
         The loss: 0-dim, or (B,) with reduction="none"; float32 (float64 for float64 inputs). With
@@ -83,7 +100,10 @@ def margin_cross_entropy(
     params = head_params(head, reduction=reduction, ignore_index=ignore_index, margin_grad=margin_grad, **margins)
     if params.uses_t and t is None:
         raise ValueError("t is required for head='curricular': pass its 0-dim float32 buffer")
-    return _margin_cross_entropy(embeddings, weight, labels, params, t, training, backend, return_stats)
+    state = None
+    if any(a is not None for a in (batch_mean, batch_std, generator, row_margins)):
+        state = MarginState(batch_mean, batch_std, generator, row_margins)
+    return _margin_cross_entropy(embeddings, weight, labels, params, t, training, backend, return_stats, state)
 
 
 def triplet_margin_loss(

@@ -15,13 +15,15 @@ from torch import nn
 
 from . import _validate as V
 from ._head_params import head_params
+from ._rowmath import MarginState
 from .functional import _margin_cross_entropy
 
 
-# The published defaults of each head's margins, shared by the modules and the functional form.
 class _MarginHead(nn.Module):
     head: str  # key of HEAD_DEFAULTS
     presets: dict = {}  # name -> constructor arguments that reproduce that trainer's head (see like())
+    unit_norm_init = False  # reset_parameters: unit-norm rows (AdaFace, MagFace official) instead of N(0, 0.01)
+    float32_buffers: tuple = ()  # running statistics kept float32 by .half() / .to(dtype) (see _apply)
 
     def __init__(self, in_features, num_classes, *, reduction, ignore_index, margin_grad, backend, process_group,
                  sample_rate, sample_seed, **margins):  # fmt: skip
@@ -59,7 +61,8 @@ class _MarginHead(nn.Module):
             self.class_start, self.num_local = shard_range(self.num_classes, world, rank)
             if sample_seed is not None:
                 self.sample_generator = torch.Generator().manual_seed(int(sample_seed))
-        self.weight = nn.Parameter(torch.empty(self.num_local, self.in_features))
+        # sub-centers: k rows per class, class j's rows j k .. j k + k - 1 (a shard keeps a class's rows together)
+        self.weight = nn.Parameter(torch.empty(self.num_local * self.params.subcenters, self.in_features))
         self.reset_parameters()
 
     @classmethod
@@ -78,8 +81,16 @@ class _MarginHead(nn.Module):
         return cls(in_features, num_classes, **{**cls.presets[preset], **overrides})
 
     def reset_parameters(self) -> None:
-        """Re-initialise ``weight`` to normal_(0, 0.01) (insightface's and CurricularFace's)."""
-        nn.init.normal_(self.weight, 0.0, 0.01)
+        """Re-initialise ``weight`` as the head's official code does: normal_(0, 0.01) (insightface's,
+        CurricularFace's, ElasticFace's, Sub-center ArcFace's), or for AdaFace and MagFace uniform_(-1, 1) with
+        every row then scaled to norm 1. (The effective learning rate of normalised weights scales with
+        1 / ||w||^2, so a migrated recipe needs its official start.)"""
+        if not self.unit_norm_init:
+            nn.init.normal_(self.weight, 0.0, 0.01)
+            return
+        with torch.no_grad():
+            self.weight.uniform_(-1.0, 1.0)
+            self.weight.div_(self.weight.norm(dim=1, keepdim=True))
 
     # Partial FC's sampling generator is module state: a run resumed from state_dict() draws the same classes.
     # The extra state is a uint8 tensor (the generator's state, empty without a generator), so that every value
@@ -117,9 +128,23 @@ class _MarginHead(nn.Module):
     def _t(self):
         return None
 
+    def _state(self) -> MarginState | None:
+        return None
+
     def _updates_t(self) -> bool:
-        # the `training` the backends get: it switches CurricularFace's t update and nothing else
+        # the `training` the backends get: it switches CurricularFace's t update, AdaFace's statistics update and
+        # ElasticFace's draws, and nothing else
         return self.training
+
+    def _apply(self, fn, *args, **kwargs):
+        # .half() / .double() / .to(dtype) convert the weight; the running statistics stay float32, with their
+        # values from before the cast (casting back from float16 would round them: 0.12345679 -> 0.12353516)
+        before = {name: getattr(self, name) for name in self.float32_buffers}
+        super()._apply(fn, *args, **kwargs)
+        for name, value in before.items():
+            if getattr(self, name).dtype != torch.float32:
+                setattr(self, name, value.to(getattr(self, name).device))
+        return self
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss of a batch.
@@ -141,10 +166,11 @@ class _MarginHead(nn.Module):
             return sharded_margin_cross_entropy(
                 embeddings, self.weight, labels, self.params, self._t(), self._updates_t(), group=self.process_group,
                 num_classes=self.num_classes, class_start=self.class_start, backend=self.backend,
-                sample_rate=self.sample_rate, generator=self.sample_generator, stats=stats,
+                sample_rate=self.sample_rate, generator=self.sample_generator, stats=stats, state=self._state(),
             )  # fmt: skip
         return _margin_cross_entropy(embeddings, self.weight, labels, self.params, t=self._t(),
-                                     training=self._updates_t(), backend=self.backend, stats=stats)  # fmt: skip
+                                     training=self._updates_t(), backend=self.backend, stats=stats,
+                                     state=self._state())  # fmt: skip
 
     def extra_repr(self) -> str:
         p = self.params
@@ -168,6 +194,10 @@ _FALLBACK = """
             (c - sin(pi - m) m: CurricularFace, TFace, pytorch-metric-learning), "none" (cos(theta + m) as is:
             insightface), "facexzoo" (c: FaceX-Zoo's ArcFace) or a number a >= 0 (c - a: FaceX-Zoo's
             margin_am), "easy_margin" (c wherever c <= 0)."""
+_FILTER = """
+        interclass_filtering_threshold: insightface's inter-class filtering (its CombinedMarginLoss option, for
+            noisy data such as WebFace42M): a non-target class whose cosine exceeds it gets the logit 0 (still
+            in the softmax's sum) and no gradient; 0 (the default) turns it off. In [0, 1]."""
 _COMMON = """
         reduction: "mean" (over the rows not labelled ignore_index; 0 when there is none), "sum", or "none"
             (the (B,) row losses, 0 on ignored rows).
@@ -208,16 +238,18 @@ class NormSoftmax(_MarginHead):
         + _SIZES
         + """
         s: scale of the logits."""
+        + _FILTER
         + _COMMON
     )
 
     head = "norm_softmax"
 
-    def __init__(self, in_features, num_classes, s=64.0, *, reduction="mean", ignore_index=-100,
-                 margin_grad="exact", backend="auto",
+    def __init__(self, in_features, num_classes, s=64.0, *, interclass_filtering_threshold=0.0, reduction="mean",
+                 ignore_index=-100, margin_grad="exact", backend="auto",
                  process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
         """Build the head; the arguments are described in the class docstring."""
         super().__init__(in_features, num_classes, s=s,
+                         interclass_filtering_threshold=interclass_filtering_threshold,
                          **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
                                      sample_seed))  # fmt: skip
 
@@ -234,6 +266,7 @@ class ArcFace(_MarginHead):
         easy_margin: the classic option: the target logit is s * cos(theta) wherever cos(theta) <= 0 (the same
             as fallback="easy_margin")."""
         + _FALLBACK
+        + _FILTER
         + _COMMON
     )
 
@@ -248,10 +281,11 @@ class ArcFace(_MarginHead):
     }
 
     def __init__(self, in_features, num_classes, s=64.0, m=0.5, easy_margin=False, *, fallback=None,
-                 reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
-                 process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
+                 interclass_filtering_threshold=0.0, reduction="mean", ignore_index=-100, margin_grad="exact",
+                 backend="auto", process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
         """Build the head; the arguments are described in the class docstring."""
         super().__init__(in_features, num_classes, s=s, m=m, easy_margin=easy_margin, fallback=fallback,
+                         interclass_filtering_threshold=interclass_filtering_threshold,
                          **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
                                     sample_seed))  # fmt: skip
 
@@ -265,6 +299,7 @@ class CosFace(_MarginHead):
         + """
         s: scale of the logits.
         m: cosine margin, >= 0."""
+        + _FILTER
         + _COMMON
     )
 
@@ -275,11 +310,12 @@ class CosFace(_MarginHead):
         "pytorch-metric-learning": dict(s=64.0, m=0.35),  # CosFaceLoss defaults
     }
 
-    def __init__(self, in_features, num_classes, s=64.0, m=0.35, *, reduction="mean", ignore_index=-100,
-                 margin_grad="exact", backend="auto",
+    def __init__(self, in_features, num_classes, s=64.0, m=0.35, *, interclass_filtering_threshold=0.0,
+                 reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
                  process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
         """Build the head; the arguments are described in the class docstring."""
         super().__init__(in_features, num_classes, s=s, m=m,
+                         interclass_filtering_threshold=interclass_filtering_threshold,
                          **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
                                      sample_seed))  # fmt: skip
 
@@ -299,6 +335,7 @@ class CombinedMargin(_MarginHead):
         m3: additive cosine margin, >= 0."""
         + _FALLBACK
         + """ Only when m1 = 1 and m3 = 0."""
+        + _FILTER
         + _COMMON
     )
 
@@ -309,10 +346,11 @@ class CombinedMargin(_MarginHead):
     }
 
     def __init__(self, in_features, num_classes, s=64.0, m1=1.0, m2=0.5, m3=0.0, *, fallback=None,
-                 reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
-                 process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
+                 interclass_filtering_threshold=0.0, reduction="mean", ignore_index=-100, margin_grad="exact",
+                 backend="auto", process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
         """Build the head; the arguments are described in the class docstring."""
         super().__init__(in_features, num_classes, s=s, m1=m1, m2=m2, m3=m3, fallback=fallback,
+                         interclass_filtering_threshold=interclass_filtering_threshold,
                          **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
                                     sample_seed))  # fmt: skip
 
@@ -373,6 +411,7 @@ class CurricularFace(_MarginHead):
     )
 
     head = "curricular"
+    float32_buffers = ("t",)
     presets = {
         "curricularface": dict(s=64.0, m=0.5, momentum=0.01),  # the official head/metrics.py
         "facexzoo": dict(s=64.0, m=0.5, momentum=0.01),  # head/CurricularFace.py, a copy of the official one
@@ -428,11 +467,224 @@ class CurricularFace(_MarginHead):
         finally:
             self.update_t = previous
 
-    def _apply(self, fn, *args, **kwargs):
-        # .half() / .double() / .to(dtype) convert the weight; t stays a float32 running statistic, with its
-        # value from before the cast (casting back from float16 would round it: 0.12345679 -> 0.12353516)
-        before = self.t
-        super()._apply(fn, *args, **kwargs)
-        if self.t.dtype != torch.float32:
-            self.t = before.to(self.t.device)
-        return self
+
+
+class AdaFace(_MarginHead):
+    __doc__ = (
+        """AdaFace (Kim, Jain, Liu, CVPR 2022): margins adapted to each embedding's norm, a proxy of image quality.
+
+    With n_i = clip(||x_i||, 0.001, 100) (not differentiated) and the running statistics of n,
+    z_i = clip(h (n_i - batch_mean) / (batch_std + eps), -1, 1); the target logit is
+    s * (cos(clip(theta_i - m z_i, eps, pi - eps)) - m (1 + z_i)), every other logit s * cos(theta) with every
+    cosine clamped to [-1 + eps, 1 - eps]. In training the statistics are updated first from the batch's
+    norms (the global batch when sharded; the rows not ignored; std not with fewer than 2 rows):
+    batch_mean <- t_alpha mean(n) + (1 - t_alpha) batch_mean, batch_std alike with the unbiased std. In eval
+    mode they are read only. ``forward`` takes the embeddings unnormalised (the official head takes x / ||x||
+    and ||x||); the gradient reaches them through x / ||x|| only. ``weight`` starts as unit-norm rows, as in the
+    official code. Official: mk-minchul/AdaFace head.py (docs/heads.md says what differs).
+
+    Args:"""
+        + _SIZES
+        + """
+        s: scale of the logits.
+        m: the margin, in [0, pi / 2].
+        h: the concentration of z (official 0.333).
+        t_alpha: the statistics' EMA weight, in [0, 1] (the published training's 0.01; head.py's default 1.0:
+            this batch's statistics only).
+        eps: the cosine clamp, the angle clip and the std's offset, in (0, 0.5)."""
+        + _COMMON
+        + """
+    Further attributes: the buffers ``batch_mean`` (initially 20) and ``batch_std`` (initially 100), 0-dim
+    float32, saved in state_dict and kept float32 by ``.half()`` / ``.to(dtype)``.
+"""
+    )
+
+    head = "adaface"
+    unit_norm_init = True
+    float32_buffers = ("batch_mean", "batch_std")
+
+    def __init__(self, in_features, num_classes, s=64.0, m=0.4, h=0.333, t_alpha=0.01, eps=1e-3, *,
+                 reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
+                 process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
+        """Build the head; the arguments are described in the class docstring."""
+        super().__init__(in_features, num_classes, s=s, m=m, h=h, t_alpha=t_alpha, eps=eps,
+                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
+                                    sample_seed))  # fmt: skip
+        self.register_buffer("batch_mean", torch.full((), 20.0))
+        self.register_buffer("batch_std", torch.full((), 100.0))
+
+    def _state(self) -> MarginState:
+        return MarginState(self.batch_mean, self.batch_std)
+
+
+class MagFace(_MarginHead):
+    __doc__ = (
+        """MagFace (Meng et al., CVPR 2021): a margin that grows with the embedding's norm, and a regulariser.
+
+    With a_i = clamp(||x_i||, l_a, u_a) (differentiated) and m_i = l_m + (u_m - l_m) (a_i - l_a) / (u_a - l_a),
+    the target logit is s * cos(theta_i + m_i) (kind "arc"; easy_margin: s * cos(theta_i) wherever
+    cos(theta_i) <= 0; otherwise ArcFace's monotonic fallback) or s * (cos(theta_i) - m_i) (kind "cos"), and each
+    row's loss gains lambda_g * (a_i / u_a^2 + 1 / a_i). The gradient reaches ||x_i|| through both (a radial term;
+    none outside [l_a, u_a], as in the official code). ``weight`` starts as unit-norm rows, as in the official
+    code. Official: IrvingMeng/MagFace models/magface.py with run/trainer.py's loss.
+
+    Args:"""
+        + _SIZES
+        + """
+        s: scale of the logits.
+        l_a: lower bound of the norm, > 0.
+        u_a: upper bound of the norm, > l_a.
+        l_m: the margin at ||x|| <= l_a.
+        u_m: the margin at ||x|| >= u_a, >= l_m.
+        lambda_g: weight of the regulariser g(a) = a / u_a^2 + 1 / a, >= 0 (the training scripts' 35; the
+            trainer's check wants lambda_g >= s k u_a^2 l_a^2 / (u_a^2 - l_a^2), k = (u_m - l_m) / (u_a - l_a)).
+        easy_margin: kind "arc": cos(theta) wherever cos(theta) <= 0 (MagLinear's default, the published
+            training); False: ArcFace's monotonic fallback c - sin(pi - m_i) m_i where theta + m_i > pi.
+        kind: "arc" (additive angular margin) or "cos" (additive cosine margin: magface_dist.py)."""
+        + _COMMON
+    )
+
+    head = "magface"
+    unit_norm_init = True
+
+    def __init__(self, in_features, num_classes, s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0,
+                 easy_margin=True, kind="arc", *, reduction="mean", ignore_index=-100, margin_grad="exact",
+                 backend="auto", process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
+        """Build the head; the arguments are described in the class docstring."""
+        super().__init__(in_features, num_classes, s=s, l_a=l_a, u_a=u_a, l_m=l_m, u_m=u_m, lambda_g=lambda_g,
+                         easy_margin=easy_margin, kind=kind,
+                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
+                                    sample_seed))  # fmt: skip
+
+
+class _GeneratorState(nn.Module):
+    """Holds a torch.Generator whose state is saved in state_dict() (a uint8 tensor; empty without one), so that
+    a run resumed from a checkpoint draws the same numbers."""
+
+    def __init__(self, generator: torch.Generator | None):
+        super().__init__()
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+        self.generator = generator
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The generator's state (empty without a generator)."""
+        return torch.empty(0, dtype=torch.uint8) if self.generator is None else self.generator.get_state()
+
+    def set_extra_state(self, state) -> None:
+        """Restore the generator from ``state`` (get_extra_state's tensor; empty: leave it as it is).
+
+        Args:
+            state: a 1-D uint8 tensor.
+        """
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
+            raise ValueError("margin_generator._extra_state must be a 1-D uint8 tensor (a generator's state)")
+        if state.numel() and self.generator is not None:
+            self.generator.set_state(state.cpu())
+
+
+class _ElasticHead(_MarginHead):
+    def __init__(self, in_features, num_classes, *, generator, **kwargs):
+        super().__init__(in_features, num_classes, **kwargs)
+        self.margin_generator = _GeneratorState(generator)
+
+    def _state(self) -> MarginState:
+        return MarginState(generator=self.margin_generator.generator)
+
+
+_ELASTIC = """
+        std: the standard deviation of the margins drawn, in [0, 1].
+        plus: ElasticFace+: False (margins in row order), True (paired by rank: the k-th largest target cosine
+            gets the k-th smallest margin; ties to the lower row) or "official" (the published code's assignment,
+            a permutation close to random: docs/heads.md).
+        generator: a torch.Generator for the draws (its state is saved in state_dict() as
+            ``margin_generator._extra_state``); None: the default generator of the embeddings' device, as the
+            official code. When sharded every rank uses the first rank's draws."""
+
+
+class ElasticArcFace(_ElasticHead):
+    __doc__ = (
+        """ElasticArcFace (Boutros et al., CVPR-W 2022): ArcFace with each row's margin drawn from N(m, std^2).
+
+    In training every row of the batch gets its own margin (one float32 draw per row, in row order; the
+    official torch.normal draw when no row is ignored), the target logit s * cos(theta_i + m_i); in eval every
+    row gets m (nothing drawn: a deterministic validation loss). Official: fdbtrs/ElasticFace utils/losses.py.
+
+    Args:"""
+        + _SIZES
+        + """
+        s: scale of the logits.
+        m: the margins' mean, in [0, pi)."""
+        + _ELASTIC
+        + _FALLBACK
+        + """ The official code has none ("none")."""
+        + _COMMON
+    )
+
+    head = "elastic_arcface"
+
+    def __init__(self, in_features, num_classes, s=64.0, m=0.5, std=0.05, plus=False, generator=None, *,
+                 fallback=None, reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
+                 process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
+        """Build the head; the arguments are described in the class docstring."""
+        super().__init__(in_features, num_classes, s=s, m=m, std=std, plus=plus, fallback=fallback,
+                         generator=generator,
+                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
+                                    sample_seed))  # fmt: skip
+
+
+class ElasticCosFace(_ElasticHead):
+    __doc__ = (
+        """ElasticCosFace (Boutros et al., CVPR-W 2022): CosFace with each row's margin drawn from N(m, std^2).
+
+    As ElasticArcFace, with the target logit s * (cos(theta_i) - m_i).
+
+    Args:"""
+        + _SIZES
+        + """
+        s: scale of the logits.
+        m: the margins' mean, >= 0."""
+        + _ELASTIC
+        + _COMMON
+    )
+
+    head = "elastic_cosface"
+
+    def __init__(self, in_features, num_classes, s=64.0, m=0.35, std=0.05, plus=False, generator=None, *,
+                 reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
+                 process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
+        """Build the head; the arguments are described in the class docstring."""
+        super().__init__(in_features, num_classes, s=s, m=m, std=std, plus=plus, generator=generator,
+                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
+                                    sample_seed))  # fmt: skip
+
+
+class SubCenterArcFace(_MarginHead):
+    __doc__ = (
+        """Sub-center ArcFace (Deng et al., ECCV 2020): k sub-centers per class, the class cosine their max.
+
+    ``weight`` is (num_classes * k, in_features), class-major: row j * k + i is sub-center i of class j (the
+    official MXNet layout). Everything else is ArcFace on the class cosines; the gradient of a class goes to its
+    (first) maximising sub-center only. The paper's second stage (dropping non-dominant sub-centers) is offline.
+
+    Args:"""
+        + _SIZES
+        + """
+        s: scale of the logits.
+        m: angular margin in radians, in [0, pi).
+        k: sub-centers per class, in [1, 64] (the paper's 3).
+        easy_margin: as ArcFace's."""
+        + _FALLBACK
+        + """ The official code has none ("none")."""
+        + _COMMON
+    )
+
+    head = "subcenter_arcface"
+
+    def __init__(self, in_features, num_classes, s=64.0, m=0.5, k=3, easy_margin=False, *, fallback=None,
+                 reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
+                 process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
+        """Build the head; the arguments are described in the class docstring."""
+        super().__init__(in_features, num_classes, s=s, m=m, k=k, easy_margin=easy_margin, fallback=fallback,
+                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
+                                    sample_seed))  # fmt: skip

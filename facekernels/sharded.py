@@ -116,16 +116,20 @@ def sharded_margin_cross_entropy(
     sample_rate: float = 1.0,
     generator: torch.Generator | None = None,
     stats: bool = False,
+    state=None,
 ):
     """Loss of one class-sharded head: ``embeddings`` (B_l, d) and ``labels`` (B_l,) with global class ids on
     this rank, ``weight`` (num_local, d) this rank's shard. Returns the loss of the global batch, identical on
     every rank ("none": the (B,) row losses of the global batch, in rank order; a gradient given to them must
-    be the same on every rank). Gradient convention: facekernels/_algorithm.py."""
+    be the same on every rank). ``generator``: Partial FC's sampling generator; ``state``: the per-row margins'
+    (facekernels._rowmath.MarginState). Gradient convention: facekernels/_algorithm.py."""
     error, bad_label, kernels = None, None, None
     batch = features = dtype_code = -1
     try:
         V._check_float_matrix("embeddings", embeddings)
         V._check_float_matrix("weight", weight)
+        if weight.shape[0] % params.subcenters:
+            raise ValueError(f"weight must have num_local * k rows (k = {params.subcenters}); got {weight.shape[0]}")
         batch, features = embeddings.shape
         dtype_code = V.FLOAT_DTYPES.index(embeddings.dtype)
         if features != weight.shape[1]:
@@ -136,6 +140,7 @@ def sharded_margin_cross_entropy(
         labels = V._check_labels(labels, batch, allow_column=True).long()
         if params.uses_t:
             V.check_t_buffer(t, embeddings)
+        V.check_margin_state(params, state, embeddings)
         kernels = head_kernels(check_sharded_backend(backend, embeddings.device), embeddings.device)
         kernels.compute_dtype(embeddings, weight)
         if V._check_label_values and not torch.compiler.is_compiling():
@@ -148,8 +153,10 @@ def sharded_margin_cross_entropy(
 
     sampler = None
     if sample_rate < 1.0:
-        sampler = functools.partial(sample_classes, class_start=class_start, num_local=weight.shape[0],
-                                    sample_rate=sample_rate, generator=generator)  # fmt: skip
+        sampler = functools.partial(sample_classes, class_start=class_start,
+                                    num_local=weight.shape[0] // params.subcenters, sample_rate=sample_rate,
+                                    generator=generator)  # fmt: skip
     return _algorithm.margin_cross_entropy(embeddings, weight, labels, params, t, training, kernels, group=group,
-                                           class_start=class_start, sampler=sampler, stats=stats)  # fmt: skip
+                                           class_start=class_start, sampler=sampler, stats=stats,
+                                           state=state)  # fmt: skip
 

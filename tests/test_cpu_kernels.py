@@ -3,6 +3,7 @@ ops' own argument checks and opcheck, the header compiled by plain nvcc, the bui
 missing, and the process-level proof that no (B, C) buffer is allocated. Their results against the reference:
 tests/test_heads.py, with every other back-end."""
 
+import math
 import os
 import subprocess
 import sys
@@ -18,15 +19,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(not _extension.is_available(), reason="needs the compiled extension facekernels._C")
 
 
-def _op_args(batch=6, classes=11, features=5, dtype=torch.float32, negatives=0, **change):
+def _op_args(batch=6, classes=11, features=5, dtype=torch.float32, negatives=0, subcenters=1, **change):
     """Arguments of margin_lse / margin_backward as the algorithm builds them (targets, some -1)."""
-    x, w, y = kit.head_inputs(batch, classes, features, dtype=dtype)
+    x, w, y = kit.head_inputs(batch, classes * subcenters, features, dtype=dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     ops = _extension.ops()
-    target = torch.where(torch.rand(batch) < 0.3, -1, y)
+    target = torch.where(torch.rand(batch) < 0.3, -1, y // subcenters)
     rows = dict(embeddings=x, weight=w, inv_x=ops.inv_norms(x), inv_w=ops.inv_norms(w), target=target,
                 phi=torch.rand(batch, dtype=acc) - 0.5, tau=torch.rand(batch, dtype=acc) - 0.5,
-                t=torch.tensor(0.2) if negatives == 2 else None, s=64.0, negatives=negatives, mv_t=0.2)  # fmt: skip
+                t=torch.tensor(0.2) if negatives == 2 else None, s=64.0, negatives=negatives, mv_t=0.2,
+                cos_bound=1.0, filter_threshold=math.inf, subcenters=subcenters)  # fmt: skip
     rows.update(change)
     return rows
 
@@ -45,6 +47,8 @@ BAD_ARGS = [
     (dict(negatives=-1), ValueError, "negatives"),
     (dict(s=0.0), ValueError, "s must"),
     (dict(weight=torch.randn(0, 5), inv_w=torch.ones(0)), ValueError, "at least one class"),
+    (dict(subcenters=2, weight=torch.randn(11, 5), inv_w=torch.ones(11)), ValueError, "subcenters must be >= 1 and"),
+    (dict(cos_bound=1.5), ValueError, "cos_bound must be in"),
 ]
 
 
@@ -60,15 +64,18 @@ def test_raw_ops_reject_bad_arguments(change, error, words):
         torch.ops.facekernels.margin_backward(**grads, **args)
 
 
-@pytest.mark.parametrize("negatives", [0, 1, 2])
-def test_opcheck(negatives):
-    # schemas, fake kernels (facekernels/_extension.py) and their use by torch.compile's tracing
+@pytest.mark.parametrize("negatives, cos_bound, filter_threshold, subcenters",
+                         [(0, 1.0, math.inf, 1), (1, 1.0, math.inf, 1), (2, 1.0, math.inf, 1), (0, 0.999, 0.3, 3)])
+def test_opcheck(negatives, cos_bound, filter_threshold, subcenters):
+    # schemas, fake kernels (facekernels/_library.py) and their use by torch.compile's tracing
     ops = _extension.ops()
-    args = _op_args(9, 21, 6, negatives=negatives)
+    args = _op_args(9, 21, 6, negatives=negatives, subcenters=subcenters, cos_bound=cos_bound,
+                    filter_threshold=filter_threshold)  # fmt: skip
     torch.library.opcheck(ops.margin_lse.default, tuple(args.values()) + (8,))
     lse, _ = ops.margin_lse(**args)
-    grad_args = (torch.randn(9), *list(args.values())[:6], torch.rand(9), args["tau"], args["t"], lse, 64.0,
-                 negatives, 0.2)  # fmt: skip
+    a = args
+    grad_args = (torch.randn(9), a["embeddings"], a["weight"], a["inv_x"], a["inv_w"], a["target"], a["phi"],
+                 torch.rand(9), a["tau"], a["t"], lse, 64.0, negatives, 0.2, cos_bound, filter_threshold, subcenters)
     for need in [(True, True), (True, False), (False, True)]:
         torch.library.opcheck(ops.margin_backward.default, grad_args + need + (8,))
     torch.library.opcheck(ops.inv_norms.default, (args["weight"],))
@@ -158,8 +165,9 @@ _HEAD_MATH_CU = r"""
 __global__ void head_math_kernel(const float* c, float* out, facekernels::NegativeMath p, float t) {
   const int i = threadIdx.x;
   const auto negative = facekernels::negative_logit(c[i], 0.1f, t, p);
-  out[i] = negative.value + negative.derivative + facekernels::clamp_unit(c[i]) + facekernels::inside_unit(c[i]) +
-           facekernels::max_keep_nan(c[i], t);
+  out[i] = negative.value + negative.derivative + facekernels::clamp_cosine(c[i], 0.999f) +
+           facekernels::inside_bound(c[i], 0.999f) + facekernels::max_keep_nan(c[i], t) +
+           facekernels::subcenter_max(c, 3).raw;
 }
 """
 

@@ -146,8 +146,8 @@ def test_presets():
     assert ins.params == fk.CombinedMargin.like("insightface", 8, 10).params
     assert (ins.params.fallback, ins.params.margin_grad) == (fk._params.Fallback.NONE, "straight_through")
     fx = fk.ArcFace.like("facexzoo", 8, 10, backend="reference")
-    assert (fx.params.s, fx.params.m2, fx.params.fallback_offset, fx.backend) == (32.0, 0.35, 0.0, "reference")
-    assert fx.params.fallback_threshold == math.cos(math.pi - 0.35)
+    assert (fx.params.s, fx.params.m2, fx.params.margin_am, fx.backend) == (32.0, 0.35, 0.0, "reference")
+    assert fx.params.fallback == fk._params.Fallback.OFFSET
     assert fk.ArcFace.like("curricularface", 8, 10).params == fk.ArcFace(8, 10).params
     assert fk.ArcFace.like("pytorch-metric-learning", 8, 10).params.m2 == math.radians(28.6)
     assert fk.CurricularFace.like("tface", 8, 10).params.momentum == 0.1

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import facekernels as fk
 from facekernels import _extension
 from facekernels import functional as fkf
+from facekernels._rowmath import MarginState
 from facekernels.reference import margin_cross_entropy as ref_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,9 +69,9 @@ def _t0(case, device="cpu"):
     return torch.tensor(0.15, device=device) if case == "curricular" else None
 
 
-def _loss_and_grads(backend, x, w, y, params, t, training=True, g=None):
+def _loss_and_grads(backend, x, w, y, params, t, training=True, g=None, state=None):
     xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
-    loss = fkf._margin_cross_entropy(xa, wa, y, params, t, training, backend)
+    loss = fkf._margin_cross_entropy(xa, wa, y, params, t, training, backend, state=state)
     if g is None:
         g = torch.randn(loss.shape, dtype=torch.float64, device=loss.device)
     (loss * g.to(loss.dtype)).sum().backward()
@@ -120,6 +121,116 @@ def test_matches_reference(backend, case, margin_grad, reduction, ignore_index, 
         assert torch.all(dx[ignored] == 0)
         if reduction == "none":
             assert torch.all(got[ignored] == 0)
+
+
+# ------------------------------------------------------------------------------------------ more heads
+
+# The heads of docs/heads.md "More heads": per-row margins, sub-centers, inter-class filtering. case -> (head,
+# margins). Their inputs spread the rows' norms over [1, 14] (below, inside and above MagFace's [l_a, u_a] here,
+# and around AdaFace's running mean, so that z_i clips at both ends).
+MORE_CASES = {
+    "adaface": ("adaface", dict(s=64.0, m=0.4, h=0.9, t_alpha=0.5)),
+    "magface": ("magface", dict(s=32.0, l_a=3.0, u_a=10.0, l_m=0.45, u_m=0.8, lambda_g=35.0)),
+    "magface_monotonic": ("magface", dict(s=32.0, l_a=3.0, u_a=10.0, l_m=0.45, u_m=0.8, easy_margin=False)),
+    "magface_cos": ("magface", dict(s=32.0, l_a=3.0, u_a=10.0, l_m=0.35, u_m=0.8, lambda_g=150.0, kind="cos")),
+    "elastic_arc": ("elastic_arcface", dict(m=0.5, std=0.1)),
+    "elastic_arc_plus": ("elastic_arcface", dict(m=0.5, std=0.1, plus=True, fallback="none")),
+    "elastic_cos_official": ("elastic_cosface", dict(m=0.35, std=0.1, plus="official")),
+    "subcenter": ("subcenter_arcface", dict(k=3)),
+    "subcenter_easy": ("subcenter_arcface", dict(s=30.0, k=2, easy_margin=True)),
+    # small s: the filtered logits 0 keep a visible share of the softmax (and so of any wrong gradient)
+    "filter_arc": ("arcface", dict(s=8.0, interclass_filtering_threshold=0.3)),
+    "filter_cos": ("cosface", dict(s=4.0, interclass_filtering_threshold=0.2)),
+    "filter_norm": ("norm_softmax", dict(s=2.0, interclass_filtering_threshold=0.25)),
+    "filter_combined": ("combined", dict(s=8.0, m2=0.5, fallback="none", interclass_filtering_threshold=0.3)),
+}
+
+
+def _more_inputs(case, batch, classes, features, dtype, **kw):
+    """head_inputs with the rows' norms spread over [1, 14]; for sub-centers k rows of w per class."""
+    k = MORE_CASES[case][1].get("k", 1)
+    x, w, y = kit.head_inputs(batch, classes * k, features, **kw)
+    x = x / x.norm(dim=1, keepdim=True) * torch.linspace(1.0, 14.0, batch, dtype=torch.float64).unsqueeze(1)
+    y = torch.where(y >= 0, y // k, y)
+    return x.to(dtype), w.to(dtype), y
+
+
+def _more_state(case, device):
+    """A fresh state: AdaFace's statistics (mean 6, std 3: the batch's norms clip z_i at both ends), or an
+    ElasticFace generator seeded alike for every run."""
+    head = MORE_CASES[case][0]
+    if head == "adaface":
+        return MarginState(torch.tensor(6.0, device=device), torch.tensor(3.0, device=device))
+    if head.startswith("elastic"):
+        return MarginState(generator=torch.Generator(device).manual_seed(5))
+    return None
+
+
+def _check_more(backend, x, w, y, case, training=True, **options):
+    """The back-end against the reference (as _check) for a MORE_CASES head; AdaFace's updated statistics too."""
+    head, kw = MORE_CASES[case]
+    params = fk.head_params(head, **options, **kw)
+    runs = [(b, xx, ww, _more_state(case, x.device))
+            for b, xx, ww in ((backend, x, w), ("reference", x.double(), w.double()), ("reference", x, w))]  # fmt: skip
+    got = _loss_and_grads(*runs[0][:3], y, params, None, training, state=runs[0][3])
+    g = got[3]
+    want = _loss_and_grads(*runs[1][:3], y, params, None, training, g=g, state=runs[1][3])
+    names = ("loss", "dx", "dw")
+    if x.dtype == torch.float64:
+        for name, a, b in zip(names, got[:3], want[:3]):
+            kit.assert_close(a, b, rtol=1e-9, atol=1e-10, what=f"{case} {name}")
+    else:
+        low = _loss_and_grads(*runs[2][:3], y, params, None, training, g=g, state=runs[2][3])
+        for name, a, b, c in zip(names, got[:3], low[:3], want[:3]):
+            kit.assert_error_ratio(a, b, c, what=f"{case} {name}")
+    if head == "adaface":
+        for a, b in zip(runs[0][3][:2], runs[1][3][:2]):
+            assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    return got
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(MORE_CASES))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("ignore_index", [None, 3])
+def test_more_heads_match_reference(backend, case, reduction, ignore_index, small_tiles):
+    # C = 150 classes: two Triton backward chunks (k = 3: four, the last ragged) and two forward splits
+    options = dict(reduction=reduction, margin_grad="exact" if reduction == "mean" else "straight_through")
+    kw = dict(ignore_frac=0.3, ignore_index=ignore_index) if ignore_index is not None else {}
+    x, w, y = _more_inputs(case, 13, 150, 19, _dtype(backend), **kw)
+    if ignore_index is not None:
+        options["ignore_index"] = ignore_index
+        y[0] = ignore_index
+    dev = _device(backend)
+    got, dx, _, _ = _check_more(backend, x.to(dev), w.to(dev), y.to(dev), case, **options)
+    if ignore_index is not None:
+        ignored = (y == ignore_index).to(dev)
+        assert torch.all(dx[ignored] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["adaface", "elastic_arc_plus", "elastic_cos_official"])
+def test_more_heads_in_eval_mode(backend, case, small_tiles):
+    # eval: AdaFace reads its statistics without updating them; ElasticFace gives every row m, drawing nothing
+    dev = _device(backend)
+    x, w, y = (a.to(dev) for a in _more_inputs(case, 11, 140, 9, _dtype(backend)))
+    _check_more(backend, x, w, y, case, training=False)
+    state = _more_state(case, dev)
+    head, kw = MORE_CASES[case]
+    before = [a.clone() if isinstance(a, torch.Tensor) else a.get_state() for a in state if a is not None]
+    fkf._margin_cross_entropy(x, w, y, fk.head_params(head, **kw), None, False, backend, state=state)
+    after = [a if isinstance(a, torch.Tensor) else a.get_state() for a in state if a is not None]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["adaface", "magface", "subcenter", "filter_arc"])
+@pytest.mark.parametrize("shape", [(1, 1, 5), (0, 13, 4), (70, 200, 33), (33, 130, 130)])
+def test_more_heads_odd_shapes(backend, case, shape):
+    # default tiles and chunks; B = 70 takes Triton's 128-row tiles; B = 1 leaves AdaFace's std as it is
+    dev = _device(backend)
+    x, w, y = (a.to(dev) for a in _more_inputs(case, *shape, dtype=_dtype(backend)))
+    _check_more(backend, x, w, y, case)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -31,6 +31,24 @@ HEAD_CLASSES = {
     "curricular": fk.CurricularFace,
 }
 T0 = 0.15
+# The heads of docs/heads.md "More heads": case -> (module, margins). AdaFace starts from statistics near the
+# inputs' norms (ADAFACE_STATS) so that z clips at both ends; ElasticFace draws from a generator seeded alike on
+# every rank and in the single-process head.
+MORE_CASES = {
+    "adaface": (fk.AdaFace, dict(h=0.9, t_alpha=0.5)),
+    "magface": (fk.MagFace, dict(s=32.0, l_a=2.0, u_a=8.0, l_m=0.45, u_m=0.8)),
+    "magface_cos": (fk.MagFace, dict(s=32.0, l_a=2.0, u_a=8.0, l_m=0.35, u_m=0.8, lambda_g=150.0, kind="cos")),
+    "elastic_arc_plus": (fk.ElasticArcFace, dict(std=0.1, plus=True)),
+    "elastic_cos_official": (fk.ElasticCosFace, dict(std=0.1, plus="official")),
+    "subcenter": (fk.SubCenterArcFace, dict(k=3)),
+    "filter_arc": (fk.ArcFace, dict(s=8.0, interclass_filtering_threshold=0.3)),
+}
+ADAFACE_STATS = (4.0, 2.0)
+
+
+def _k(sc):
+    """Rows of the weight per class (sub-centers)."""
+    return MORE_CASES[sc["case"]][1].get("k", 1) if sc["case"] in MORE_CASES else 1
 
 
 def _scenario(name, case, classes, b_local=5, d=7, steps=1, reduction="mean", ignore_index=-100, ignore_frac=0.2,
@@ -68,6 +86,20 @@ SCENARIOS_TRITON = [
               backend="triton"),  # fmt: skip
     _scenario("triton_arcface_sampled", "arcface", 29, b_local=3, d=5, sample_rate=0.3, seed=67, backend="triton"),
 ]
+# world 2 and 4: the more heads, over 2 steps (AdaFace's statistics, ElasticFace's draws), Partial FC with
+# sub-centers, and the Triton kernels
+SCENARIOS_MORE_2 = [_scenario(f"{case}_more", case, 13, steps=2, seed=80 + i) for i, case in enumerate(MORE_CASES)] + [
+    _scenario("subcenter_sampled", "subcenter", 41, sample_rate=0.3, seed=90),
+    _scenario("magface_none_ignored", "magface", 13, reduction="none", ignore_frac=0.4, seed=91),
+]
+SCENARIOS_MORE_TRITON = [
+    _scenario(f"triton_{case}_more", case, 11, b_local=3, d=5, steps=2, seed=100 + i, backend="triton")
+    for i, case in enumerate(["adaface", "magface", "elastic_arc_plus", "subcenter", "filter_arc"])
+]
+SCENARIOS_MORE_4 = [
+    _scenario(f"{case}_more_4", case, 10, b_local=4, skew=0.8, seed=110 + i)
+    for i, case in enumerate(["adaface", "magface", "elastic_cos_official", "subcenter"])
+]
 # world 4: C = 10 (3, 3, 2, 2 classes), labels mostly on shard 0, one shard with no label at all
 SCENARIOS_4 = [
     _scenario("arcface_4", "arcface", 10, b_local=4, skew=0.95, seed=40),
@@ -81,9 +113,9 @@ SCENARIOS_4 = [
 def _inputs(sc, world, step):
     """The global batch (B, d), the full weight (C, d) and the labels of one step (the same on every rank)."""
     g = torch.Generator().manual_seed(1000 * sc["seed"] + step)
-    batch, classes, d = world * sc["b_local"], sc["classes"], sc["d"]
+    batch, classes, d, k = world * sc["b_local"], sc["classes"], sc["d"], _k(sc)
     x = torch.randn(batch, d, generator=g, dtype=torch.float64)
-    w = torch.randn(classes, d, generator=torch.Generator().manual_seed(sc["seed"]), dtype=torch.float64)
+    w = torch.randn(classes * k, d, generator=torch.Generator().manual_seed(sc["seed"]), dtype=torch.float64)
     y = torch.randint(0, classes, (batch,), generator=g)
     if sc["skew"]:
         _, n0 = shard_range(classes, world, 0)
@@ -91,17 +123,26 @@ def _inputs(sc, world, step):
         y[on_first] = torch.randint(0, n0, (int(on_first.sum()),), generator=g)
     # targets near their class so that margins, fallbacks and hard negatives all occur
     near = torch.rand(batch, generator=g) < 0.5
-    x[near] = w[y][near] * 3 + 0.6 * torch.randn(int(near.sum()), d, generator=g, dtype=torch.float64)
+    x[near] = w[y * k][near] * 3 + 0.6 * torch.randn(int(near.sum()), d, generator=g, dtype=torch.float64)
     y[torch.rand(batch, generator=g) < sc["ignore_frac"]] = sc["ignore_index"]
     return x.float(), w.float(), y
 
 
 def _make_head(sc, classes, **kw):
-    head, margins = oracle.HEAD_CASES[sc["case"]]
-    module = HEAD_CLASSES[head](sc["d"], classes, **margins, reduction=sc["reduction"],
-                                ignore_index=sc["ignore_index"], margin_grad=sc["margin_grad"], **kw)  # fmt: skip
-    if head == "curricular":
+    if sc["case"] in MORE_CASES:
+        cls, margins = MORE_CASES[sc["case"]]
+        if cls in (fk.ElasticArcFace, fk.ElasticCosFace):
+            margins = dict(margins, generator=torch.Generator().manual_seed(sc["seed"]))
+    else:
+        head, margins = oracle.HEAD_CASES[sc["case"]]
+        cls = HEAD_CLASSES[head]
+    module = cls(sc["d"], classes, **margins, reduction=sc["reduction"], ignore_index=sc["ignore_index"],
+                 margin_grad=sc["margin_grad"], **kw)  # fmt: skip
+    if cls is fk.CurricularFace:
         module.t.fill_(T0)
+    if cls is fk.AdaFace:
+        module.batch_mean.fill_(ADAFACE_STATS[0])
+        module.batch_std.fill_(ADAFACE_STATS[1])
     module.weight.requires_grad_(not sc["frozen"])
     return module.train(sc["training"])
 
@@ -138,7 +179,8 @@ def _worker(rank, world, store, scenarios, out_dir):
         for step in range(sc["steps"]):
             x, w, y = _inputs(sc, world, step)
             x, w = x.to(sc["dtype"]), w.to(sc["dtype"])
-            head.weight.data.copy_(w[head.class_start : head.class_start + head.num_local])
+            k = _k(sc)
+            head.weight.data.copy_(w[head.class_start * k : (head.class_start + head.num_local) * k])
             head.weight.grad = None
             x_local = x[rank * b : (rank + 1) * b].clone().requires_grad_()
             loss = head(x_local, y[rank * b : (rank + 1) * b])
@@ -149,6 +191,8 @@ def _worker(rank, world, store, scenarios, out_dir):
                           num_local=head.num_local)  # fmt: skip
             if sc["case"] == "curricular":
                 record["t"] = head.t.clone()
+            if sc["case"] == "adaface":
+                record["batch_stats"] = torch.stack([head.batch_mean, head.batch_std])
             if rate < 1.0:
                 valid = y != sc["ignore_index"]
                 index = sample_classes(y, valid, head.class_start, head.num_local, rate, replay)
@@ -211,6 +255,7 @@ def _single_process(sc, world, backend, dtype, sampled=None):
     """Per step (loss, dx, dW, t) of the unsharded head on the concatenated batch; with ``sampled`` (sorted
     global class ids per step), on those classes only (labels remapped), dW scattered back to (C, d)."""
     head = _make_head(sc, sc["classes"], backend=backend).to(dtype)
+    k = _k(sc)
     out = []
     for step in range(sc["steps"]):
         x, w, y = _inputs(sc, world, step)
@@ -223,7 +268,8 @@ def _single_process(sc, world, backend, dtype, sampled=None):
             position = torch.searchsorted(keep, y.clamp_min(0))
             assert bool((keep[position.clamp_max(len(keep) - 1)][valid] == y[valid]).all()), "a positive was dropped"
             labels = torch.where(valid, position, y)
-            w_used = w[keep].requires_grad_()
+            keep_rows = (keep.unsqueeze(1) * k + torch.arange(k)).view(-1)
+            w_used = w[keep_rows].requires_grad_()
             sub = _make_head(sc, len(keep), backend=backend).to(dtype)
             if sc["case"] == "curricular":
                 sub.t.copy_(head.t)
@@ -231,7 +277,7 @@ def _single_process(sc, world, backend, dtype, sampled=None):
             loss = sub(x, labels)
             _backward(loss, sc, world)
             dw = torch.zeros_like(w)
-            dw[keep] = sub.weight.grad
+            dw[keep_rows] = sub.weight.grad
             t = sub.t.clone() if sc["case"] == "curricular" else None
             if t is not None:
                 head.t.copy_(sub.t)
@@ -241,7 +287,8 @@ def _single_process(sc, world, backend, dtype, sampled=None):
             _backward(loss, sc, world)
             dw = head.weight.grad
             t = head.t.clone() if sc["case"] == "curricular" else None
-        out.append(dict(loss=loss.detach(), dx=x.grad, dw=dw, t=t))
+        stats = torch.stack([head.batch_mean, head.batch_std]) if sc["case"] == "adaface" else None
+        out.append(dict(loss=loss.detach(), dx=x.grad, dw=dw, t=t, batch_stats=stats))
     return out
 
 
@@ -267,7 +314,8 @@ def _check(results, scenarios, world):
                 # the loss is identical on every rank
                 assert torch.equal(got["loss"], results[0][name][step]["loss"]), where
                 rows = slice(rank * b, (rank + 1) * b)
-                shard = slice(got["class_start"], got["class_start"] + got["num_local"])
+                k = _k(sc)
+                shard = slice(got["class_start"] * k, (got["class_start"] + got["num_local"]) * k)
                 # float32 against the float64 oracle by the error-ratio rule (tests/kit.py): the
                 # sharded error <= 4 x the single-process float32 head's + 1e-6 of the largest value. A direct
                 # 1e-6 match with the float32 head holds for the loss and t, not for every gradient element:
@@ -285,10 +333,13 @@ def _check(results, scenarios, world):
                 if sc["case"] == "curricular":
                     assert abs(got["t"].item() - want32[step]["t"].item()) <= 1e-6, where
                     assert abs(got["t"].item() - want64[step]["t"].item()) <= 1e-6, where
+                if sc["case"] == "adaface":  # the global batch's statistics, the same as one process's
+                    torch.testing.assert_close(got["batch_stats"], want64[step]["batch_stats"], rtol=1e-6, atol=0)
                 if sampled is not None:
                     # only the sampled rows get a gradient; the rest are exactly zero
                     unsampled = torch.ones(got["num_local"], dtype=torch.bool)
                     unsampled[got["sampled"] - got["class_start"]] = False
+                    unsampled = unsampled.repeat_interleave(k)
                     assert bool((got["dw"][unsampled] == 0).all()), where
                     if sc["sample_rate"] * got["num_local"] < got["num_local"] - 1:
                         assert bool(unsampled.any()), f"{where}: sampling kept every class"
@@ -317,6 +368,18 @@ def test_sharded_heads_four_processes(tmp_path):
 
 def test_sharded_triton_heads_two_processes(tmp_path):
     _check(_spawn(2, SCENARIOS_TRITON, tmp_path), SCENARIOS_TRITON, 2)
+
+
+def test_sharded_more_heads_two_processes(tmp_path):
+    _check(_spawn(2, SCENARIOS_MORE_2, tmp_path), SCENARIOS_MORE_2, 2)
+
+
+def test_sharded_more_heads_four_processes(tmp_path):
+    _check(_spawn(4, SCENARIOS_MORE_4, tmp_path), SCENARIOS_MORE_4, 4)
+
+
+def test_sharded_more_heads_triton_two_processes(tmp_path):
+    _check(_spawn(2, SCENARIOS_MORE_TRITON, tmp_path), SCENARIOS_MORE_TRITON, 2)
 
 
 def test_shard_range_is_insightface_split():

@@ -3,6 +3,7 @@ a GPU is missing, the skipped weight-gradient GEMM. Their results against the re
 (under Triton's interpreter here, float32; bfloat16 / float16 and C = 1M are gpu-marked there); their sm_90
 code: tests/test_gpu_static.py."""
 
+import math
 import os
 import subprocess
 import sys
@@ -33,18 +34,20 @@ def _op_args(batch=7, classes=130, features=64, negatives=2):
     return x, w, tk.inv_norms(x), tk.inv_norms(w), target, rows, torch.tensor(0.2, device=DEVICE), negatives
 
 
-@pytest.mark.parametrize("negatives", [0, 1, 2])
-def test_opcheck(negatives, monkeypatch):
+@pytest.mark.parametrize("negatives, cos_bound, filter_threshold, subcenters",
+                         [(0, 1.0, math.inf, 1), (1, 1.0, math.inf, 1), (2, 1.0, math.inf, 1), (0, 0.999, 0.3, 2)])
+def test_opcheck(negatives, cos_bound, filter_threshold, subcenters, monkeypatch):
     # schemas and fake kernels of the ops (torch.compile traces them by their fakes)
     monkeypatch.setattr(tk, "CHUNK_BYTES", 1)
     x, w, inv_x, inv_w, target, (phi, dphi, tau), t, negatives = _op_args(negatives=negatives)
+    target = torch.where(target >= 0, target // subcenters, target)  # 130 rows of w: 65 classes of 2
     ops = torch.ops.facekernels
     torch.library.opcheck(ops.triton_inv_norms.default, (w,))
-    lse_args = (x, w, inv_x, inv_w, target, phi, tau, t, 64.0, negatives, 0.2)
+    options = (64.0, negatives, 0.2, cos_bound, filter_threshold, subcenters)
+    lse_args = (x, w, inv_x, inv_w, target, phi, tau, t, *options)
     torch.library.opcheck(ops.triton_margin_lse.default, lse_args)
     lse, _ = ops.triton_margin_lse(*lse_args)
-    grad_args = (torch.randn(7, device=DEVICE), x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, 64.0,
-                 negatives, 0.2)  # fmt: skip
+    grad_args = (torch.randn(7, device=DEVICE), x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, *options)
     torch.library.opcheck(ops.triton_grad_logits.default, grad_args)
 
 

@@ -67,7 +67,8 @@ void check_row_tensor(const at::Tensor& v, const char* name, int64_t n, at::Scal
 // a direct call of the op with inconsistent arguments (a clear error instead of an out-of-bounds read).
 void check_head_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& inv_x, const at::Tensor& inv_w,
                      const at::Tensor& target, const at::Tensor& phi, const at::Tensor& tau,
-                     const c10::optional<at::Tensor>& t, double s, int64_t negatives, int64_t class_tile) {
+                     const c10::optional<at::Tensor>& t, double s, int64_t negatives, double cos_bound,
+                     int64_t subcenters, int64_t class_tile) {
   TORCH_CHECK_VALUE(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
                     "embeddings and weight must be 2-D with the same number of features; got ", x.sizes(), " and ",
                     w.sizes());
@@ -79,6 +80,10 @@ void check_head_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const auto acc = acc_dtype(x.scalar_type());
   const int64_t batch = x.size(0);
   check_row_tensor(inv_x, "inv_x", batch, acc);
+  TORCH_CHECK_VALUE(subcenters >= 1 && w.size(0) % subcenters == 0,
+                    "subcenters must be >= 1 and divide the weight's rows; got ", subcenters, " for ", w.size(0),
+                    " rows");
+  TORCH_CHECK_VALUE(cos_bound > 0 && cos_bound <= 1, "cos_bound must be in (0, 1]; got ", cos_bound);
   check_row_tensor(inv_w, "inv_w", w.size(0), acc);
   check_row_tensor(target, "target", batch, at::kLong);
   check_row_tensor(phi, "phi", batch, acc);
@@ -145,34 +150,39 @@ Rows<acc_t> make_rows(const at::Tensor& x, const at::Tensor& inv_x, const at::Te
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> lse_impl(const at::Tensor& x, const at::Tensor& w,
                                             const Rows<at::opmath_type<scalar_t>>& rows,
-                    double t_value, const NegativeMath& p, int64_t tile) {
+                    double t_value, const NegativeMath& p, int64_t tile, int64_t k) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t batch = x.size(0), d = x.size(1), num_classes = w.size(0);
+  const int64_t batch = x.size(0), d = x.size(1), num_classes = w.size(0) / k;
   const auto opts = x.options().dtype(acc_dtype(x.scalar_type()));
   const int64_t num_tiles = (num_classes + tile - 1) / tile;
   const int64_t threads = at::get_num_threads();
-  const at::Tensor w_hat_slots = at::empty({threads, tile, d}, opts);
-  const at::Tensor block_slots = at::empty({threads, batch, tile}, opts);
+  const at::Tensor w_hat_slots = at::empty({threads, tile * k, d}, opts);
+  const at::Tensor block_slots = at::empty({threads, batch, tile * k}, opts);
   // per-thread online log-sum-exp partials of every row, merged below
   std::vector<acc_t> run_max(threads * batch, -acc_t(kInf)), run_sum(threads * batch, acc_t(0));
   const scalar_t* wp = w.data_ptr<scalar_t>();
-  const acc_t s = acc_t(p.s), t = acc_t(t_value);
+  const acc_t s = acc_t(p.s), t = acc_t(t_value), bound = acc_t(p.bound);
 
   at::parallel_for(0, num_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
     const int64_t tid = at::get_thread_num();
     std::vector<acc_t> tile_max(batch);
     for (int64_t tile_index = tile_begin; tile_index < tile_end; ++tile_index) {
       const int64_t j0 = tile_index * tile, n = std::min(tile, num_classes - j0);
-      at::Tensor w_hat = thread_slot(w_hat_slots, n, d);
-      normalize_weight_rows<scalar_t, acc_t>(wp, rows.inv_w, j0, n, d, w_hat.data_ptr<acc_t>());
-      at::Tensor block = thread_slot(block_slots, batch, n);
-      at::mm_out(block, rows.x_hat, w_hat.t());  // raw cosines x_hat . w_hat
+      at::Tensor w_hat = thread_slot(w_hat_slots, n * k, d);
+      normalize_weight_rows<scalar_t, acc_t>(wp, rows.inv_w, j0 * k, n * k, d, w_hat.data_ptr<acc_t>());
+      at::Tensor block = thread_slot(block_slots, batch, n * k);
+      at::mm_out(block, rows.x_hat, w_hat.t());  // raw cosines x_hat . w_hat of every sub-center
       acc_t* bp = block.data_ptr<acc_t>();
-      // fused pass 1: logits z = s N(c) (s phi on the target), stored shifted by the tile's row max
+      // fused pass 1: logits z_j = s N(c_j) (s phi on the target), c_j the max over class j's k sub-centers,
+      // written in place over the row's first n entries (class j reads entries >= j k >= j before writing j),
+      // shifted by the tile's row max
       for (int64_t i = 0; i < batch; ++i) {
-        acc_t* zi = bp + i * n;
+        acc_t* zi = bp + i * n * k;
         const acc_t tau = rows.tau[i];
-        for (int64_t j = 0; j < n; ++j) zi[j] = s * negative_logit(clamp_unit(zi[j]), tau, t, p).value;
+        for (int64_t j = 0; j < n; ++j) {
+          const acc_t raw = k == 1 ? zi[j] : subcenter_max(zi + j * k, k).raw;
+          zi[j] = s * negative_logit(clamp_cosine(raw, bound), tau, t, p).value;
+        }
         const int64_t target = rows.target[i] - j0;
         if (target >= 0 && target < n) zi[target] = s * rows.phi[i];
         acc_t m = -acc_t(kInf);
@@ -180,10 +190,10 @@ std::tuple<at::Tensor, at::Tensor> lse_impl(const at::Tensor& x, const at::Tenso
         tile_max[i] = m;
         for (int64_t j = 0; j < n; ++j) zi[j] -= m;
       }
-      at::exp_(block);  // ATen's vectorised exp (single-threaded inside this parallel region)
+      block.narrow(1, 0, n).exp_();  // ATen's vectorised exp (single-threaded inside this parallel region)
       // pass 2: row sums, merged into this thread's running (max, sum)
       for (int64_t i = 0; i < batch; ++i) {
-        const acc_t* ei = bp + i * n;
+        const acc_t* ei = bp + i * n * k;
         acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < n; ++j) sum += ei[j];
@@ -202,12 +212,12 @@ std::tuple<at::Tensor, at::Tensor> lse_impl(const at::Tensor& x, const at::Tenso
   acc_t* mp = row_max.data_ptr<acc_t>();
   for (int64_t i = 0; i < batch; ++i) {
     acc_t m = -acc_t(kInf);
-    for (int64_t k = 0; k < threads; ++k) m = max_keep_nan(m, run_max[k * batch + i]);
+    for (int64_t q = 0; q < threads; ++q) m = max_keep_nan(m, run_max[q * batch + i]);
     mp[i] = m;
     acc_t sum = 0;
-    for (int64_t k = 0; k < threads; ++k) {  // skip threads that saw no tile (their max is still -inf)
-      const acc_t mk = run_max[k * batch + i];
-      if (mk != -acc_t(kInf)) sum += run_sum[k * batch + i] * std::exp(mk - m);
+    for (int64_t q = 0; q < threads; ++q) {  // skip threads that saw no tile (their max is still -inf)
+      const acc_t mq = run_max[q * batch + i];
+      if (mq != -acc_t(kInf)) sum += run_sum[q * batch + i] * std::exp(mq - m);
     }
     lp[i] = m + std::log(sum);  // NaN when any partial is NaN (max_keep_nan)
   }
@@ -218,73 +228,86 @@ template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_rows, const at::Tensor& x,
                                                  const at::Tensor& w, const Rows<at::opmath_type<scalar_t>>& rows,
                                                  double t_value, const at::Tensor& lse, const NegativeMath& p,
-                                                 int64_t tile, bool need_dx, bool need_dw) {
+                                                 int64_t tile, int64_t k, bool need_dx, bool need_dw) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t batch = x.size(0), d = x.size(1), num_classes = w.size(0);
+  const int64_t batch = x.size(0), d = x.size(1), num_rows = w.size(0), num_classes = num_rows / k;
   const auto opts = x.options().dtype(acc_dtype(x.scalar_type()));
   const at::Tensor grad = grad_rows.to(opts.dtype()).contiguous();
   const at::Tensor lse_acc = lse.to(opts.dtype()).contiguous();
   const int64_t num_tiles = (num_classes + tile - 1) / tile;
   const int64_t threads = at::get_num_threads();
-  const at::Tensor w_hat_slots = at::empty({threads, tile, d}, opts);
-  const at::Tensor raw_slots = at::empty({threads, batch, tile}, opts);
-  const at::Tensor dc_slots = at::empty({threads, batch, tile}, opts);
-  const at::Tensor dw_hat_slots = need_dw ? at::empty({threads, tile, d}, opts) : at::Tensor();
+  const at::Tensor w_hat_slots = at::empty({threads, tile * k, d}, opts);
+  const at::Tensor raw_slots = at::empty({threads, batch, tile * k}, opts);
+  const at::Tensor dc_slots = at::empty({threads, batch, tile * k}, opts);
+  const at::Tensor dw_hat_slots = need_dw ? at::empty({threads, tile * k, d}, opts) : at::Tensor();
   const at::Tensor dx_hat_slots = need_dx ? at::zeros({threads, batch, d}, opts) : at::Tensor();
-  at::Tensor dw = need_dw ? at::empty({num_classes, d}, w.options()) : at::empty({0}, w.options());
+  at::Tensor dw = need_dw ? at::empty({num_rows, d}, w.options()) : at::empty({0}, w.options());
   const scalar_t* wp = w.data_ptr<scalar_t>();
   const acc_t* gp = grad.data_ptr<acc_t>();
   const acc_t* lp = lse_acc.data_ptr<acc_t>();
-  const acc_t s = acc_t(p.s), t = acc_t(t_value);
+  const acc_t s = acc_t(p.s), t = acc_t(t_value), bound = acc_t(p.bound);
 
   at::parallel_for(0, num_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
     for (int64_t tile_index = tile_begin; tile_index < tile_end; ++tile_index) {
-      const int64_t j0 = tile_index * tile, n = std::min(tile, num_classes - j0);
-      at::Tensor w_hat = thread_slot(w_hat_slots, n, d);
-      normalize_weight_rows<scalar_t, acc_t>(wp, rows.inv_w, j0, n, d, w_hat.data_ptr<acc_t>());
-      at::Tensor raw = thread_slot(raw_slots, batch, n);
-      at::Tensor dc = thread_slot(dc_slots, batch, n);
+      const int64_t j0 = tile_index * tile, n = std::min(tile, num_classes - j0), nk = n * k;
+      at::Tensor w_hat = thread_slot(w_hat_slots, nk, d);
+      normalize_weight_rows<scalar_t, acc_t>(wp, rows.inv_w, j0 * k, nk, d, w_hat.data_ptr<acc_t>());
+      at::Tensor raw = thread_slot(raw_slots, batch, nk);
+      at::Tensor dc = thread_slot(dc_slots, batch, nk);
       at::mm_out(raw, rows.x_hat, w_hat.t());  // recomputed, never stored across tiles
       const acc_t* rawp = raw.data_ptr<acc_t>();
       acc_t* dcp = dc.data_ptr<acc_t>();
-      // z - lse, exponentiated below into softmax probabilities
+      // the class cosine: the raw value itself, or the max over the class's k sub-centers
+      auto class_raw = [&](const acc_t* ri, int64_t j) { return k == 1 ? ri[j] : subcenter_max(ri + j * k, k).raw; };
+      // z - lse in the row's first n entries of dc, exponentiated below into softmax probabilities
       for (int64_t i = 0; i < batch; ++i) {
-        const acc_t* ri = rawp + i * n;
-        acc_t* di = dcp + i * n;
+        const acc_t* ri = rawp + i * nk;
+        acc_t* di = dcp + i * nk;
         const acc_t tau = rows.tau[i], shift = lp[i];
-        for (int64_t j = 0; j < n; ++j) di[j] = s * negative_logit(clamp_unit(ri[j]), tau, t, p).value - shift;
+        for (int64_t j = 0; j < n; ++j)
+          di[j] = s * negative_logit(clamp_cosine(class_raw(ri, j), bound), tau, t, p).value - shift;
         const int64_t target = rows.target[i] - j0;
         if (target >= 0 && target < n) di[target] = s * rows.phi[i] - shift;
       }
-      at::exp_(dc);
-      // dL/d raw = g_i (softmax - onehot) s dz/dc, times the clamp's 0/1 derivative (in dphi for the target)
+      dc.narrow(1, 0, n).exp_();
+      // dL/d raw = g_i (softmax - onehot) s dz/dc, times the clamp's 0/1 derivative (in dphi for the target);
+      // with sub-centers it goes to the class's first maximum, the others 0: spread in place from the last
+      // class down (class j's entries j k .. j k + k - 1 hold the values of classes >= j, already spread)
       for (int64_t i = 0; i < batch; ++i) {
-        const acc_t* ri = rawp + i * n;
-        acc_t* di = dcp + i * n;
+        const acc_t* ri = rawp + i * nk;
+        acc_t* di = dcp + i * nk;
         const acc_t gs = gp[i] * s, tau = rows.tau[i];
         const int64_t target = rows.target[i] - j0;
         const bool has_target = target >= 0 && target < n;
         const acc_t target_prob = has_target ? di[target] : acc_t(0);
         for (int64_t j = 0; j < n; ++j) {
-          const acc_t dn = negative_logit(clamp_unit(ri[j]), tau, t, p).derivative;
-          di[j] = inside_unit(ri[j]) ? gs * di[j] * dn : acc_t(0);
+          const acc_t cr = class_raw(ri, j);
+          const acc_t dn = negative_logit(clamp_cosine(cr, bound), tau, t, p).derivative;
+          di[j] = inside_bound(cr, bound) ? gs * di[j] * dn : acc_t(0);
         }
         if (has_target) di[target] = gs * (target_prob - 1) * rows.dphi[i];
+        if (k > 1) {
+          for (int64_t j = n - 1; j >= 0; --j) {
+            const acc_t value = di[j];
+            const int64_t winner = subcenter_max(ri + j * k, k).index;
+            for (int64_t q = 0; q < k; ++q) di[j * k + q] = q == winner ? value : acc_t(0);
+          }
+        }
       }
       if (need_dx) thread_slot(dx_hat_slots, batch, d).addmm_(dc, w_hat);
       if (need_dw) {
-        at::Tensor dw_hat = thread_slot(dw_hat_slots, n, d);
+        at::Tensor dw_hat = thread_slot(dw_hat_slots, nk, d);
         at::mm_out(dw_hat, dc.t(), rows.x_hat);
         // normalisation backward of w_j: (dw_hat - w_hat (w_hat . dw_hat)) / max(||w_j||, eps)
         const acc_t* whp = w_hat.data_ptr<acc_t>();
         const acc_t* dhp = dw_hat.data_ptr<acc_t>();
-        scalar_t* out = dw.data_ptr<scalar_t>() + j0 * d;
-        for (int64_t j = 0; j < n; ++j) {
+        scalar_t* out = dw.data_ptr<scalar_t>() + j0 * k * d;
+        for (int64_t j = 0; j < nk; ++j) {
           acc_t dot = 0;
-          for (int64_t k = 0; k < d; ++k) dot += whp[j * d + k] * dhp[j * d + k];
-          const acc_t inv = rows.inv_w[j0 + j];
-          for (int64_t k = 0; k < d; ++k)
-            out[j * d + k] = static_cast<scalar_t>((dhp[j * d + k] - whp[j * d + k] * dot) * inv);
+          for (int64_t q = 0; q < d; ++q) dot += whp[j * d + q] * dhp[j * d + q];
+          const acc_t inv = rows.inv_w[j0 * k + j];
+          for (int64_t q = 0; q < d; ++q)
+            out[j * d + q] = static_cast<scalar_t>((dhp[j * d + q] - whp[j * d + q] * dot) * inv);
         }
       }
     }
@@ -296,25 +319,28 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_rows, co
   return {a, dw};
 }
 
-NegativeMath negative_math(double s, int64_t negatives, double mv_t) {
-  return NegativeMath{s, mv_t, static_cast<Negatives>(negatives)};
+NegativeMath negative_math(double s, int64_t negatives, double mv_t, double cos_bound, double filter) {
+  return NegativeMath{s, mv_t, static_cast<Negatives>(negatives), cos_bound, filter};
 }
 
 std::tuple<at::Tensor, at::Tensor> margin_lse_cpu(const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& inv_x,
                           const at::Tensor& inv_w, const at::Tensor& target, const at::Tensor& phi,
                           const at::Tensor& tau, const c10::optional<at::Tensor>& t, double s, int64_t negatives,
-                          double mv_t, int64_t class_tile) {
-  check_head_args(embeddings, weight, inv_x, inv_w, target, phi, tau, t, s, negatives, class_tile);
+                          double mv_t, double cos_bound, double filter_threshold, int64_t subcenters,
+                          int64_t class_tile) {
+  check_head_args(embeddings, weight, inv_x, inv_w, target, phi, tau, t, s, negatives, cos_bound, subcenters,
+                  class_tile);
   at::NoGradGuard no_grad;
   const auto x = embeddings.contiguous(), w = weight.contiguous();
   const auto ix = inv_x.contiguous(), iw = inv_w.contiguous(), y = target.contiguous(), ph = phi.contiguous(),
              ta = tau.contiguous();
-  const int64_t tile = resolve_class_tile(class_tile, x.size(0), w.size(0));
+  const int64_t tile = resolve_class_tile(class_tile, x.size(0), w.size(0) / subcenters);
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "margin_lse_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto rows = make_rows<acc_t>(x, ix, iw, y, ph, at::Tensor(), ta);
-    out = lse_impl<scalar_t>(x, w, rows, read_t(t, negatives), negative_math(s, negatives, mv_t), tile);
+    out = lse_impl<scalar_t>(x, w, rows, read_t(t, negatives),
+                             negative_math(s, negatives, mv_t, cos_bound, filter_threshold), tile, subcenters);
   });
   return out;
 }
@@ -323,8 +349,10 @@ std::tuple<at::Tensor, at::Tensor> margin_backward_cpu(
     const at::Tensor& grad_rows, const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& inv_x,
     const at::Tensor& inv_w, const at::Tensor& target, const at::Tensor& phi, const at::Tensor& dphi,
     const at::Tensor& tau, const c10::optional<at::Tensor>& t, const at::Tensor& lse, double s, int64_t negatives,
-    double mv_t, bool need_embeddings_grad, bool need_weight_grad, int64_t class_tile) {
-  check_head_args(embeddings, weight, inv_x, inv_w, target, phi, tau, t, s, negatives, class_tile);
+    double mv_t, double cos_bound, double filter_threshold, int64_t subcenters, bool need_embeddings_grad,
+    bool need_weight_grad, int64_t class_tile) {
+  check_head_args(embeddings, weight, inv_x, inv_w, target, phi, tau, t, s, negatives, cos_bound, subcenters,
+                  class_tile);
   const int64_t batch = embeddings.size(0);
   const auto acc = acc_dtype(embeddings.scalar_type());
   check_row_tensor(dphi, "dphi", batch, acc);
@@ -334,13 +362,14 @@ std::tuple<at::Tensor, at::Tensor> margin_backward_cpu(
   const auto x = embeddings.contiguous(), w = weight.contiguous();
   const auto ix = inv_x.contiguous(), iw = inv_w.contiguous(), y = target.contiguous(), ph = phi.contiguous(),
              dph = dphi.contiguous(), ta = tau.contiguous();
-  const int64_t tile = resolve_class_tile(class_tile, x.size(0), w.size(0));
+  const int64_t tile = resolve_class_tile(class_tile, x.size(0), w.size(0) / subcenters);
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "margin_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto rows = make_rows<acc_t>(x, ix, iw, y, ph, dph, ta);
     out = backward_impl<scalar_t>(grad_rows, x, w, rows, read_t(t, negatives), lse,
-                                  negative_math(s, negatives, mv_t), tile, need_embeddings_grad, need_weight_grad);
+                                  negative_math(s, negatives, mv_t, cos_bound, filter_threshold), tile, subcenters,
+                                  need_embeddings_grad, need_weight_grad);
   });
   return out;
 }

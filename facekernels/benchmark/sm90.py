@@ -16,21 +16,33 @@ triton and on 3.6.0, the GPU machine's) and by bench/gpu_model.py (the roofline 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from typing import NamedTuple
 
 import torch
 
 # Target shapes of the static check (issue "GPU heads at GEMM speed", item 4): B in {256, 1024}, d in {128, 256,
-# 512}, every dtype and negatives kind, C = 1M and an odd C (the JIT specialises C on divisibility by 16).
+# 512}, every dtype and kernel variant, C = 1M and an odd C (the JIT specialises C on divisibility by 16).
 BATCHES = (256, 1024)
 FEATURES = (128, 256, 512)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-NEGATIVES = (0, 1, 2)
 CLASSES = (1_000_000, 999_983)
+
+
+# The kernels' variants (their constexprs): every negatives kind; insightface's inter-class filtering; three
+# sub-centers (Sub-center ArcFace). AdaFace's cosine bound and the per-row margins are runtime values of these.
+class Variant(NamedTuple):
+    negatives: int
+    filter_threshold: float = math.inf
+    subcenters: int = 1
+
+
+VARIANTS = (Variant(0), Variant(1), Variant(2), Variant(0, filter_threshold=0.4), Variant(0, subcenters=3))
 
 
 class _H100Driver:
@@ -64,28 +76,30 @@ def use_h100_target() -> None:
     driver.set_active(_H100Driver())
 
 
-def capture(batch: int, classes: int, features: int, dtype: torch.dtype, negatives: int):
+def capture(batch: int, classes: int, features: int, dtype: torch.dtype, variant: Variant):
     """Every launch one forward + backward of the head makes at this shape (meta tensors, nothing runs): the
-    inverse norms, the log-sum-exp, and the logits gradient of the first and of the last backward chunk."""
+    inverse norms, the log-sum-exp, and the logits gradient of the first and of the last backward chunk (chunks
+    as the algorithm cuts them: facekernels/_algorithm.py)."""
     from ..kernels import triton as tk
 
     meta = dict(device="meta")
+    k = variant.subcenters
     x = torch.empty(batch, features, dtype=dtype, **meta)
-    w = torch.empty(classes, features, dtype=dtype, **meta)
-    rows, cols = torch.empty(batch, **meta), torch.empty(classes, **meta)
+    w = torch.empty(classes * k, features, dtype=dtype, **meta)
+    rows, cols = torch.empty(batch, **meta), torch.empty(classes * k, **meta)
     target = torch.empty(batch, dtype=torch.long, **meta)
     t = torch.empty((), **meta)
-    chunk = tk.KERNELS.chunk_classes(batch, classes, dtype)
+    chunk = tk.KERNELS.chunk_classes(batch, classes * k, dtype) // k
     last = (classes - 1) // chunk * chunk
+    options = (64.0, variant.negatives, 0.2, 1.0, variant.filter_threshold, k)
     tk.CAPTURED_LAUNCHES = []
     try:
         tk.inv_norms(x)
         tk.inv_norms(w)
-        tk.margin_lse(x, w, rows, cols, target, rows, rows, t, 64.0, negatives, 0.2)
+        tk.margin_lse(x, w, rows, cols, target, rows, rows, t, *options)
         for c0 in sorted({0, last}):
-            part = w[c0 : c0 + chunk]
-            tk.grad_logits(rows, x, part, rows, cols[c0 : c0 + chunk], target, rows, rows, rows, t, rows, 64.0,
-                           negatives, 0.2)  # fmt: skip
+            part = slice(c0 * k, (c0 + chunk) * k)
+            tk.grad_logits(rows, x, w[part], rows, cols[part], target, rows, rows, rows, t, rows, *options)
         return tk.CAPTURED_LAUNCHES
     finally:
         tk.CAPTURED_LAUNCHES = None
@@ -133,7 +147,7 @@ def compile_launch(kernel, grid, args, meta) -> dict:
     return facts
 
 
-def report(batches=BATCHES, features=FEATURES, dtypes=DTYPES, negatives=NEGATIVES, classes=CLASSES):
+def report(batches=BATCHES, features=FEATURES, dtypes=DTYPES, variants=VARIANTS, classes=CLASSES):
     """Facts of every launch at every target shape (one dict per launch; ``variant`` tells which compiled
     binary it reuses: the JIT caches a specialisation once)."""
     use_h100_target()
@@ -141,12 +155,13 @@ def report(batches=BATCHES, features=FEATURES, dtypes=DTYPES, negatives=NEGATIVE
     for b in batches:
         for d in features:
             for dtype in dtypes:
-                for neg in negatives:
+                for v in variants:
                     for c in classes:
-                        for launch in capture(b, c, d, dtype, neg):
+                        for launch in capture(b, c, d, dtype, v):
                             facts = compile_launch(*launch)
                             facts.update(batch=b, features=d, dtype=str(dtype).removeprefix("torch."),
-                                         negatives=neg, classes=c)  # fmt: skip
+                                         negatives=v.negatives, filter=v.filter_threshold != math.inf,
+                                         subcenters=v.subcenters, classes=c)  # fmt: skip
                             out.append(facts)
     return out
 

@@ -38,12 +38,14 @@ class CpuKernels:
 
     def lse(self, x, w, inv_x, inv_w, target, phi, tau, t, params: HeadParams):
         return self.ops.margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, params.s, int(params.negatives),
-                                   params.mv_t, CLASS_TILE)  # fmt: skip
+                                   params.mv_t, params.cos_bound, params.filter_threshold, params.subcenters,
+                                   CLASS_TILE)  # fmt: skip
 
     def backward_chunk(self, g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, params: HeadParams,
                        need_dx: bool, need_dw: bool, dw_out: torch.Tensor | None):  # fmt: skip
         # one chunk covers every class (chunk_classes), so the algorithm never passes dw_out here
         a, dw = self.ops.margin_backward(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, params.s,
-                                         int(params.negatives), params.mv_t, need_dx, need_dw, CLASS_TILE)  # fmt: skip
+                                         int(params.negatives), params.mv_t, params.cos_bound, params.filter_threshold,
+                                         params.subcenters, need_dx, need_dw, CLASS_TILE)  # fmt: skip
         return (a if need_dx else None), (dw if need_dw else None)
 KERNELS = CpuKernels()

@@ -8,16 +8,22 @@ tau, t) is ``facekernels/_rowmath.py``'s, the one definition every backend uses.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._params import HeadParams, Negatives
 from .._rowmath import (
+    MarginState,
     acc_dtype,
     clamp_cosine,
     differentiable_target_logit,
+    first_max,
     head_stats,
     normalize_rows,
     reduce_row_losses,
+    row_margins,
+    row_norms,
     target_logit,
     update_t_,
 )
@@ -33,23 +39,32 @@ def margin_cross_entropy(
     t: torch.Tensor | None = None,
     training: bool = True,
     stats: bool = False,
+    state: MarginState | None = None,
 ):
     """Loss of one head, computed in the promoted dtype of (embeddings, weight); returned as float32
-    (float64 for float64 inputs). Updates ``t`` in place when the head uses it and ``training``. With
-    ``stats``: (loss, HeadStats) read off the logits matrix."""
+    (float64 for float64 inputs). Updates ``t`` (and ``state``'s AdaFace statistics) in place when the head
+    uses it and ``training``. With ``stats``: (loss, HeadStats) read off the logits matrix."""
     p = params
     dtype = torch.promote_types(embeddings.dtype, weight.dtype)
     valid = labels != p.ignore_index
     # ignored rows never reach the products: a NaN there would make every class's gradient NaN (NaN * 0)
-    x_hat = normalize_rows(torch.where(valid.unsqueeze(1), embeddings.to(dtype), 0))
+    x = torch.where(valid.unsqueeze(1), embeddings.to(dtype), 0)
+    x_hat = normalize_rows(x)
     w_hat = normalize_rows(weight.to(dtype))
-    cos = clamp_cosine(x_hat @ w_hat.t())  # (B, C): materialised on purpose
+    raw = x_hat @ w_hat.t()  # (B, C k): materialised on purpose
+    if p.subcenters > 1:  # a class's cosine is the max over its k sub-centers (gradient to the first maximum)
+        raw = first_max(raw.view(raw.shape[0], weight.shape[0] // p.subcenters, p.subcenters))[0]
+    cos = clamp_cosine(raw, p.cos_bound)
 
     safe_labels = torch.where(valid, labels, 0).unsqueeze(1)
     # the per-row target math runs in float32 at least: phi' reaches 1/SIN_THETA_EPS, beyond float16
     c_target = cos.gather(1, safe_labels).squeeze(1).to(torch.promote_types(dtype, torch.float32))
-    tau = target_logit(c_target, p)[2]
-    phi = differentiable_target_logit(c_target, p)  # phi' as the spec has it, to every order
+    # MagFace's margins carry autograd history through the norms: phi differentiates through them
+    margins = row_margins(p, row_norms(x) if p.row_margins is not None else None, c_target.detach(), valid,
+                          training, state)  # fmt: skip
+    m2, m3 = (m if isinstance(m, torch.Tensor) else None for m in (margins.m2, margins.m3))
+    tau = target_logit(c_target, p, m2, m3).tau
+    phi = differentiable_target_logit(c_target, p, m2, m3)  # phi' as the spec has it, to every order
 
     if p.uses_t and training:
         update_t_(t, c_target, valid, p.momentum)
@@ -62,8 +77,12 @@ def margin_cross_entropy(
         else:
             reweighted = cos * (t.to(dtype) + cos)  # t is a buffer: not differentiated
         neg = torch.where(hard, reweighted, cos)
+    if p.filter_threshold != math.inf:  # inter-class filtering: the logit 0, no gradient (the target is set below)
+        neg = torch.where(cos.detach() > p.filter_threshold, 0.0, neg)
     logits = p.s * neg.scatter(1, safe_labels, phi.to(neg.dtype).unsqueeze(1))  # bf16 under autocast
     row_loss = torch.logsumexp(logits, dim=1).to(phi.dtype) - p.s * phi
+    if margins.extra is not None:
+        row_loss = row_loss + margins.extra
     row_loss = torch.where(valid, row_loss, 0)
 
     loss = reduce_row_losses(row_loss.to(acc_dtype(dtype)), valid, p.reduction)

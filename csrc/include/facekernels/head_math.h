@@ -22,6 +22,8 @@ struct NegativeMath {
   double s;     // logit scale
   double mv_t;  // MV-Softmax's fixed t
   Negatives negatives;
+  double bound;   // every cosine is clamped to [-bound, bound] (1; AdaFace 1 - eps)
+  double filter;  // inter-class filtering: a negative with c > filter gets the logit 0 (infinity: off)
 };
 
 template <typename T>
@@ -31,27 +33,48 @@ struct NegativeLogit {
 };
 
 // N(c) of a non-target cosine c, given the row's threshold tau and CurricularFace's t.
+//   filtered:   N = 0,              N' = 0              c > filter (insightface's inter-class filtering: the
+//                                                       logit 0, still in the row's sum; only on plain heads)
 //   plain:      N = c                                   (no mask: every negative is "easy")
 //   MV:         N = (t + 1) c + t,  N' = t + 1          for hard negatives c > tau (MV-Softmax, fixed t)
 //   Curricular: N = c (t + c),      N' = t + 2c         (t is a buffer, not differentiated)
-// The hard mask c > tau is a constant for differentiation (spec).
+// The masks c > filter and c > tau are constants for differentiation (spec).
 template <typename T>
 FK_HOST_DEVICE NegativeLogit<T> negative_logit(T c, T tau, T t, const NegativeMath& p) {
+  if (c > T(p.filter)) return {T(0), T(0)};
   if (p.negatives == Negatives::kPlain || !(c > tau)) return {c, T(1)};
   if (p.negatives == Negatives::kMV) return {(T(p.mv_t) + T(1)) * c + T(p.mv_t), T(p.mv_t) + T(1)};
   return {c * (t + c), t + T(2) * c};
 }
 
-// c = clamp(raw, -1, 1); d c / d raw = 1 strictly inside (-1, 1), 0 elsewhere (spec: dc/dx_hat).
-// Comparisons, not fmin / fmax, so that a NaN cosine stays NaN (like torch.clamp) instead of becoming +-1.
+// c = clamp(raw, -b, b); d c / d raw = 1 strictly inside (-b, b), 0 elsewhere (spec: dc/dx_hat; b = 1, or
+// AdaFace's 1 - eps). Comparisons, not fmin / fmax, so that a NaN cosine stays NaN (like torch.clamp) instead
+// of becoming +-b.
 template <typename T>
-FK_HOST_DEVICE T clamp_unit(T raw) {
-  return raw < T(-1) ? T(-1) : (raw > T(1) ? T(1) : raw);
+FK_HOST_DEVICE T clamp_cosine(T raw, T b) {
+  return raw < -b ? -b : (raw > b ? b : raw);
 }
 
 template <typename T>
-FK_HOST_DEVICE bool inside_unit(T raw) {
-  return raw > T(-1) && raw < T(1);
+FK_HOST_DEVICE bool inside_bound(T raw, T b) {
+  return raw > -b && raw < b;
+}
+
+// A class's raw cosine with k sub-centers (Sub-center ArcFace): the max over its k consecutive values, and
+// which one (the first maximum: it alone gets the gradient); a NaN wins, so that NaN in gives NaN out.
+template <typename T>
+struct SubcenterMax {
+  T raw;
+  int64_t index;
+};
+
+template <typename T>
+FK_HOST_DEVICE SubcenterMax<T> subcenter_max(const T* raw, int64_t k) {
+  SubcenterMax<T> best{raw[0], 0};
+  for (int64_t i = 1; i < k; ++i) {
+    if (raw[i] > best.raw || (raw[i] != raw[i] && best.raw == best.raw)) best = {raw[i], i};
+  }
+  return best;
 }
 
 // max(a, b) that returns NaN when either is NaN. std::max(m, NaN) is m, so a running max over logits

@@ -68,16 +68,18 @@ class TileConfig:
     num_stages: int  # cp.async / TMA pipeline depth of the K loop
 
 
-def tile_config(batch: int, dtype: torch.dtype) -> TileConfig:
+def tile_config(batch: int, dtype: torch.dtype, subcenters: int = 1) -> TileConfig:
     """The forward tl.dot kernel's tiles, the widest that compile for sm_90 without register spills (checked by
     tests/test_gpu_static.py on every launch the heads make): wgmma needs >= 64 rows per warpgroup, so 128 rows
     with 8 warps (64 with 4 for B <= 64; the same 64 accumulators per thread); 128 classes (64 for float32,
-    whose three TF32 products hold more live values); 3 stages of (rows + classes) x K operands, K = 64
-    (32 for float32): 96 KB of shared memory or less, of the 227 KB an H100 block may use."""
+    whose three TF32 products hold more live values, and for sub-centers, whose running max is a second tile
+    beside the accumulator: 128 spills); 3 stages of (rows + classes) x K operands, K = 64 (32 for float32):
+    96 KB of shared memory or less, of the 227 KB an H100 block may use."""
     rows = 128 if batch > 64 else 64
+    warps = 8 if rows == 128 else 4
     if dtype == torch.float32:
-        return TileConfig(rows, 64, 32, 8 if rows == 128 else 4, 3)
-    return TileConfig(rows, 128, 64, 8 if rows == 128 else 4, 3)
+        return TileConfig(rows, 64, 32, warps, 3)
+    return TileConfig(rows, 128 if subcenters == 1 else 64, 64, warps, 3)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -123,14 +125,17 @@ def inv_norms(rows: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int, mv_t: float):
-    """(log-sum-exp, max) (B,) float32 of the logits over w's classes; -inf when w has no class. The classes up to a
-    multiple of 2 x BLOCK_C go to the paired kernel, the ragged tail to an unpaired launch (forward.py)."""
+def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int, mv_t: float, cos_bound: float,
+               filter_threshold: float, subcenters: int):  # fmt: skip
+    """(log-sum-exp, max) (B,) float32 of the logits over w's classes (``subcenters`` rows of w each); -inf when w
+    has no class. Without sub-centers the classes up to a multiple of 2 x BLOCK_C go to the paired kernel, the
+    ragged tail to an unpaired launch (forward.py)."""
     x, w = _aligned_rows(x), _aligned_rows(w)
-    (batch, features), classes = x.shape, w.shape[0]
-    cfg = tile_config(batch, x.dtype)
+    (batch, features), k = x.shape, subcenters
+    classes = w.shape[0] // k
+    cfg = tile_config(batch, x.dtype, k)
     row_blocks = triton.cdiv(batch, cfg.block_b)
-    paired_end = classes // (2 * cfg.block_c) * 2 * cfg.block_c
+    paired_end = classes // (2 * cfg.block_c) * 2 * cfg.block_c if k == 1 else 0
     empty = torch.full((batch, 1), -math.inf, device=x.device)
     partials = [(empty, empty)]
     for c0, c1, paired in ((0, paired_end, True), (paired_end, classes, False)):
@@ -146,10 +151,11 @@ def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int
         splits = triton.cdiv(c1 - c0, per_split)
         part_max = _empty((batch, splits), torch.float32, x.device)
         part_sum = _empty((batch, splits), torch.float32, x.device)
-        _launch(_lse_partial_kernel, (row_blocks, splits), x, w[c0:c1], inv_x, inv_w[c0:c1], target - c0, phi, tau,
-                t, part_max, part_sum, batch, c1 - c0, features, x.stride(0), w.stride(0), per_split, splits, s,
-                mv_t, NEGATIVES=negatives, BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, BLOCK_K=cfg.block_k,
-                PAIRED=paired, DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps,
+        _launch(_lse_partial_kernel, (row_blocks, splits), x, w[c0 * k : c1 * k], inv_x, inv_w[c0 * k : c1 * k],
+                target - c0, phi, tau, t, part_max, part_sum, batch, c1 - c0, features, x.stride(0), w.stride(0),
+                per_split, splits, s, mv_t, cos_bound, filter_threshold, NEGATIVES=negatives,
+                FILTER=filter_threshold != math.inf, SUBCENTERS=k, BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c,
+                BLOCK_K=cfg.block_k, PAIRED=paired, DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages)  # fmt: skip
         partials.append((part_max + torch.log(part_sum), part_max))
     lse_parts, max_parts = (torch.cat(parts, dim=1) for parts in zip(*partials))
@@ -161,24 +167,31 @@ def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int
 GRAD_BLOCK_B, GRAD_BLOCK_C, GRAD_WARPS = 32, 128, 4
 
 
-def grad_logits(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, s: float, negatives: int, mv_t: float):
-    """(D (B, n) in the GEMM dtype, k = -inv_w^2 P (n,) float32) of one class chunk w (n, d):
+def _padded_columns(rows: int, subcenters: int) -> int:
+    """Columns of a chunk's dots / D / P buffers for ``rows`` rows of w: whole epilogue tiles of classes, so that
+    every chunk (the ragged last one of an odd C included) has 16-byte aligned rows and unmasked stores."""
+    return triton.cdiv(max(rows // subcenters, 1), GRAD_BLOCK_C) * GRAD_BLOCK_C * subcenters
+
+
+def grad_logits(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, s: float, negatives: int, mv_t: float,
+                cos_bound: float, filter_threshold: float, subcenters: int):  # fmt: skip
+    """(D (B, n k) in the GEMM dtype, k = -inv_w^2 P (n k,) float32) of one class chunk w (n k, d):
     kernels/triton/backward.py."""
-    batch, classes = x.shape[0], w.shape[0]
+    batch, columns = x.shape[0], w.shape[0]
     row_blocks = triton.cdiv(batch, GRAD_BLOCK_B)
-    # rows padded to a multiple of the tile's classes, so that every chunk (the ragged last one of an odd C
-    # included) has 16-byte aligned rows and unmasked column stores
-    padded = triton.cdiv(max(classes, 1), GRAD_BLOCK_C) * GRAD_BLOCK_C
-    dots = _empty((batch, padded), torch.float32, x.device)[:, :classes]
-    if batch and classes:
+    padded = _padded_columns(columns, subcenters)
+    dots = _empty((batch, padded), torch.float32, x.device)[:, :columns]
+    if batch and columns:
         _mm_float32(x, w.t(), out=dots)  # the one recompute of the chunk's cosines (before normalisation)
-    d = _empty((batch, padded), _gemm_dtype(x.dtype), x.device)[:, :classes]
-    proj = _empty((row_blocks, padded), torch.float32, x.device)[:, :classes]
-    if batch and classes:
+    d = _empty((batch, padded), _gemm_dtype(x.dtype), x.device)[:, :columns]
+    proj = _empty((row_blocks, padded), torch.float32, x.device)[:, :columns]
+    if batch and columns:
+        classes = columns // subcenters
         _launch(_grad_logits_kernel, (row_blocks, triton.cdiv(classes, GRAD_BLOCK_C)), dots, inv_x, inv_w, target,
                 phi, dphi, tau, t, lse, g, d, proj, batch, classes, dots.stride(0), d.stride(0), proj.stride(0),
-                s, mv_t, NEGATIVES=negatives, BLOCK_B=GRAD_BLOCK_B, BLOCK_C=GRAD_BLOCK_C,
-                num_warps=GRAD_WARPS)  # fmt: skip
+                s, mv_t, cos_bound, filter_threshold, NEGATIVES=negatives,
+                FILTER=filter_threshold != math.inf, SUBCENTERS=subcenters, BLOCK_B=GRAD_BLOCK_B,
+                BLOCK_C=GRAD_BLOCK_C, num_warps=GRAD_WARPS)  # fmt: skip
     return d, proj.sum(dim=0)
 
 
@@ -221,12 +234,14 @@ def _(rows):
 @torch.library.custom_op("facekernels::triton_margin_lse", mutates_args=())
 def _margin_lse_op(x: torch.Tensor, w: torch.Tensor, inv_x: torch.Tensor, inv_w: torch.Tensor, target: torch.Tensor,
                    phi: torch.Tensor, tau: torch.Tensor, t: torch.Tensor | None, s: float, negatives: int,
-                   mv_t: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    return margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t)
+                   mv_t: float, cos_bound: float, filter_threshold: float,
+                   subcenters: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t, cos_bound, filter_threshold,
+                      subcenters)  # fmt: skip
 
 
 @_margin_lse_op.register_fake
-def _(x, w, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t):
+def _(x, w, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t, cos_bound, filter_threshold, subcenters):
     row = x.new_empty(x.shape[0], dtype=torch.float32)
     return row, row.clone()
 
@@ -234,16 +249,19 @@ def _(x, w, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t):
 @torch.library.custom_op("facekernels::triton_grad_logits", mutates_args=())
 def _grad_logits_op(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, inv_x: torch.Tensor, inv_w: torch.Tensor,
                     target: torch.Tensor, phi: torch.Tensor, dphi: torch.Tensor, tau: torch.Tensor,
-                    t: torch.Tensor | None, lse: torch.Tensor, s: float, negatives: int,
-                    mv_t: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    return grad_logits(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, s, negatives, mv_t)
+                    t: torch.Tensor | None, lse: torch.Tensor, s: float, negatives: int, mv_t: float,
+                    cos_bound: float, filter_threshold: float,
+                    subcenters: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return grad_logits(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, s, negatives, mv_t, cos_bound,
+                       filter_threshold, subcenters)  # fmt: skip
 
 
 @_grad_logits_op.register_fake
-def _(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, s, negatives, mv_t):
-    (batch, classes), padded = (x.shape[0], w.shape[0]), -(-max(w.shape[0], 1) // GRAD_BLOCK_C) * GRAD_BLOCK_C
-    d = x.new_empty_strided((batch, classes), (padded, 1), dtype=_gemm_dtype(x.dtype))
-    return d, w.new_empty(classes, dtype=torch.float32)
+def _(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, s, negatives, mv_t, cos_bound, filter_threshold,
+      subcenters):  # fmt: skip
+    batch, columns = x.shape[0], w.shape[0]
+    d = x.new_empty_strided((batch, columns), (_padded_columns(columns, subcenters), 1), dtype=_gemm_dtype(x.dtype))
+    return d, w.new_empty(columns, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------ interface
@@ -280,12 +298,15 @@ class TritonKernels:
         return _inv_norms_op(rows)
 
     def lse(self, x, w, inv_x, inv_w, target, phi, tau, t, params: HeadParams):
-        return _margin_lse_op(x, w, inv_x, inv_w, target, phi, tau, t, params.s, int(params.negatives), params.mv_t)
+        p = params
+        return _margin_lse_op(x, w, inv_x, inv_w, target, phi, tau, t, p.s, int(p.negatives), p.mv_t, p.cos_bound,
+                              p.filter_threshold, p.subcenters)  # fmt: skip
 
     def backward_chunk(self, g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, params: HeadParams,
                        need_dx: bool, need_dw: bool, dw_out: torch.Tensor | None):  # fmt: skip
-        d, correction = _grad_logits_op(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, params.s,
-                                  int(params.negatives), params.mv_t)  # fmt: skip
+        p = params
+        d, correction = _grad_logits_op(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, p.s, int(p.negatives),
+                                        p.mv_t, p.cos_bound, p.filter_threshold, p.subcenters)  # fmt: skip
         x_g, w_g = x.to(d.dtype), w.to(d.dtype)  # no copy unless float16 inputs (module docstring)
         a = _mm_float32(d, w_g) if need_dx else None
         dw = None

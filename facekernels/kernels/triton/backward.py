@@ -23,15 +23,20 @@ import triton
 import triton.language as tl
 
 from .forward import logit_tile
+from .head_math import subcenter_max
 
 
 @triton.jit
 def _grad_logits_kernel(dots_ptr, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, dphi_ptr, tau_ptr, t_ptr, lse_ptr,
                         g_ptr, d_ptr, proj_ptr,
-                        B, C, stride_dots, stride_d, stride_p, s, mv_t,
-                        NEGATIVES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+                        B, C, stride_dots, stride_d, stride_p, s, mv_t, bound, filter_threshold,
+                        NEGATIVES: tl.constexpr, FILTER: tl.constexpr, SUBCENTERS: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (row block, class tile): its tile of D (in d_ptr's dtype) and of k's row-block partials. The rows
-    of D and P are padded to a multiple of BLOCK_C columns, so stores need no column mask (padding gets 0)."""
+    of D and P are padded to a multiple of BLOCK_C classes, so stores need no column mask (padding gets 0).
+
+    SUBCENTERS > 1: the columns of dots, D and P are the classes' sub-centers (class j: j k .. j k + k - 1); a
+    class's raw cosine is their max, and its dc goes to the first maximum (D and P 0 for the others)."""
     row_block = tl.program_id(0)
     rows = row_block.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -44,16 +49,35 @@ def _grad_logits_kernel(dots_ptr, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, dph
     tau = tl.load(tau_ptr + rows, mask=row_mask, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
-    inv_w = tl.load(inv_w_ptr + cols, mask=col_mask, other=0.0)
     t = 0.0
     if NEGATIVES == 2:
         t = tl.load(t_ptr)
     mask = row_mask[:, None] & col_mask[None, :]
-    dots = tl.load(dots_ptr + rows[:, None] * stride_dots + cols[None, :], mask=mask, other=0.0)
-    raw = dots * inv_x[:, None] * inv_w[None, :]
-    z, dz_draw, is_target = logit_tile(raw, cols, target, phi, dphi, tau, t, mv_t, s, NEGATIVES)
+    if SUBCENTERS == 1:
+        inv_w = tl.load(inv_w_ptr + cols, mask=col_mask, other=0.0)
+        dots = tl.load(dots_ptr + rows[:, None] * stride_dots + cols[None, :], mask=mask, other=0.0)
+        raw = dots * inv_x[:, None] * inv_w[None, :]
+    else:
+        raw = tl.full((BLOCK_B, BLOCK_C), float("-inf"), tl.float32)
+        index = tl.zeros((BLOCK_B, BLOCK_C), tl.int32)
+        for i in tl.static_range(SUBCENTERS):
+            sub = cols.to(tl.int64) * SUBCENTERS + i
+            inv_w = tl.load(inv_w_ptr + sub, mask=col_mask, other=0.0)
+            dots = tl.load(dots_ptr + rows[:, None] * stride_dots + sub[None, :], mask=mask, other=0.0)
+            raw, index = subcenter_max(raw, index, dots * inv_x[:, None] * inv_w[None, :], i)
+    z, dz_draw, is_target = logit_tile(raw, cols, target, phi, dphi, tau, t, mv_t, s, bound, filter_threshold,
+                                      NEGATIVES, FILTER)
     p = tl.exp(z - lse[:, None])
     dc = tl.where(mask, g[:, None] * (p - is_target.to(tl.float32)) * dz_draw, 0.0)
-    tl.store(proj_ptr + row_block.to(tl.int64) * stride_p + cols, -inv_w * inv_w * tl.sum(dc * raw, axis=0))
-    out = (dc * inv_x[:, None] * inv_w[None, :]).to(d_ptr.dtype.element_ty)
-    tl.store(d_ptr + rows[:, None] * stride_d + cols[None, :], out, mask=row_mask[:, None])
+    if SUBCENTERS == 1:
+        tl.store(proj_ptr + row_block.to(tl.int64) * stride_p + cols, -inv_w * inv_w * tl.sum(dc * raw, axis=0))
+        out = (dc * inv_x[:, None] * inv_w[None, :]).to(d_ptr.dtype.element_ty)
+        tl.store(d_ptr + rows[:, None] * stride_d + cols[None, :], out, mask=row_mask[:, None])
+    else:
+        for i in tl.static_range(SUBCENTERS):
+            sub = cols.to(tl.int64) * SUBCENTERS + i
+            inv_w = tl.load(inv_w_ptr + sub, mask=col_mask, other=0.0)
+            dc_i = tl.where(index == i, dc, 0.0)
+            tl.store(proj_ptr + row_block.to(tl.int64) * stride_p + sub, -inv_w * inv_w * tl.sum(dc_i * raw, axis=0))
+            out = (dc_i * inv_x[:, None] * inv_w[None, :]).to(d_ptr.dtype.element_ty)
+            tl.store(d_ptr + rows[:, None] * stride_d + sub[None, :], out, mask=row_mask[:, None])

@@ -18,7 +18,7 @@ classes); the target compare runs in int32 (C < 2^31).
 import triton
 import triton.language as tl
 
-from .head_math import clamp_cosine, negative_logit
+from .head_math import clamp_cosine, negative_logit, subcenter_max
 
 
 @triton.jit
@@ -39,24 +39,26 @@ def _inv_norm_kernel(X, out_ptr, n_rows, D, stride_x, BLOCK_R: tl.constexpr, BLO
 
 
 @triton.jit
-def logit_tile(raw, cols, target, phi, dphi, tau, t, mv_t, s, NEGATIVES: tl.constexpr):
+def logit_tile(raw, cols, target, phi, dphi, tau, t, mv_t, s, bound, filter_threshold, NEGATIVES: tl.constexpr,
+               FILTER: tl.constexpr):
     """Logits z = s * (phi on the target column, N(c) elsewhere) of a raw cosine tile, and dz/d(raw):
     s * phi' on the target column (phi' already holds the clamp's derivative there, _rowmath), s * N'(c)
-    times the clamp's derivative (1 strictly inside (-1, 1), else 0) elsewhere. The hard-negative mask
-    c > tau is a constant (spec). cols and target are int32."""
-    c = clamp_cosine(raw)
+    times the clamp's derivative (1 strictly inside (-bound, bound), else 0) elsewhere. The hard-negative and
+    filter masks are constants (spec). cols and target are int32."""
+    c = clamp_cosine(raw, bound)
     is_target = cols[None, :] == target[:, None]
-    n, dn = negative_logit(c, c > tau[:, None], t, mv_t, NEGATIVES)
+    n, dn = negative_logit(c, c > tau[:, None], t, mv_t, filter_threshold, NEGATIVES, FILTER)
     z = s * tl.where(is_target, phi[:, None], n)
-    inside = (raw > -1.0) & (raw < 1.0)
+    inside = (raw > -bound) & (raw < bound)
     dz_draw = s * tl.where(is_target, dphi[:, None], tl.where(inside, dn, 0.0))
     return z, dz_draw, is_target
 
 
 @triton.jit
-def _online_lse(raw, cols, col_mask, target, phi, tau, t, mv_t, s, run_max, run_sum, NEGATIVES: tl.constexpr):
+def _online_lse(raw, cols, col_mask, target, phi, tau, t, mv_t, s, bound, filter_threshold, run_max, run_sum,
+                NEGATIVES: tl.constexpr, FILTER: tl.constexpr):
     """Fold one tile of raw cosines into the rows' running (max, sum exp(z - max))."""
-    z, _, _ = logit_tile(raw, cols, target, phi, phi, tau, t, mv_t, s, NEGATIVES)
+    z, _, _ = logit_tile(raw, cols, target, phi, phi, tau, t, mv_t, s, bound, filter_threshold, NEGATIVES, FILTER)
     z = tl.where(col_mask[None, :], z, float("-inf"))
     tile_max = tl.max(z, axis=1)
     # tl.maximum drops NaN: a NaN logit must make the row's max (and so its lse) NaN
@@ -66,11 +68,26 @@ def _online_lse(raw, cols, col_mask, target, phi, tau, t, mv_t, s, run_max, run_
 
 
 @triton.jit
+def _dot_tile(X, W, rows, row_mask, w_rows, w_mask, D, stride_x, stride_w, BLOCK_B: tl.constexpr,
+              BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """x[rows] . w[w_rows] over d: one (BLOCK_B, BLOCK_C) float32 tile of raw dot products."""
+    acc = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < D
+        x = tl.load(X + rows[:, None] * stride_x + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(W + w_rows[:, None] * stride_w + k[None, :], mask=w_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _lse_partial_kernel(X, W, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, tau_ptr, t_ptr,
                         part_max_ptr, part_sum_ptr,
-                        B, C, D, stride_x, stride_w, classes_per_split, n_splits, s, mv_t,
-                        NEGATIVES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                        BLOCK_K: tl.constexpr, PAIRED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                        B, C, D, stride_x, stride_w, classes_per_split, n_splits, s, mv_t, bound, filter_threshold,
+                        NEGATIVES: tl.constexpr, FILTER: tl.constexpr, SUBCENTERS: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PAIRED: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
     """Program (row block, class split): online (max, sum exp(z - max)) of its rows over its classes.
 
     PAIRED: each step of the class loop takes two BLOCK_C tiles in one pass over d, the x tile of a K step
@@ -79,6 +96,9 @@ def _lse_partial_kernel(X, W, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, tau_ptr
     epilogue would not fit the registers). The host launches it on a multiple of 2 x BLOCK_C classes and the
     ragged tail unpaired (paired, a C not divisible by 16 spills registers). Axis 0 (row blocks) varies fastest
     in launch order, so the programs that read the same W tiles run together and share them through L2.
+
+    SUBCENTERS > 1 (unpaired): class j has the rows j k .. j k + k - 1 of W; its raw cosine is their max, one
+    tl.dot tile per sub-center folded into a running max.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     split = tl.program_id(1).to(tl.int64)
@@ -97,30 +117,45 @@ def _lse_partial_kernel(X, W, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, tau_ptr
     for c0 in range(c_begin, c_end, (2 if PAIRED else 1) * BLOCK_C):
         cols_a = c0 + tl.arange(0, BLOCK_C)
         mask_a = cols_a < c_end
-        acc_a = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
         if PAIRED:
             cols_b = cols_a + BLOCK_C
             mask_b = cols_b < c_end
+            acc_a = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
             acc_b = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = k < D
-            x = tl.load(X + rows[:, None] * stride_x + k[None, :], mask=row_mask[:, None] & k_mask[None, :],
-                        other=0.0)
-            w_a = tl.load(W + cols_a.to(tl.int64)[:, None] * stride_w + k[None, :],
-                          mask=mask_a[:, None] & k_mask[None, :], other=0.0)
-            acc_a = tl.dot(x, tl.trans(w_a), acc_a, input_precision=DOT_PRECISION)
-            if PAIRED:
+            for k0 in range(0, D, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = k < D
+                x = tl.load(X + rows[:, None] * stride_x + k[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                            other=0.0)
+                w_a = tl.load(W + cols_a.to(tl.int64)[:, None] * stride_w + k[None, :],
+                              mask=mask_a[:, None] & k_mask[None, :], other=0.0)
+                acc_a = tl.dot(x, tl.trans(w_a), acc_a, input_precision=DOT_PRECISION)
                 w_b = tl.load(W + cols_b.to(tl.int64)[:, None] * stride_w + k[None, :],
                               mask=mask_b[:, None] & k_mask[None, :], other=0.0)
                 acc_b = tl.dot(x, tl.trans(w_b), acc_b, input_precision=DOT_PRECISION)
-        inv_w_a = tl.load(inv_w_ptr + cols_a, mask=mask_a, other=0.0)
-        run_max, run_sum = _online_lse(acc_a * inv_x[:, None] * inv_w_a[None, :], cols_a, mask_a, target, phi, tau,
-                                       t, mv_t, s, run_max, run_sum, NEGATIVES)
+            inv_w_a = tl.load(inv_w_ptr + cols_a, mask=mask_a, other=0.0)
+            raw_a = acc_a * inv_x[:, None] * inv_w_a[None, :]
+        elif SUBCENTERS == 1:
+            acc_a = _dot_tile(X, W, rows, row_mask, cols_a.to(tl.int64), mask_a, D, stride_x, stride_w, BLOCK_B,
+                              BLOCK_C, BLOCK_K, DOT_PRECISION)
+            inv_w_a = tl.load(inv_w_ptr + cols_a, mask=mask_a, other=0.0)
+            raw_a = acc_a * inv_x[:, None] * inv_w_a[None, :]
+        else:
+            raw_a = tl.full((BLOCK_B, BLOCK_C), float("-inf"), tl.float32)
+            index = tl.zeros((BLOCK_B, BLOCK_C), tl.int32)  # unused here (the backward's), folded away
+            for i in tl.static_range(SUBCENTERS):
+                w_rows = cols_a.to(tl.int64) * SUBCENTERS + i
+                acc = _dot_tile(X, W, rows, row_mask, w_rows, mask_a, D, stride_x, stride_w, BLOCK_B, BLOCK_C,
+                                BLOCK_K, DOT_PRECISION)
+                inv_w = tl.load(inv_w_ptr + w_rows, mask=mask_a, other=0.0)
+                raw_a, index = subcenter_max(raw_a, index, acc * inv_x[:, None] * inv_w[None, :], i)
+        run_max, run_sum = _online_lse(raw_a, cols_a, mask_a, target, phi, tau, t, mv_t, s, bound, filter_threshold,
+                                       run_max, run_sum, NEGATIVES, FILTER)
         if PAIRED:
             inv_w_b = tl.load(inv_w_ptr + cols_b, mask=mask_b, other=0.0)
             run_max, run_sum = _online_lse(acc_b * inv_x[:, None] * inv_w_b[None, :], cols_b, mask_b, target, phi,
-                                           tau, t, mv_t, s, run_max, run_sum, NEGATIVES)
+                                           tau, t, mv_t, s, bound, filter_threshold, run_max, run_sum, NEGATIVES,
+                                           FILTER)
     out = rows * n_splits + split
     tl.store(part_max_ptr + out, run_max, mask=row_mask)
     tl.store(part_sum_ptr + out, run_sum, mask=row_mask)

@@ -11,19 +11,20 @@ import triton.language as tl
 
 
 @triton.jit
-def clamp_cosine(raw):
-    """clamp(raw, -1, 1) that keeps NaN: tl.maximum / tl.minimum drop NaN operands (fmax semantics), which
-    would turn a NaN embedding into a finite loss instead of a NaN one."""
-    return tl.where(raw != raw, raw, tl.minimum(tl.maximum(raw, -1.0), 1.0))
+def clamp_cosine(raw, bound):
+    """clamp(raw, -bound, bound) (bound 1, or AdaFace's 1 - eps) that keeps NaN: tl.maximum / tl.minimum drop
+    NaN operands (fmax semantics), which would turn a NaN embedding into a finite loss instead of a NaN one."""
+    return tl.where(raw != raw, raw, tl.minimum(tl.maximum(raw, -bound), bound))
 
 
 @triton.jit
-def negative_logit(c, hard, t, mv_t, NEGATIVES: tl.constexpr):
+def negative_logit(c, hard, t, mv_t, filter_threshold, NEGATIVES: tl.constexpr, FILTER: tl.constexpr):
     """(N(c), N'(c)) for non-target cosines c; hard = c > tau (a constant for differentiation).
 
     NEGATIVES 0 (plain): N(c) = c. 1 (MV-Softmax, fixed t): hard ones (t + 1) c + t, N' = t + 1.
     2 (CurricularFace, running t, not differentiated): hard ones c (t + c), N' = t + 2 c.
-    Easy negatives keep N(c) = c, N' = 1.
+    Easy negatives keep N(c) = c, N' = 1. FILTER (insightface's inter-class filtering, plain heads): a negative
+    with c > filter_threshold gets N = 0, N' = 0 (the logit 0, still counted in the row's sum).
     """
     if NEGATIVES == 0:
         n = c
@@ -34,4 +35,16 @@ def negative_logit(c, hard, t, mv_t, NEGATIVES: tl.constexpr):
     else:
         n = tl.where(hard, c * (t + c), c)
         dn = tl.where(hard, t + 2.0 * c, 1.0)
+    if FILTER:
+        filtered = c > filter_threshold
+        n = tl.where(filtered, 0.0, n)
+        dn = tl.where(filtered, 0.0, dn)
     return n, dn
+
+
+@triton.jit
+def subcenter_max(best, index, raw, i):
+    """Fold sub-center i's raw cosines into the running (max, index of the first maximum); a NaN wins (NaN in,
+    NaN out)."""
+    better = (raw > best) | ((raw != raw) & (best == best))
+    return tl.where(better, raw, best), tl.where(better, i, index)
