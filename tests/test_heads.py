@@ -223,6 +223,28 @@ def test_more_heads_in_eval_mode(backend, case, small_tiles):
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_more_heads_nan_in_nan_out(backend, small_tiles):
+    # a NaN embedding row: that row's loss is NaN, AdaFace's statistics keep their values (the batch's mean norm is
+    # NaN: the step is skipped, as AMP skips it); a NaN in one sub-center of class 0: every row's loss is NaN
+    dev = _device(backend) if backend != "reference" else "cpu"
+    x, w, y = (a.to(dev) for a in _more_inputs("adaface", 9, 150, 7, torch.float32))
+    x[2, 1] = float("nan")
+    for case in ("adaface", "magface", "elastic_arc"):
+        head, kw = MORE_CASES[case]
+        state = _more_state(case, dev)
+        loss = fkf._margin_cross_entropy(x, w, y, fk.head_params(head, reduction="none", **kw), None, True, backend,
+                                         state=state)  # fmt: skip
+        assert torch.isnan(loss[2]) and torch.isfinite(loss[torch.arange(9, device=dev) != 2]).all(), (case, loss)
+        if case == "adaface":
+            assert (state.batch_mean.item(), state.batch_std.item()) == (6.0, 3.0)
+    x, w, y = (a.to(dev) for a in _more_inputs("subcenter", 9, 150, 7, torch.float32))
+    w[0, 3] = float("nan")
+    loss = fkf._margin_cross_entropy(x, w, y, fk.head_params("subcenter_arcface", reduction="none"), None, True,
+                                     backend)  # fmt: skip
+    assert torch.isnan(loss).all(), loss
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["adaface", "magface", "subcenter", "filter_arc"])
 @pytest.mark.parametrize("shape", [(1, 1, 5), (0, 13, 4), (70, 200, 33), (33, 130, 130)])
@@ -499,6 +521,16 @@ def test_no_batch_by_classes_tensor(backend, small_tiles):
         with _RecordSizes() as rec:
             ref_loss(xa, wa, y, _params(case), _t0(case, dev)).backward()
         assert any(s == (13, 397) for _, s in rec.shapes)
+    # the more heads: sub-centers (k rows of w per class), per-row margins, filtering
+    for case in MORE_CASES:
+        x, w, y = (a.to(dev) for a in _more_inputs(case, 13, 397, 7, torch.float32))
+        head, kw = MORE_CASES[case]
+        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with _RecordSizes() as rec:
+            fkf._margin_cross_entropy(xa, wa, y, fk.head_params(head, **kw), None, True, backend,
+                                      state=_more_state(case, dev)).backward()  # fmt: skip
+        big = [(f, s) for f, s in rec.shapes if len(s) == 2 and s[0] * s[1] >= 13 * 397 and 13 in s]
+        assert not big, (case, big)
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -533,6 +565,34 @@ def test_bad_inputs_same_errors_as_reference(backend):
     with pytest.raises(ValueError, match="t must be a 0-dim float32"):
         fkf.margin_cross_entropy(x, w, torch.tensor([0, 1, 2, 3], device=dev), "curricular",
                                  t=torch.zeros(1, device=dev), backend=backend)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("module", ["adaface", "magface", "elastic", "subcenter", "filter"])
+def test_more_heads_torch_compile_fullgraph(backend, module, small_tiles):
+    dev = _device(backend)
+    make = {
+        "adaface": lambda: fk.AdaFace(16, 150, h=0.9, t_alpha=0.5, backend=backend),
+        "magface": lambda: fk.MagFace(16, 150, l_a=3.0, u_a=10.0, backend=backend),
+        "elastic": lambda: fk.ElasticCosFace(16, 150, std=0.1, plus=True, backend=backend),
+        "subcenter": lambda: fk.SubCenterArcFace(16, 150, k=2, backend=backend),
+        "filter": lambda: fk.CosFace(16, 150, s=4.0, interclass_filtering_threshold=0.2, backend=backend),
+    }[module]
+    head, eager = make().to(dev), make().to(dev)
+    eager.load_state_dict(head.state_dict())
+    x, _, y = (a.to(dev) for a in _more_inputs("adaface", 7, 150, 16, torch.float32))
+    torch._dynamo.reset()  # each head class recompiles forward: stay below Dynamo's recompile limit
+    compiled = torch.compile(head, fullgraph=True, backend="aot_eager" if dev == "cpu" else "inductor")
+    torch.manual_seed(3)  # ElasticFace draws from the default generator
+    got = compiled(x, y)
+    got.backward()
+    torch.manual_seed(3)
+    want = eager(x, y)
+    want.backward()
+    kit.assert_close(got, want, rtol=1e-5, atol=1e-6, what="loss")
+    kit.assert_close(head.weight.grad, eager.weight.grad, rtol=1e-4, atol=1e-6, what="d weight")
+    for a, b in zip(head.buffers(), eager.buffers(), strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

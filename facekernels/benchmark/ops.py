@@ -28,6 +28,7 @@ from .. import functional as fkf
 from .._backends import BackendUnavailableError
 from .._extension import ExtensionUnavailableError
 from .._params import TripletParams
+from .._rowmath import MarginState
 from ..heads import head_params
 from ..reference import heads as ref_heads
 from ..reference import triplet as ref_triplet
@@ -149,7 +150,12 @@ class HeadsOp:
 
     def input_bytes(self, shape: HeadShape) -> int:
         e = DTYPES[shape.dtype].itemsize
-        return (shape.batch + shape.classes) * shape.features * e
+        return (shape.batch + self._rows(shape)) * shape.features * e
+
+    @staticmethod
+    def _rows(shape: HeadShape) -> int:
+        """Rows of the weight: C, or C k with sub-centers."""
+        return shape.classes * head_params(shape.head).subcenters
 
     def estimate_bytes(self, provider: str, shape: HeadShape, mode: str) -> int:
         """Bytes a step needs beyond its inputs, with margin: used only to refuse runs that would exhaust a
@@ -158,7 +164,7 @@ class HeadsOp:
         gradients (4 x W); the fused heads need the weight's gradient (1 x W) and O(B chunk) buffers (a
         margin of 1 GiB)."""
         e = DTYPES[shape.dtype].itemsize
-        bc, cd = shape.batch * shape.classes, shape.classes * shape.features
+        bc, cd = shape.batch * self._rows(shape), self._rows(shape) * shape.features
         if provider in ("cpu", "triton"):
             return cd * e + 2**30 + self.input_bytes(shape)
         per_bc = {"eager": 12, "compile": 6, "gemm": 3}.get(provider, 0)
@@ -179,12 +185,16 @@ class HeadsOp:
     def setup(self, provider: str, shape: HeadShape, mode: str, device: torch.device, copies: int = 1):
         dtype = DTYPES[shape.dtype]
         b, d, c = shape.batch, shape.features, shape.classes
+        params = head_params(shape.head)
         xs = [torch.randn(b, d, device=device, dtype=dtype, requires_grad=True) for _ in range(copies)]
         # in place: at tens of millions of classes a temporary copy of W would halve the largest C that fits
-        ws = [torch.randn(c, d, device=device, dtype=dtype).mul_(0.01).requires_grad_() for _ in range(copies)]
+        ws = [torch.randn(self._rows(shape), d, device=device, dtype=dtype).mul_(0.01).requires_grad_()
+              for _ in range(copies)]  # fmt: skip
         ys = [torch.randint(0, c, (b,), device=device) for _ in range(copies)]
-        uses_t = shape.head == "curricular"
-        ts = [torch.zeros((), device=device) if uses_t else None for _ in range(copies)]
+        ts = [torch.zeros((), device=device) if params.uses_t else None for _ in range(copies)]
+        # AdaFace's statistics (the module's initial values); ElasticFace draws from the default generator
+        states = [MarginState(torch.full((), 20.0, device=device), torch.full((), 100.0, device=device))
+                  if shape.head == "adaface" else None for _ in range(copies)]  # fmt: skip
         grads = [[x, w] for x, w in zip(xs, ws)]
 
         if provider == "gemm":
@@ -193,15 +203,14 @@ class HeadsOp:
             backend = "reference" if provider == "eager" else provider
 
             def loss_fn(i):
-                return fkf.margin_cross_entropy(xs[i], ws[i], ys[i], shape.head, t=ts[i], backend=backend)
+                return fkf._margin_cross_entropy(xs[i], ws[i], ys[i], params, ts[i], True, backend, state=states[i])
 
             return _make_step(loss_fn, grads, mode, copies)
         if provider == "compile":
-            params = head_params(shape.head)
             compiled = _compile(ref_heads.margin_cross_entropy, mode)
 
             def loss_fn(i):
-                return compiled(xs[i], ws[i], ys[i], params, ts[i], True)
+                return compiled(xs[i], ws[i], ys[i], params, ts[i], True, False, states[i])
 
             return _warm(_make_step(loss_fn, grads, mode, copies))
         raise ValueError(f"unknown heads provider {provider!r}; choose from {self.providers}")
