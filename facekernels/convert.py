@@ -13,9 +13,18 @@ transpose, (d, C), one column per class:
   ``batch_std`` (1,) and an unused ``t``: :func:`from_adaface`, :func:`to_adaface`;
 - pytorch-metric-learning (ArcFaceLoss, CosFaceLoss, ...): ``W`` (d, C):
   :func:`from_pytorch_metric_learning`, :func:`to_pytorch_metric_learning`;
+- MagFace (models/magface.py MagLinear, the single-process trainer.py): ``weight`` (d, C): :func:`from_magface`,
+  :func:`to_magface`. Its model-parallel trainer_dist.py (ParallelMagLinear) stores ``weight`` (C, d), gathered
+  over the ranks: our layout, no conversion;
+- ElasticFace (utils/losses.py: ElasticArcFace, ElasticCosFace, ArcFace, CosFace): ``kernel`` (d, C):
+  :func:`from_elasticface`, :func:`to_elasticface`;
 - insightface arcface_torch's PartialFC_V2: ``weight`` (num_local, d) per rank, with the class split of the
   class-sharded heads here (``process_group=``): it loads as it is, no conversion (on one process,
-  num_local = C).
+  num_local = C);
+- insightface's Sub-center ArcFace (MXNet, recognition/subcenter_arcface): ``fc7`` (C k, d), row j k + i the
+  sub-center i of class j: the layout of ``SubCenterArcFace.weight``, no conversion. Its params file splits it
+  over the GPUs as ``fc7_0_weight``, ``fc7_1_weight``, ... (ceil(C / GPUs) k rows each, the last padded):
+  concatenate them in order and keep the first C k rows.
 
 Every function takes a state dict and a ``prefix`` (``"head."`` for a whole-model checkpoint whose head
 lives under ``head``) and returns a new dict: the head's keys under ``prefix`` converted, every other key
@@ -33,9 +42,12 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-# the key of the extra state (Partial FC's sampling generator) that every head here saves; no other trainer
-# has it, so writing out drops it
-_EXTRA_STATE = "_extra_state"
+# the extra state that our heads save, a generator's state (every head: Partial FC's sampling generator; the
+# ElasticFace heads also their margin generator); no other trainer has it, so writing out drops it
+_EXTRA_STATES = ("_extra_state", "margin_generator._extra_state")
+
+# our heads' running statistics, by the head that has them: a layout without that head cannot take them
+_BUFFERS = {"t": "CurricularFace", "batch_mean": "AdaFace", "batch_std": "AdaFace"}
 
 
 def _tensor(state_dict: Mapping, key: str) -> torch.Tensor:
@@ -99,6 +111,18 @@ def _keep(state_dict: Mapping, key: str):
     return state_dict[key]
 
 
+def _out_rules(rules: dict) -> dict:
+    """``rules`` for writing ours out, plus dropping our extra state."""
+    return {**rules, **{key: (None, _keep) for key in _EXTRA_STATES}}
+
+
+def _reject_buffers(state_dict: Mapping, prefix: str, trainer: str, keep: tuple = ()) -> None:
+    """Raise if the state dict holds a running statistic (other than ``keep``) of a head ``trainer`` lacks."""
+    for key, head in _BUFFERS.items():
+        if key not in keep and prefix + key in state_dict:
+            raise ValueError(f"{trainer} has no {head} head (this state dict has a {key!r} buffer)")
+
+
 def from_curricularface(state_dict: Mapping, prefix: str = "") -> dict:
     """Read the official CurricularFace repository's head (and TFace's localfc heads, same layout).
 
@@ -124,7 +148,9 @@ def to_curricularface(state_dict: Mapping, prefix: str = "") -> dict:
     Returns:
         A new dict with ``kernel`` (d, C) and ``t`` of shape (1,) (without our ``_extra_state``).
     """
-    rules = {"weight": ("kernel", _transposed), "t": ("t", _running_stat_out), _EXTRA_STATE: (None, _keep)}
+    _check_state_dict(state_dict, prefix)
+    _reject_buffers(state_dict, prefix, "the CurricularFace layout", keep=("t",))
+    rules = _out_rules({"weight": ("kernel", _transposed), "t": ("t", _running_stat_out)})
     return _convert(state_dict, prefix, rules, "facekernels layout", "weight")
 
 
@@ -157,7 +183,8 @@ def to_facexzoo(state_dict: Mapping, prefix: str = "") -> dict:
     _check_state_dict(state_dict, prefix)
     if prefix + "t" in state_dict:
         return to_curricularface(state_dict, prefix)
-    rules = {"weight": ("weight", _transposed), _EXTRA_STATE: (None, _keep)}
+    _reject_buffers(state_dict, prefix, "FaceX-Zoo")
+    rules = _out_rules({"weight": ("weight", _transposed)})
     return _convert(state_dict, prefix, rules, "facekernels layout", "weight")
 
 
@@ -195,14 +222,12 @@ def to_adaface(state_dict: Mapping, prefix: str = "") -> dict:
         shape (1,) and the zero ``t`` (1,) that their AdaFace head registers.
     """
     _check_state_dict(state_dict, prefix)
-    if prefix + "t" in state_dict:
-        raise ValueError("the AdaFace repository has no CurricularFace head (this state dict has a 't' buffer)")
-    rules = {
+    _reject_buffers(state_dict, prefix, "the AdaFace repository", keep=("batch_mean", "batch_std"))
+    rules = _out_rules({
         "weight": ("kernel", _transposed),
         "batch_mean": ("batch_mean", _running_stat_out),
         "batch_std": ("batch_std", _running_stat_out),
-        _EXTRA_STATE: (None, _keep),
-    }
+    })  # fmt: skip
     out = _convert(state_dict, prefix, rules, "facekernels layout", "weight")
     if prefix + "batch_mean" in state_dict:
         out[prefix + "t"] = torch.zeros(1)
@@ -230,10 +255,68 @@ def to_pytorch_metric_learning(state_dict: Mapping, prefix: str = "") -> dict:
         prefix: where the head's keys start; keys elsewhere pass through unchanged.
     """
     _check_state_dict(state_dict, prefix)
-    if prefix + "t" in state_dict:
-        raise ValueError("pytorch-metric-learning has no CurricularFace loss (this state dict has a 't' buffer)")
-    rules = {"weight": ("W", _transposed), _EXTRA_STATE: (None, _keep)}
-    return _convert(state_dict, prefix, rules, "facekernels layout", "weight")
+    _reject_buffers(state_dict, prefix, "pytorch-metric-learning")
+    return _convert(state_dict, prefix, _out_rules({"weight": ("W", _transposed)}), "facekernels layout", "weight")
+
+
+def from_magface(state_dict: Mapping, prefix: str = "") -> dict:
+    """Read MagFace's MagLinear (models/magface.py, trained by run/trainer.py).
+
+    Args:
+        state_dict: their state dict: ``weight`` (d, C). trainer.py's checkpoints hold the model under
+            ``"state_dict"`` (a DataParallel: the head's keys under ``"module.fc."``).
+        prefix: where the head's keys start; keys elsewhere pass through unchanged.
+
+    Returns:
+        A new dict with ``weight`` (C, d), for ``fk.MagFace``. (trainer_dist.py's ``parallel_fc.weight`` is (C, d)
+        already: load it as it is.)
+    """
+    return _convert(state_dict, prefix, {"weight": ("weight", _transposed)}, "MagFace layout", "weight")
+
+
+def to_magface(state_dict: Mapping, prefix: str = "") -> dict:
+    """Write a facekernels head (``fk.MagFace``) out as MagFace's MagLinear: ``weight`` (d, C).
+
+    Args:
+        state_dict: ours: ``weight`` (C, d).
+        prefix: where the head's keys start; keys elsewhere pass through unchanged.
+    """
+    _check_state_dict(state_dict, prefix)
+    _reject_buffers(state_dict, prefix, "the MagFace repository")
+    return _convert(state_dict, prefix, _out_rules({"weight": ("weight", _transposed)}), "facekernels layout",
+                    "weight")  # fmt: skip
+
+
+def from_elasticface(state_dict: Mapping, prefix: str = "") -> dict:
+    """Read an ElasticFace repository head (ElasticArcFace, ElasticCosFace, ArcFace or CosFace of its
+    utils/losses.py).
+
+    Args:
+        state_dict: their state dict: ``kernel`` (d, C) (train.py saves it alone, as ``<step>header.pth``).
+        prefix: where the head's keys start; keys elsewhere pass through unchanged.
+
+    Returns:
+        A new dict with ``weight`` (C, d), for ``fk.ElasticArcFace`` / ``fk.ElasticCosFace`` (or ``fk.ArcFace``
+        / ``fk.CosFace`` for their ArcFace / CosFace heads).
+    """
+    return _convert(state_dict, prefix, {"kernel": ("weight", _transposed)}, "ElasticFace layout", "kernel")
+
+
+def to_elasticface(state_dict: Mapping, prefix: str = "") -> dict:
+    """Write a facekernels head out in the ElasticFace repository's layout: ``kernel`` (d, C).
+
+    Args:
+        state_dict: ours: ``weight`` (C, d).
+        prefix: where the head's keys start; keys elsewhere pass through unchanged.
+
+    Returns:
+        A new dict with ``kernel`` (d, C) (without our extra state: an ElasticFace head's margin generator
+        state is not written; their heads draw from the default generator).
+    """
+    _check_state_dict(state_dict, prefix)
+    _reject_buffers(state_dict, prefix, "the ElasticFace repository")
+    return _convert(state_dict, prefix, _out_rules({"weight": ("kernel", _transposed)}), "facekernels layout",
+                    "weight")  # fmt: skip
 
 
 def param_indices(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> list[int]:

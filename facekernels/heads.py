@@ -97,9 +97,7 @@ class _MarginHead(nn.Module):
     # of state_dict() stays a tensor (safetensors, EMA helpers).
     def get_extra_state(self) -> torch.Tensor:
         """The sampling generator's state (a uint8 tensor; empty without a generator), for state_dict()."""
-        if self.sample_generator is None:
-            return torch.empty(0, dtype=torch.uint8)
-        return self.sample_generator.get_state()
+        return _generator_state(self.sample_generator)
 
     def set_extra_state(self, state) -> None:
         """Restore the sampling generator from ``state`` (get_extra_state's tensor; empty: leave it as it is).
@@ -107,23 +105,13 @@ class _MarginHead(nn.Module):
         Args:
             state: a 1-D uint8 tensor.
         """
-        if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
-            raise ValueError("_extra_state must be a 1-D uint8 tensor (a sampling generator's state)")
-        if state.numel() == 0:
-            return  # saved without a generator: keep this head's own
-        if self.sample_generator is None:
-            self.sample_generator = torch.Generator()
-        self.sample_generator.set_state(state.cpu())
+        self.sample_generator = _restored_generator(self.sample_generator, state, "_extra_state")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # fmt: skip
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)  # fmt: skip
-        # state dicts without the extra state (another trainer's layout, insightface's Partial FC shards, older
-        # checkpoints) still load with strict=True: nothing to restore, the generator stays as it is
-        key = prefix + "_extra_state"
-        if key not in state_dict and key in missing_keys:
-            missing_keys.remove(key)
+        _allow_missing_extra_state(state_dict, prefix, missing_keys)
 
     def _t(self):
         return None
@@ -569,7 +557,7 @@ class _GeneratorState(nn.Module):
 
     def get_extra_state(self) -> torch.Tensor:
         """The generator's state (empty without a generator)."""
-        return torch.empty(0, dtype=torch.uint8) if self.generator is None else self.generator.get_state()
+        return _generator_state(self.generator)
 
     def set_extra_state(self, state) -> None:
         """Restore the generator from ``state`` (get_extra_state's tensor; empty: leave it as it is).
@@ -577,10 +565,40 @@ class _GeneratorState(nn.Module):
         Args:
             state: a 1-D uint8 tensor.
         """
-        if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
-            raise ValueError("margin_generator._extra_state must be a 1-D uint8 tensor (a generator's state)")
-        if state.numel() and self.generator is not None:
-            self.generator.set_state(state.cpu())
+        self.generator = _restored_generator(self.generator, state, "margin_generator._extra_state")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # fmt: skip
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)  # fmt: skip
+        _allow_missing_extra_state(state_dict, prefix, missing_keys)
+
+
+def _generator_state(generator: torch.Generator | None) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8) if generator is None else generator.get_state()
+
+
+def _restored_generator(generator: torch.Generator | None, state, key: str) -> torch.Generator | None:
+    """``generator`` (a new CPU one when None) holding ``state``; unchanged when ``state`` is empty."""
+    if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
+        raise ValueError(f"{key} must be a 1-D uint8 tensor (a generator's state)")
+    if state.numel() == 0:
+        return generator  # saved without a generator: keep this head's own
+    generator = generator if generator is not None else torch.Generator()
+    try:
+        generator.set_state(state.cpu())
+    except RuntimeError as err:
+        raise ValueError(f"{key} does not fit a {generator.device.type} generator ({err}); build the head with a "
+                         "generator on the saved generator's device to restore it") from err  # fmt: skip
+    return generator
+
+
+def _allow_missing_extra_state(state_dict, prefix: str, missing_keys: list) -> None:
+    # state dicts without the extra state (another trainer's layout, insightface's Partial FC shards, older
+    # checkpoints) still load with strict=True: nothing to restore, the generator stays as it is
+    key = prefix + "_extra_state"
+    if key not in state_dict and key in missing_keys:
+        missing_keys.remove(key)
 
 
 class _ElasticHead(_MarginHead):

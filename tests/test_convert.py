@@ -2,8 +2,11 @@
 
 For each trainer's layout: round trips, a checkpoint saved in that layout (head and optimizer state after two
 steps of the trainer's own head, re-implemented in tests/peers.py) that loads and continues with the same
-third step, and the errors. Then the generator: sample_classes directly, a module state_dict round trip, and
-a Partial FC head resumed bit for bit (one gloo process).
+third step, and the errors. The heads of heads-more (AdaFace, MagFace, ElasticFace, Sub-center ArcFace): our
+module -> their layout (what their head's load_state_dict takes) -> ours, and a module loaded from their layout
+giving the official code's numbers (heads-more's worked examples) and the functional form's on the transposed
+weight. Then the generator: sample_classes directly, a module state_dict round trip, and a Partial FC head
+resumed bit for bit (one gloo process).
 """
 
 import io
@@ -83,9 +86,15 @@ def test_our_heads_load_each_layout_strictly():
     assert set(back) == {"kernel", "t", "batch_mean", "batch_std"} and back["batch_mean"].shape == (1,)
     # AdaFace's ArcFace / CosFace heads have the kernel only
     arc.load_state_dict(convert.from_adaface({"kernel": kernel}))
-    # writing ours out drops our extra state (no other trainer has it)
+    # writing ours out drops our extra state (no other trainer has it), an ElasticFace head's margin generator too
     assert set(convert.to_curricularface(cur.state_dict())) == {"kernel", "t"}
     assert set(convert.to_pytorch_metric_learning(arc.state_dict())) == {"W"}
+    elastic = fk.ElasticArcFace(D, C, generator=torch.Generator().manual_seed(0)).state_dict()
+    assert elastic["margin_generator._extra_state"].numel() > 0
+    for to, key in [(convert.to_curricularface, "kernel"), (convert.to_facexzoo, "weight"),
+                    (convert.to_adaface, "kernel"), (convert.to_pytorch_metric_learning, "W"),
+                    (convert.to_magface, "weight"), (convert.to_elasticface, "kernel")]:  # fmt: skip
+        assert set(to(elastic)) == {key}, to.__name__
 
 
 def test_insightface_partial_fc_shards_load_unchanged():
@@ -108,6 +117,130 @@ def test_insightface_partial_fc_shards_load_unchanged():
     assert torch.equal(opt.state[head.weight]["momentum_buffer"], momentum)
 
 
+# ------------------------------------------------------------- AdaFace, MagFace, ElasticFace, Sub-center ArcFace
+
+# their head's parameters and buffers (name: shape) for C classes, d = D
+THEIRS = {
+    "adaface": dict(kernel=(D, C), t=(1,), batch_mean=(1,), batch_std=(1,)),  # head.py AdaFace
+    "magface": dict(weight=(D, C)),  # models/magface.py MagLinear
+    "elasticface": dict(kernel=(D, C)),  # utils/losses.py ElasticArcFace / ElasticCosFace
+}
+NEW_LAYOUTS = {  # our head (and the functional form's name), their layout, from_, to_
+    "adaface": (fk.AdaFace, "adaface", convert.from_adaface, convert.to_adaface),
+    "magface": (fk.MagFace, "magface", convert.from_magface, convert.to_magface),
+    "elastic_arcface": (fk.ElasticArcFace, "elasticface", convert.from_elasticface, convert.to_elasticface),
+    "elastic_cosface": (fk.ElasticCosFace, "elasticface", convert.from_elasticface, convert.to_elasticface),
+}
+
+
+def _their_head(layout):
+    """A module with their head's state names and shapes: its strict load_state_dict takes what theirs takes."""
+    module = torch.nn.Module()
+    for name, shape in THEIRS[layout].items():
+        module.register_buffer(name, torch.zeros(shape))
+    return module
+
+
+@pytest.mark.parametrize("name", list(NEW_LAYOUTS))
+def test_new_heads_round_trip_through_their_layout(name):
+    cls, layout, frm, to = NEW_LAYOUTS[name]
+    head = cls(D, C)
+    if layout == "elasticface":  # a margin generator, whose state their layout has no place for
+        head.margin_generator.generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for value in head.buffers():  # AdaFace's statistics away from their initial values
+            value.mul_(0.75)
+    ours = {"backbone.w": torch.randn(3), **{"head." + k: v for k, v in head.state_dict().items()}}
+    theirs = to(ours, prefix="head.")
+    assert theirs["backbone.w"] is ours["backbone.w"]
+    _their_head(layout).load_state_dict({k[5:]: v for k, v in theirs.items() if k.startswith("head.")})
+    key = next(iter(THEIRS[layout]))
+    assert torch.equal(theirs["head." + key], head.weight.detach().T)
+
+    back = frm(theirs, prefix="head.")
+    assert back["backbone.w"] is ours["backbone.w"]
+    other = cls(D, C)
+    other.load_state_dict({k[5:]: v for k, v in back.items() if k.startswith("head.")})
+    for k, v in other.state_dict().items():
+        if not k.endswith("_extra_state"):
+            assert torch.equal(v, head.state_dict()[k]) and v.dtype == head.state_dict()[k].dtype, k
+
+
+@pytest.mark.parametrize("cls", [fk.ElasticArcFace, fk.ElasticCosFace])
+def test_elastic_heads_load_theirs_strictly(cls):
+    # their checkpoint has no generator state: as for every other head, it must load with strict=True
+    cls(D, C).load_state_dict(convert.from_elasticface({"kernel": torch.randn(D, C)}))
+
+
+# heads-more's worked examples (W rows = classes, x, y shared by the sections): the official code's losses, from
+# a module loaded from their layout of W (not square: a missing transpose cannot load)
+W_EX = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, -1.0]], dtype=torch.float64)
+X_EX = torch.tensor([[2.0, 1.0], [0.6, 0.8]], dtype=torch.float64)
+X_MAG = torch.tensor([[20.0, 10.0], [30.0, 40.0]], dtype=torch.float64)  # §2e: the same cosines, norms 22.4 and 50
+Y_EX = torch.tensor([0, 2])
+W_SUB = torch.tensor([[1, 0], [0, -1], [-1, 0], [0, 2], [1, 1], [-2, 1], [-1, -1], [1, -2], [0.5, 0.5]],
+                     dtype=torch.float64)  # fmt: skip
+
+
+def _adaface_ex():
+    return {"kernel": W_EX.T, "t": torch.zeros(1), "batch_mean": torch.tensor([20.0]),
+            "batch_std": torch.tensor([100.0])}  # fmt: skip
+
+
+WORKED = [  # (head, their state dict converted to ours, x, official loss, rtol)
+    # §1e; our float32 statistics against their float64 run: 1 ulp of the buffers, within 1e-8
+    (lambda: fk.AdaFace(2, 3, t_alpha=1.0), lambda: convert.from_adaface(_adaface_ex()), X_EX, 67.8600276196, 1e-8),
+    (lambda: fk.AdaFace(2, 3, t_alpha=0.01), lambda: convert.from_adaface(_adaface_ex()), X_EX, 69.3833459442, 1e-8),
+    # §2e
+    (lambda: fk.MagFace(2, 3), lambda: convert.from_magface({"weight": W_EX.T}), X_MAG, 58.5157940548, 1e-10),
+    (lambda: fk.MagFace(2, 3, kind="cos", l_m=0.35, lambda_g=150.0),
+     lambda: convert.from_magface({"weight": W_EX.T}), X_MAG, 79.5747502786, 1e-10),
+    # §3e: torch.manual_seed(0) before the forward; the official code has no fallback
+    (lambda: fk.ElasticArcFace(2, 3, fallback="none"), lambda: convert.from_elasticface({"kernel": W_EX.T}), X_EX,
+     55.7431158407, 1e-10),
+    (lambda: fk.ElasticCosFace(2, 3, plus=True), lambda: convert.from_elasticface({"kernel": W_EX.T}), X_EX,
+     70.9443674054, 1e-10),
+    # §4e: MXNet's fc7 (C k, d) is our layout, loaded as it is (their digits carry MXNet's 1e-10 inside the norm's
+    # sqrt: 1.0e-9 relative)
+    (lambda: fk.SubCenterArcFace(2, 3, fallback="none"), lambda: {"weight": W_SUB}, X_EX, 18.4951620659, 2e-9),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("i", range(len(WORKED)))
+def test_their_checkpoint_gives_the_official_numbers(i):
+    make_head, state_dict, x, want, rtol = WORKED[i]
+    head = make_head().double()
+    head.load_state_dict(state_dict())
+    torch.manual_seed(0)
+    assert head(x, Y_EX).item() == pytest.approx(want, rel=rtol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(NEW_LAYOUTS))
+def test_a_module_from_their_layout_equals_the_functional_form(name, backend):
+    # a square kernel (d = C): loading it untransposed would not fail, only give other numbers
+    cls, layout, frm, _ = NEW_LAYOUTS[name]
+    g = torch.Generator().manual_seed(2)
+    kernel = torch.randn(D, D, generator=g, dtype=torch.float64)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64) * 30  # norms inside MagFace's [l_a, u_a]
+    y = torch.randint(0, D, (B,), generator=g)
+    theirs, state = {next(iter(THEIRS[layout])): kernel}, {}
+    if layout == "adaface":
+        theirs.update(t=torch.zeros(1), batch_mean=torch.tensor([18.5]), batch_std=torch.tensor([4.0]))
+        state = dict(batch_mean=torch.tensor(18.5), batch_std=torch.tensor(4.0))
+    module = cls(D, D, backend=backend).double()
+    if layout == "elasticface":  # the same draws for both
+        module.margin_generator.generator = torch.Generator().manual_seed(5)
+        state = dict(generator=torch.Generator().manual_seed(5))
+    module.load_state_dict(frm(theirs))
+    got = module(x, y)
+    want = fk.functional.margin_cross_entropy(x, kernel.T, y, name, backend="reference", **state)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    if layout == "adaface":  # the statistics read from their (1,) buffers, then updated alike
+        assert (module.batch_mean.item(), module.batch_std.item()) == (state["batch_mean"].item(),
+                                                                        state["batch_std"].item())  # fmt: skip
+
+
 BAD = [
     (lambda: convert.from_curricularface({"weight": torch.zeros(D, C)}), KeyError, "no 'kernel'"),
     (lambda: convert.from_curricularface({"head.kernel": torch.zeros(D, C)}, prefix="x."), KeyError, "'x.kernel'"),
@@ -119,6 +252,23 @@ BAD = [
     (lambda: convert.to_adaface({"weight": torch.zeros(C, D), "t": torch.zeros(())}), ValueError, "CurricularFace"),
     (lambda: convert.to_pytorch_metric_learning({"weight": torch.zeros(C, D), "t": torch.zeros(())}), ValueError,
      "CurricularFace"),  # fmt: skip
+    (lambda: convert.to_curricularface({"weight": torch.zeros(C, D), "batch_mean": torch.zeros(())}), ValueError,
+     "CurricularFace layout has no AdaFace head"),  # fmt: skip
+    (lambda: convert.to_facexzoo({"weight": torch.zeros(C, D), "batch_std": torch.zeros(())}), ValueError, "AdaFace"),
+    (lambda: convert.to_pytorch_metric_learning({"weight": torch.zeros(C, D), "batch_mean": torch.zeros(())}),
+     ValueError, "AdaFace"),  # fmt: skip
+    (lambda: convert.from_adaface({"kernel": torch.zeros(D, C), "batch_mean": torch.zeros(2)}), ValueError,
+     r"\['batch_mean'\] must hold one number"),  # fmt: skip
+    (lambda: convert.from_magface({"kernel": torch.zeros(D, C)}), KeyError, "MagFace layout: no 'weight'"),
+    (lambda: convert.from_magface({"weight": torch.zeros(D)}), ValueError, r"\['weight'\] must be 2-D"),
+    (lambda: convert.to_magface({"weight": torch.zeros(C, D), "batch_mean": torch.zeros(())}), ValueError,
+     "MagFace repository has no AdaFace head"),  # fmt: skip
+    (lambda: convert.to_magface({"W": torch.zeros(C, D)}), KeyError, "facekernels layout: no 'weight'"),
+    (lambda: convert.from_elasticface({"weight": torch.zeros(D, C)}), KeyError, "ElasticFace layout: no 'kernel'"),
+    (lambda: convert.from_elasticface({"kernel": torch.zeros(D, C)}, prefix="head."), KeyError, "'head.kernel'"),
+    (lambda: convert.to_elasticface({"weight": torch.zeros(C, D), "t": torch.zeros(())}), ValueError,
+     "ElasticFace repository has no CurricularFace head"),  # fmt: skip
+    (lambda: convert.to_elasticface({"weight": [[0.0]]}), TypeError, r"\['weight'\] must be a tensor"),
     (lambda: convert.param_indices(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1),
                                    [torch.nn.Parameter(torch.zeros(3))]),
      ValueError, "not in the optimizer"),  # fmt: skip

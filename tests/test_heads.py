@@ -647,6 +647,36 @@ def test_triton_low_precision_error_ratio(dtype, case):
         kit.assert_error_ratio(got[i], low[i], want[i], what=name)
 
 
+def _more_low_precision_case(backend, dtype, case, shape):
+    """(kernel, eager-in-dtype, float64) losses and gradients of a MORE_CASES head on the same rounded inputs."""
+    dev = _device(backend)
+    x, w, y = (a.to(dev) for a in _more_inputs(case, *shape, dtype=dtype, ignore_frac=0.2))
+    head, kw = MORE_CASES[case]
+    params = fk.head_params(head, reduction="none", **kw)
+    g = torch.rand(x.shape[0], dtype=torch.float64, device=dev)
+    return [_loss_and_grads(b, xx, ww, y, params, None, g=g, state=_more_state(case, dev))
+            for b, xx, ww in [(backend, x, w), ("reference", x, w), ("reference", x.double(), w.double())]]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["adaface", "magface", "elastic_arc_plus", "subcenter", "filter_arc"])
+def test_cpu_more_heads_low_precision_error_ratio(dtype, case, small_tiles):
+    if not _extension.is_available():
+        pytest.skip("needs facekernels._C")
+    got, low, want = _more_low_precision_case("cpu", dtype, case, (21, 45, 24))
+    for name, i in (("loss", 0), ("dx", 1), ("dw", 2)):
+        kit.assert_error_ratio(got[i], low[i], want[i], k=2, what=f"{case} {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["adaface", "magface", "elastic_arc_plus", "subcenter", "filter_arc"])
+def test_triton_more_heads_low_precision_error_ratio(dtype, case):
+    got, low, want = _more_low_precision_case("triton", dtype, case, (257, 3001, 130))
+    for name, i in (("loss", 0), ("dx", 1), ("dw", 2)):
+        kit.assert_error_ratio(got[i], low[i], want[i], what=f"{case} {name}")
+
+
 @pytest.mark.gpu
 def test_triton_float16_keeps_gradients_below_float16s_range():
     # upstream gradients ~1e-5 and C = 20k: p * g ~ 5e-10 per negative, far below float16's smallest

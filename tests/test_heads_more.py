@@ -774,3 +774,14 @@ def test_adaface_requires_its_buffers():
     x, w, y = rows(21)
     with pytest.raises((ValueError, TypeError), match="batch_mean"):
         fkf.margin_cross_entropy(x, w, y, "adaface", backend="reference")
+
+
+def test_elastic_generator_state_resumes_into_a_head_built_without_one():
+    # the saved generator state travels in state_dict(); a head built with generator=None gets a CPU generator
+    # holding it, so the resumed run draws the same margins (the same loss) as the saving one
+    saving = fk.ElasticArcFace(11, 29, std=0.2, generator=torch.Generator().manual_seed(3), backend="reference")
+    x, _, y = rows(31)
+    saving(x.float(), y)  # one step: the generator has moved on from its seed
+    resumed = fk.ElasticArcFace(11, 29, std=0.2, backend="reference")
+    resumed.load_state_dict(saving.state_dict())
+    assert torch.equal(resumed(x.float(), y), saving(x.float(), y))

@@ -163,14 +163,21 @@ def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int
 
 
 # The backward epilogue's tile: elementwise (no tl.dot), 32 x 128 values over 4 warps (32 a thread; 64 spill),
-# 16-byte accesses.
+# 16-byte accesses. With sub-centers, 64 classes (the running max's index is a second tile: 128 spill 8 to 16
+# bytes on triton 3.6.0).
 GRAD_BLOCK_B, GRAD_BLOCK_C, GRAD_WARPS = 32, 128, 4
+GRAD_BLOCK_C_SUBCENTERS = 64
+
+
+def _grad_block_c(subcenters: int) -> int:
+    return GRAD_BLOCK_C if subcenters == 1 else GRAD_BLOCK_C_SUBCENTERS
 
 
 def _padded_columns(rows: int, subcenters: int) -> int:
     """Columns of a chunk's dots / D / P buffers for ``rows`` rows of w: whole epilogue tiles of classes, so that
     every chunk (the ragged last one of an odd C included) has 16-byte aligned rows and unmasked stores."""
-    return triton.cdiv(max(rows // subcenters, 1), GRAD_BLOCK_C) * GRAD_BLOCK_C * subcenters
+    block_c = _grad_block_c(subcenters)
+    return triton.cdiv(max(rows // subcenters, 1), block_c) * block_c * subcenters
 
 
 def grad_logits(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, s: float, negatives: int, mv_t: float,
@@ -187,11 +194,12 @@ def grad_logits(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, s: float,
     proj = _empty((row_blocks, padded), torch.float32, x.device)[:, :columns]
     if batch and columns:
         classes = columns // subcenters
-        _launch(_grad_logits_kernel, (row_blocks, triton.cdiv(classes, GRAD_BLOCK_C)), dots, inv_x, inv_w, target,
+        block_c = _grad_block_c(subcenters)
+        _launch(_grad_logits_kernel, (row_blocks, triton.cdiv(classes, block_c)), dots, inv_x, inv_w, target,
                 phi, dphi, tau, t, lse, g, d, proj, batch, classes, dots.stride(0), d.stride(0), proj.stride(0),
                 s, mv_t, cos_bound, filter_threshold, NEGATIVES=negatives,
                 FILTER=filter_threshold != math.inf, SUBCENTERS=subcenters, BLOCK_B=GRAD_BLOCK_B,
-                BLOCK_C=GRAD_BLOCK_C, num_warps=GRAD_WARPS)  # fmt: skip
+                BLOCK_C=block_c, num_warps=GRAD_WARPS)  # fmt: skip
     return d, proj.sum(dim=0)
 
 
