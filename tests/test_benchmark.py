@@ -324,8 +324,10 @@ def test_gpu_suite_plan():
     assert list(cases)[:2] == [("heads", "triton"), ("triplet", "cuda")]
     assert list(cases)[-2:] == [("heads", "compile"), ("triplet", "compile")]
     heads = cases[("heads", "triton")]
-    classes = [s.classes for s, _ in heads if s.dtype == "bfloat16"]
+    classes = [s.classes for s, _ in heads if s.dtype == "bfloat16" and s.head == "arcface"]
     assert classes[:3] == [10_000, 20_000, 40_000] and 30_000_000 in classes and classes[-1] == 40_960_000
+    more = {(s.head, s.classes, s.dtype) for s, _ in heads if s.head != "arcface"}
+    assert more == {(h, 1_000_000, "bfloat16") for h in ("adaface", "magface", "elastic_arcface", "subcenter_arcface")}
     assert classes == sorted(classes) and {s.dtype for s, _ in heads} == {"bfloat16", "float32"}
     assert all((s.batch, s.features) == (1024, 512) for s, _ in heads)
     triplets = cases[("triplet", "pml")]

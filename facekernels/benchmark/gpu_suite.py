@@ -5,7 +5,8 @@ writes everything into bench/results/<gpu>-<date>/, ready to commit:
     build.log  tests.log  env.txt (nvidia-smi, versions, commit, command)  results.csv  table.md  plot.png
 
 The sweep: heads at B = 1024, d = 512, C = 10k doubling while any provider still fits (a provider that ran
-out of memory at some C is not tried above it), bf16 and fp32; the triplet loss at B = 1k ... 16k with
+out of memory at some C is not tried above it), bf16 and fp32; AdaFace, MagFace, ElasticArcFace and Sub-center
+ArcFace (k = 3) at C = 1M in bf16; the triplet loss at B = 1k ... 16k with
 K = 4 and K = 40. Fused providers and the GEMM floor go first, the baselines after and torch.compile last,
 so that a run cut by the deadline (default: everything within 10 minutes) loses the least useful cases;
 cases left at the deadline are recorded as "skipped(deadline)".
@@ -51,6 +52,8 @@ def plan(device: torch.device, *, max_classes: int, quick: bool = False, provide
         classes = doubling(HEADS_CLASSES_START, max_classes)
         classes = sorted(set(classes + ([GOAL_CLASSES] if GOAL_CLASSES <= max_classes else [])))
         heads = [HeadShape("arcface", 1024, 512, c, dt) for dt in ("bfloat16", "float32") for c in classes]
+        heads += [HeadShape(h, 1024, 512, 1_000_000, "bfloat16")
+                  for h in ("adaface", "magface", "elastic_arcface", "subcenter_arcface")]  # fmt: skip
         triplets = [TripletShape(b, 512, k, "semihard") for k in (4, 40) for b in doubling(1024, 16384)]
     fused_heads = "triton" if device.type == "cuda" else "cpu"
     fused_triplet = "cuda" if device.type == "cuda" else "cpu"
