@@ -224,6 +224,18 @@ def test_more_heads_in_eval_mode(backend, case, small_tiles):
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_subcenter_ties_give_the_gradient_to_the_first(backend, small_tiles):
+    # every class's sub-centers 1 and 2 are copies of its sub-center 0: exact ties, the first maximum (0) takes
+    # the whole gradient (spec: the first, lowest k), the copies get exactly 0
+    dev = _device(backend) if backend != "reference" else "cpu"
+    x, w, y = _more_inputs("subcenter", 11, 140, 9, torch.float32)
+    w = w.view(140, 3, 9)[:, :1].expand(140, 3, 9).reshape(420, 9).contiguous()
+    *_, dw, _ = _loss_and_grads(backend, x.to(dev), w.to(dev), y.to(dev), fk.head_params("subcenter_arcface"), None)
+    dw = dw.view(140, 3, 9)
+    assert torch.all(dw[:, 1:] == 0) and dw[:, 0].abs().amax(dim=1).gt(0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_more_heads_nan_in_nan_out(backend, small_tiles):
     # a NaN embedding row: that row's loss is NaN, AdaFace's statistics keep their values (the batch's mean norm is
     # NaN: the step is skipped, as AMP skips it); a NaN in one sub-center of class 0: every row's loss is NaN
