@@ -194,7 +194,7 @@ class HeadsOp:
         ts = [torch.zeros((), device=device) if params.uses_t else None for _ in range(copies)]
         # AdaFace's statistics (the module's initial values); ElasticFace draws from the default generator
         states = [MarginState(torch.full((), 20.0, device=device), torch.full((), 100.0, device=device))
-                  if shape.head == "adaface" else None for _ in range(copies)]  # fmt: skip
+                  if shape.head == "adaface" else MarginState() for _ in range(copies)]  # fmt: skip
         grads = [[x, w] for x, w in zip(xs, ws)]
 
         if provider == "gemm":
@@ -203,7 +203,9 @@ class HeadsOp:
             backend = "reference" if provider == "eager" else provider
 
             def loss_fn(i):
-                return fkf._margin_cross_entropy(xs[i], ws[i], ys[i], params, ts[i], True, backend, state=states[i])
+                mean, std = states[i].batch_mean, states[i].batch_std
+                return fkf.margin_cross_entropy(xs[i], ws[i], ys[i], shape.head, t=ts[i], batch_mean=mean,
+                                                batch_std=std, backend=backend)  # fmt: skip
 
             return _make_step(loss_fn, grads, mode, copies)
         if provider == "compile":
