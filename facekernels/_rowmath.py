@@ -130,7 +130,12 @@ def target_logit(c: torch.Tensor, p: HeadParams, m2=None, m3=None, differentiabl
     phi, dphi, dm2, dm3 = phi_raw, dphi_raw, dm2_raw, -ones
     if p.fallback not in (Fallback.NONE, Fallback.CLIP):
         if p.fallback in (Fallback.MONOTONIC, Fallback.OFFSET):
-            threshold = _cos(math.pi - m2)  # theta + m2 > pi  <=>  c < cos(pi - m2)
+            # theta + m2 > pi  <=>  c < cos(pi - m2), for m2 > 0; never for m2 <= 0 (an ElasticFace draw may be
+            # negative: the cosine test alone would take rows with theta > pi - |m2|, theta + m2 < pi)
+            if isinstance(m2, torch.Tensor):
+                threshold = torch.where(m2 > 0, torch.cos(math.pi - m2), -math.inf)
+            else:
+                threshold = math.cos(math.pi - m2) if m2 > 0 else -math.inf
         else:  # POSITIVE: c > 0; ABOVE_M3: c > m3
             threshold = m3 if p.fallback == Fallback.ABOVE_M3 else 0.0
         if p.fallback == Fallback.MONOTONIC:  # c - sin(pi - m2) m2
@@ -253,7 +258,10 @@ def elastic_margins(r: ElasticMargins, c: torch.Tensor, valid: torch.Tensor, gen
     """
     device = generator.device if generator is not None else c.device
     draws = torch.normal(r.m, r.std, size=(c.shape[0],), dtype=torch.float32, generator=generator, device=device)
-    draws = draws.to(c.device)
+    if draws.device != c.device:
+        # a CPU generator with CUDA embeddings: a copy from pinned memory does not wait for the GPU's queued work
+        # (one from pageable memory would, every step)
+        draws = draws.pin_memory().to(c.device, non_blocking=True) if c.is_cuda else draws.to(c.device)
     rank = (valid.cumsum(0) - 1).clamp_min(0)  # the row's position among the valid rows
     m = torch.where(valid, draws[rank], math.inf)
     if r.plus is not False:

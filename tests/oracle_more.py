@@ -78,7 +78,9 @@ def arc_target(c, m, fallback="monotonic"):
         offset = 0.0
     else:
         offset = float(fallback)
-    return raw if c > torch.cos(math.pi - m) else c - offset
+    # the fallback replaces cos(theta + m) where theta + m > pi: never for a negative margin (an ElasticFace draw
+    # may be one), where the spec's threshold c <= cos(pi - m) would also take rows with theta + m < pi
+    return raw if m <= 0 or c > torch.cos(math.pi - m) else c - offset
 
 
 # ---------------------------------------------------------------------------------------------------- AdaFace

@@ -785,3 +785,17 @@ def test_elastic_generator_state_resumes_into_a_head_built_without_one():
     resumed = fk.ElasticArcFace(11, 29, std=0.2, backend="reference")
     resumed.load_state_dict(saving.state_dict())
     assert torch.equal(resumed(x.float(), y), saving(x.float(), y))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_negative_elastic_margin_never_takes_the_fallback(backend):
+    # theta = 3.05 with the margin -0.1: theta + m = 2.95 < pi, so phi = cos(2.95), not the fallback (the
+    # cosine test c <= cos(pi - m) alone would take this row: cos(3.05) < cos(pi + 0.1))
+    theta = 3.05
+    x = torch.tensor([[math.cos(theta), math.sin(theta)]], dtype=F64)
+    w = torch.eye(2, dtype=F64)
+    y = torch.tensor([0])
+    got = fkf.margin_cross_entropy(x, w, y, "elastic_arcface", s=1.0, row_margins=torch.tensor([-0.1], dtype=F64),
+                                   backend=backend)  # fmt: skip
+    phi, other = math.cos(theta - 0.1), math.sin(theta)
+    assert got.item() == pytest.approx(math.log(math.exp(phi) + math.exp(other)) - phi, rel=1e-12)

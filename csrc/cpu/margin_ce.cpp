@@ -45,12 +45,14 @@ constexpr int64_t kMinClassTile = 128;
 constexpr int64_t kBlockElements = int64_t(1) << 20;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-int64_t resolve_class_tile(int64_t class_tile, int64_t batch, int64_t num_classes) {
+int64_t resolve_class_tile(int64_t class_tile, int64_t batch, int64_t num_classes, int64_t k) {
   int64_t tile = class_tile;
   if (tile <= 0) {
-    const int64_t per_thread = (num_classes + at::get_num_threads() - 1) / at::get_num_threads();
+    // sized in rows of W (k per class: sub-centers), so that the (B, tile k) blocks keep the same bound
+    const int64_t rows = num_classes * k;
+    const int64_t per_thread = (rows + at::get_num_threads() - 1) / at::get_num_threads();
     const int64_t per_block = kBlockElements / std::max<int64_t>(batch, 1);
-    tile = std::max(kMinClassTile, std::min({kDefaultClassTile, per_thread, per_block}));
+    tile = std::max(kMinClassTile, std::min({kDefaultClassTile, per_thread, per_block})) / k;
   }
   return std::max<int64_t>(1, std::min(tile, num_classes));
 }
@@ -334,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor> margin_lse_cpu(const at::Tensor& embeddings, 
   const auto x = embeddings.contiguous(), w = weight.contiguous();
   const auto ix = inv_x.contiguous(), iw = inv_w.contiguous(), y = target.contiguous(), ph = phi.contiguous(),
              ta = tau.contiguous();
-  const int64_t tile = resolve_class_tile(class_tile, x.size(0), w.size(0) / subcenters);
+  const int64_t tile = resolve_class_tile(class_tile, x.size(0), w.size(0) / subcenters, subcenters);
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "margin_lse_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -362,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor> margin_backward_cpu(
   const auto x = embeddings.contiguous(), w = weight.contiguous();
   const auto ix = inv_x.contiguous(), iw = inv_w.contiguous(), y = target.contiguous(), ph = phi.contiguous(),
              dph = dphi.contiguous(), ta = tau.contiguous();
-  const int64_t tile = resolve_class_tile(class_tile, x.size(0), w.size(0) / subcenters);
+  const int64_t tile = resolve_class_tile(class_tile, x.size(0), w.size(0) / subcenters, subcenters);
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "margin_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -60,7 +60,7 @@ def _grad_logits_kernel(dots_ptr, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, dph
     else:
         raw = tl.full((BLOCK_B, BLOCK_C), float("-inf"), tl.float32)
         index = tl.zeros((BLOCK_B, BLOCK_C), tl.int32)
-        for i in tl.static_range(SUBCENTERS):
+        for i in range(SUBCENTERS):  # a loop, not unrolled: k up to 64
             sub = cols.to(tl.int64) * SUBCENTERS + i
             inv_w = tl.load(inv_w_ptr + sub, mask=col_mask, other=0.0)
             dots = tl.load(dots_ptr + rows[:, None] * stride_dots + sub[None, :], mask=mask, other=0.0)
@@ -74,7 +74,7 @@ def _grad_logits_kernel(dots_ptr, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, dph
         out = (dc * inv_x[:, None] * inv_w[None, :]).to(d_ptr.dtype.element_ty)
         tl.store(d_ptr + rows[:, None] * stride_d + cols[None, :], out, mask=row_mask[:, None])
     else:
-        for i in tl.static_range(SUBCENTERS):
+        for i in range(SUBCENTERS):  # a loop, not unrolled: k up to 64
             sub = cols.to(tl.int64) * SUBCENTERS + i
             inv_w = tl.load(inv_w_ptr + sub, mask=col_mask, other=0.0)
             dc_i = tl.where(index == i, dc, 0.0)

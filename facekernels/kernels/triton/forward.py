@@ -143,7 +143,7 @@ def _lse_partial_kernel(X, W, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, tau_ptr
         else:
             raw_a = tl.full((BLOCK_B, BLOCK_C), float("-inf"), tl.float32)
             index = tl.zeros((BLOCK_B, BLOCK_C), tl.int32)  # unused here (the backward's), folded away
-            for i in tl.static_range(SUBCENTERS):
+            for i in range(SUBCENTERS):  # a loop, not unrolled: k up to 64
                 w_rows = cols_a.to(tl.int64) * SUBCENTERS + i
                 acc = _dot_tile(X, W, rows, row_mask, w_rows, mask_a, D, stride_x, stride_w, BLOCK_B, BLOCK_C,
                                 BLOCK_K, DOT_PRECISION)
