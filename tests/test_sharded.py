@@ -358,28 +358,16 @@ def _check(results, scenarios, world):
             assert error is not None and words in error, (rank, error, words)
 
 
-def test_sharded_heads_two_processes(tmp_path):
-    _check(_spawn(2, SCENARIOS_2, tmp_path), SCENARIOS_2, 2)
-
-
-def test_sharded_heads_four_processes(tmp_path):
-    _check(_spawn(4, SCENARIOS_4, tmp_path), SCENARIOS_4, 4)
-
-
-def test_sharded_triton_heads_two_processes(tmp_path):
-    _check(_spawn(2, SCENARIOS_TRITON, tmp_path), SCENARIOS_TRITON, 2)
-
-
-def test_sharded_more_heads_two_processes(tmp_path):
-    _check(_spawn(2, SCENARIOS_MORE_2, tmp_path), SCENARIOS_MORE_2, 2)
-
-
-def test_sharded_more_heads_four_processes(tmp_path):
-    _check(_spawn(4, SCENARIOS_MORE_4, tmp_path), SCENARIOS_MORE_4, 4)
-
-
-def test_sharded_more_heads_triton_two_processes(tmp_path):
-    _check(_spawn(2, SCENARIOS_MORE_TRITON, tmp_path), SCENARIOS_MORE_TRITON, 2)
+@pytest.mark.parametrize("world, scenarios", [
+    pytest.param(2, SCENARIOS_2, id="heads-2"),
+    pytest.param(4, SCENARIOS_4, id="heads-4"),
+    pytest.param(2, SCENARIOS_TRITON, id="triton-2"),
+    pytest.param(2, SCENARIOS_MORE_2, id="more-heads-2"),
+    pytest.param(4, SCENARIOS_MORE_4, id="more-heads-4"),
+    pytest.param(2, SCENARIOS_MORE_TRITON, id="more-heads-triton-2"),
+])  # fmt: skip
+def test_sharded_heads_match_one_process(world, scenarios, tmp_path):
+    _check(_spawn(world, scenarios, tmp_path), scenarios, world)
 
 
 def test_shard_range_is_insightface_split():
