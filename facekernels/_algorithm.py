@@ -177,7 +177,7 @@ torch.compile cannot trace) instead of returning a silent 0.
                 # a margin and a row term that depend on n = ||x||: d loss_i / d n_i = g_i (s (p_iy - 1) d phi_i / dn
                 # + d term_i / dn), with p_iy = exp(s phi_i - lse_i) the target's softmax probability (the global
                 # one when sharded: identical on every rank); dn / dx = x_hat
-                term, dphi_dn, dterm_dn = norm_rows
+                _, dphi_dn, dterm_dn = norm_rows
                 p_target = torch.exp(p.s * phi - lse)
                 radial = radial - g * (p.s * (p_target - 1) * dphi_dn + dterm_dn)
             dx = torch.where(valid.unsqueeze(1), a - x_hat * radial.unsqueeze(1), 0)
