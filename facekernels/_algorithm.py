@@ -29,6 +29,7 @@ global loss; the weight shard gets the plain gradient of its rows.
 
 from __future__ import annotations
 
+import weakref
 from typing import Protocol
 
 import torch
@@ -84,6 +85,19 @@ def _no_second_derivative(grad: torch.Tensor, anchor: torch.Tensor) -> torch.Ten
     )(tied)
 
 
+def live_group(ref: weakref.ref | None):
+    """The process group behind a weak reference (None for None), or a clear error once it was destroyed.
+    Heads and saved backward contexts hold their group weakly: a strong reference kept past
+    destroy_process_group frees the group later, at interpreter exit, where gloo aborts the process."""
+    if ref is None:
+        return None
+    group = ref()
+    if group is None:
+        raise RuntimeError("the class-sharded head's process group was destroyed (destroy_process_group); "
+                           "a sharded head runs only while its group exists")  # fmt: skip
+    return group
+
+
 def _all_gather(tensor: torch.Tensor, group) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, tensor.contiguous(), group=group)
@@ -126,7 +140,8 @@ torch.compile cannot trace) instead of returning a silent 0.
         x, w, x_all, inv_x, inv_w, target, target_rows, norm_rows, t, valid, params, kernels, group = inputs
         x_all = x if x_all is None else x_all
         ctx.save_for_backward(x_all, w, inv_x, inv_w, target, target_rows, norm_rows, t, valid, output[1])
-        ctx.params, ctx.kernels, ctx.group, ctx.batch_local = params, kernels, group, x.shape[0]
+        ctx.params, ctx.kernels, ctx.batch_local = params, kernels, x.shape[0]
+        ctx.group_ref = None if group is None else weakref.ref(group)  # the graph may outlive the group
         ctx.mark_non_differentiable(output[1], output[2])
 
     @staticmethod
@@ -167,7 +182,7 @@ torch.compile cannot trace) instead of returning a silent 0.
                 dw = part_dw
         dx = None
         if need_dx:
-            group = ctx.group
+            group = live_group(ctx.group_ref)
             if group is not None:
                 dist.all_reduce(a, group=group)  # every shard holds the part through its classes
             # the embeddings' normalisation backward: dx = (d x_hat - x_hat (x_hat . d x_hat)) / ||x||

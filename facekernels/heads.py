@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 
 import torch
 from torch import nn
 
 from . import _validate as V
+from ._algorithm import live_group
 from ._head_params import head_params
 from ._rowmath import MarginState
 from .functional import _margin_cross_entropy
@@ -41,8 +43,10 @@ class _MarginHead(nn.Module):
             self.head, reduction=reduction, ignore_index=ignore_index, margin_grad=margin_grad, **margins
         )
         self.backend = backend
-        # class sharding (facekernels/sharded.py): this rank's classes [class_start, class_start + num_local)
-        self.process_group = process_group
+        # class sharding (facekernels/sharded.py): this rank's classes [class_start, class_start + num_local).
+        # The group is held by a weak reference: a head (or a graph it left) must not keep the group alive
+        # past destroy_process_group, whose gloo backend then aborts the process at exit when it is finally freed
+        self._group_ref = None if process_group is None else weakref.ref(process_group)
         self.sample_rate = float(sample_rate)
         self.class_start, self.num_local = 0, self.num_classes
         self.sample_generator = None
@@ -64,6 +68,11 @@ class _MarginHead(nn.Module):
         # sub-centers: k rows per class, class j's rows j k .. j k + k - 1 (a shard keeps a class's rows together)
         self.weight = nn.Parameter(torch.empty(self.num_local * self.params.subcenters, self.in_features))
         self.reset_parameters()
+
+    @property
+    def process_group(self):
+        """The torch.distributed group the classes are sharded over (None: one device). Fixed at construction."""
+        return live_group(self._group_ref)
 
     @classmethod
     def like(cls, preset: str, in_features: int, num_classes: int, **overrides):

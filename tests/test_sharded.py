@@ -307,6 +307,12 @@ def _check(results, scenarios, world):
         want32 = _single_process(sc, world, single, sc["dtype"], sampled)
         want64 = _single_process(sc, world, "reference", torch.float64, sampled)
         b = sc["b_local"]
+        # the floor of the error-ratio rule: a logit s c carries ~s u absolute rounding (u the unit roundoff of the
+        # scenario's dtype), and so do p = softmax and the gradients, relative to their largest value; 16 covers
+        # the few roundings on the way. Without it the bound is 4 x the single-process error, which one BLAS can
+        # make small by luck: the sharded workers (1 thread) and this process (default threads) round the same
+        # product differently (CurricularFace dx: 2.4e-6 here, 3.1e-5 under MKL_CBWR=COMPATIBLE, 5e-5 sharded)
+        floor = 16 * _make_head(sc, sc["classes"]).params.s * torch.finfo(sc["dtype"]).eps / 2
         for step in range(sc["steps"]):
             for rank in range(world):
                 got = results[rank][name][step]
@@ -317,9 +323,9 @@ def _check(results, scenarios, world):
                 k = _k(sc)
                 shard = slice(got["class_start"] * k, (got["class_start"] + got["num_local"]) * k)
                 # float32 against the float64 oracle by the error-ratio rule (tests/kit.py): the
-                # sharded error <= 4 x the single-process float32 head's + 1e-6 of the largest value. A direct
-                # 1e-6 match with the float32 head holds for the loss and t, not for every gradient element:
-                # the sharded sums are reassociated (measured up to ~2e-6 absolute on ArcFace's dx).
+                # sharded error <= 4 x the single-process float32 head's + floor x the largest value. A direct
+                # match with the float32 head holds for the loss and t, not for every gradient element:
+                # the sharded sums are reassociated.
                 pairs = [("loss", got["loss"], want32[step]["loss"], want64[step]["loss"]),
                          ("dx", got["dx"], world * want32[step]["dx"][rows], world * want64[step]["dx"][rows]),
                          ("dw", got["dw"], want32[step]["dw"][shard], want64[step]["dw"][shard])]  # fmt: skip
@@ -328,8 +334,8 @@ def _check(results, scenarios, world):
                 for what, value, low, exact in pairs:
                     err, err_low = _max_err(value, exact), _max_err(low, exact)
                     scale = exact.abs().max().item() if exact.numel() else 0.0
-                    assert err <= 4 * err_low + 1e-6 * max(scale, 1.0), f"{where} {what}: {err} vs {err_low}"
-                torch.testing.assert_close(got["loss"], want32[step]["loss"], rtol=1e-6, atol=1e-6)
+                    assert err <= 4 * err_low + floor * max(scale, 1.0), f"{where} {what}: {err} vs {err_low}"
+                torch.testing.assert_close(got["loss"], want32[step]["loss"], rtol=floor, atol=floor)
                 if sc["case"] == "curricular":
                     assert abs(got["t"].item() - want32[step]["t"].item()) <= 1e-6, where
                     assert abs(got["t"].item() - want64[step]["t"].item()) <= 1e-6, where
@@ -402,3 +408,27 @@ def test_sample_rate_needs_a_process_group():
         fk.ArcFace(8, 10, sample_rate=0.5)
     with pytest.raises(ValueError, match="sample_rate"):
         fk.ArcFace(8, 10, sample_rate=0.0)
+
+
+def test_nothing_the_head_holds_outlives_its_process_group(tmp_path):
+    # a head and the graph of its last loss alive after destroy_process_group (as at the end of a training script)
+    # must not keep the group alive: gloo frees it at interpreter exit then, and aborts the process ("terminate
+    # called without an active exception") in about 1 run of 3 of examples/train_sharded_toy.py
+    import gc
+    import weakref
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        group = weakref.ref(dist.group.WORLD)
+        head = fk.ArcFace(8, 13, backend="cpu", process_group=dist.group.WORLD, sample_rate=0.5, sample_seed=0)
+        x = torch.randn(5, 8, requires_grad=True)
+        loss = head(x, torch.randint(0, 13, (5,)))
+        loss.backward()
+        assert head.process_group is group()
+    finally:
+        dist.destroy_process_group()
+    gc.collect()
+    assert group() is None, [type(r).__name__ for r in gc.get_referrers(group())]
+    with pytest.raises(RuntimeError, match="process group was destroyed"):
+        head(x, torch.randint(0, 13, (5,)))
+    assert loss.grad_fn is not None  # the graph is still there, without the group
