@@ -53,11 +53,3 @@ def ops():
     _load()
     return torch.ops.facekernels
 
-
-def target_cosine(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, class_start: int = 0):
-    """c_i = clamp(x_hat_i . w_hat_(labels_i - class_start), -1, 1) for rows whose class lies in
-    [class_start, class_start + weight.shape[0]), 0 for the others (ignored rows, other shards).
-
-    Float32 result (float64 for float64 inputs), accumulated in float32 at least; not differentiable.
-    """
-    return ops().target_cosine(embeddings, weight, labels, class_start)

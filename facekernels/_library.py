@@ -13,8 +13,6 @@ import torch
 
 LIBRARY = torch.library.Library("facekernels", "DEF")
 
-# c_i = clamp(x_hat_i . w_hat_(labels_i - class_start), -1, 1) for rows whose class is in the weight, else 0
-LIBRARY.define("target_cosine(Tensor embeddings, Tensor weight, Tensor labels, int class_start) -> Tensor")
 # 1 / max(||row||, eps) per row, squares summed in float64
 LIBRARY.define("inv_norms(Tensor rows) -> Tensor")
 # Per-row (log-sum-exp, max) over the classes of `weight` of the logits z_ij = s N(c_ij), z_i,target = s phi_i;
@@ -48,11 +46,6 @@ LIBRARY.define(
 
 def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-@torch.library.register_fake("facekernels::target_cosine")
-def _(embeddings, weight, labels, class_start):
-    return embeddings.new_empty(embeddings.shape[0], dtype=_acc(embeddings))
 
 
 @torch.library.register_fake("facekernels::inv_norms")
