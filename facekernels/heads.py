@@ -46,7 +46,7 @@ class _MarginHead(nn.Module):
         # class sharding (facekernels/sharded.py): this rank's classes [class_start, class_start + num_local).
         # The group is held by a weak reference: a head (or a graph it left) must not keep the group alive
         # past destroy_process_group, whose gloo backend then aborts the process at exit when it is finally freed
-        self._group_ref = None if process_group is None else weakref.ref(process_group)
+        self._group_ref = None
         self.sample_rate = float(sample_rate)
         self.class_start, self.num_local = 0, self.num_classes
         self.sample_generator = None
@@ -58,6 +58,7 @@ class _MarginHead(nn.Module):
 
             check_sharded_backend(backend)
             V.check_process_group(process_group)
+            self._group_ref = weakref.ref(process_group)
             world = torch.distributed.get_world_size(process_group)
             if self.num_classes < world:
                 raise ValueError(f"num_classes must be >= the world size {world}; got {self.num_classes}")

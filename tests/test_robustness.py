@@ -465,7 +465,7 @@ def test_every_registered_op_has_an_opcheck_test():
     assert extension_built()
     ops = [n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("facekernels::")]
     registered = {f"{op}.{overload}" for op in ops for overload in getattr(torch.ops.facekernels, op).overloads()}
-    assert len(registered) >= 9, registered
+    assert len(registered) >= 8, registered
     sources = []
     for path in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "test_*.py"))):
         with open(path) as f:
