@@ -307,12 +307,10 @@ def _check(results, scenarios, world):
         want32 = _single_process(sc, world, single, sc["dtype"], sampled)
         want64 = _single_process(sc, world, "reference", torch.float64, sampled)
         b = sc["b_local"]
-        # the floor of the error-ratio rule: a logit s c carries ~s u absolute rounding (u the unit roundoff of the
-        # scenario's dtype), and so do p = softmax and the gradients, relative to their largest value; 16 covers
-        # the few roundings on the way. Without it the bound is 4 x the single-process error, which one BLAS can
-        # make small by luck: the sharded workers (1 thread) and this process (default threads) round the same
-        # product differently (CurricularFace dx: 2.4e-6 here, 3.1e-5 under MKL_CBWR=COMPATIBLE, 5e-5 sharded)
-        floor = 16 * _make_head(sc, sc["classes"]).params.s * torch.finfo(sc["dtype"]).eps / 2
+        # the floor of the error-ratio rule (kit.logit_floor): the single-process error alone can be small by luck,
+        # as the sharded workers (1 thread) and this process (default threads) round the same product differently
+        # (CurricularFace dx: 2.4e-6 here, 3.1e-5 under MKL_CBWR=COMPATIBLE, 5e-5 sharded on another machine)
+        floor = kit.logit_floor(_make_head(sc, sc["classes"]).params.s, sc["dtype"])
         for step in range(sc["steps"]):
             for rank in range(world):
                 got = results[rank][name][step]
