@@ -169,6 +169,11 @@ def _check_labels(labels, batch: int, allow_column: bool = False) -> torch.Tenso
     return labels
 
 
+def _or_ignored(ignore_index: int) -> str:
+    # the compat losses (facekernels.compat) take no ignore label: theirs is INT64_MIN, which no one passes
+    return "" if ignore_index == INT64_MIN else f" or equal ignore_index={ignore_index}"
+
+
 def check_head_inputs(embeddings, weight, labels, ignore_index: int, subcenters: int = 1) -> torch.Tensor:
     """Validate a head's forward inputs (``subcenters`` rows of weight per class); returns the labels as int64,
     flattened from (B, 1)."""
@@ -197,9 +202,7 @@ def check_head_inputs(embeddings, weight, labels, ignore_index: int, subcenters:
         bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
         if bool(bad.any()):
             first = int(labels[bad][0])
-            raise ValueError(
-                f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; found {first}"
-            )
+            raise ValueError(f"labels must lie in [0, {num_classes}){_or_ignored(ignore_index)}; found {first}")
     return labels
 
 
