@@ -29,8 +29,8 @@ transpose, (d, C), one column per class:
 Every function takes a state dict and a ``prefix`` (``"head."`` for a whole-model checkpoint whose head
 lives under ``head``) and returns a new dict: the head's keys under ``prefix`` converted, every other key
 passed through unchanged; with ``strip_prefix=True`` only the head's keys, without the prefix, ready for a
-standalone head's ``load_state_dict(..., strict=True)``. Converting is not idempotent for the transposed layouts (a square weight cannot
-tell its layout), so convert each checkpoint once.
+standalone head's ``load_state_dict(..., strict=True)``. Converting is not idempotent for the transposed
+layouts (a square weight cannot tell its layout), so convert each checkpoint once.
 
 The optimizer's per-parameter state (SGD's ``momentum_buffer``, Adam's ``exp_avg`` and ``exp_avg_sq``, ...)
 has the parameter's shape, so it needs the same transpose: :func:`transpose_optimizer_state` with the

@@ -550,8 +550,9 @@ def test_converters_strip_the_prefix_on_request():
     assert torch.equal(head.weight, theirs["head.kernel"].t()) and head.t.item() == 0.25
     kept = convert.from_curricularface(theirs, prefix="head.")
     assert set(kept) == {"backbone.w", "head.weight", "head.t"}  # the default keeps every key
-    out = convert.to_adaface({"m.weight": torch.zeros(C, D), "m.batch_mean": torch.zeros(()),
-                              "m.batch_std": torch.ones(()), "x": torch.zeros(1)}, prefix="m.", strip_prefix=True)  # fmt: skip
+    ours = {"m.weight": torch.zeros(C, D), "m.batch_mean": torch.zeros(()), "m.batch_std": torch.ones(()),
+            "x": torch.zeros(1)}  # fmt: skip
+    out = convert.to_adaface(ours, prefix="m.", strip_prefix=True)
     assert set(out) == {"kernel", "batch_mean", "batch_std", "t"}
     assert "strip_prefix" in str(inspect.signature(convert.from_facexzoo))
     with pytest.raises(TypeError, match="strip_prefix"):
