@@ -140,6 +140,7 @@ def sharded_margin_cross_entropy(
                 f"embeddings must have {weight.shape[1]} features (weight is {tuple(weight.shape)}); "
                 f"got shape {tuple(embeddings.shape)}"
             )
+        V.check_head_dtypes(embeddings, weight)
         labels = V._check_labels(labels, batch, allow_column=True).long()
         if params.uses_t:
             V.check_t_buffer(t, embeddings)
