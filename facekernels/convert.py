@@ -142,7 +142,10 @@ def _strippable(fn):
     signature = inspect.signature(fn)
     strip = inspect.Parameter("strip_prefix", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool")
     wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), strip])
-    wrapper.__doc__ = (fn.__doc__ or "") + "\n    ``strip_prefix=True``: only the head's keys, without ``prefix``.\n"
+    wrapper.__doc__ = (fn.__doc__ or "") + (
+        "\n    Keyword Args:\n        strip_prefix: True: return only the head's keys, without ``prefix`` (for a "
+        "standalone head's load_state_dict); False (default): every key.\n"
+    )
     return wrapper
 
 
