@@ -424,3 +424,36 @@ def test_insightface_bad_arguments_raise():
     if not dist.is_initialized():
         with pytest.raises(RuntimeError, match="init_process_group"):
             fi.PartialFC_V2(fi.ArcFace(), 8, 10)
+
+
+@needs_ext
+def test_partial_fc_v2_one_process_reads_its_margin_at_each_call(tmp_path):
+    """World size 1 (the default group initialised, as theirs needs); a margin changed after construction
+    takes effect (theirs reads it in every forward); arcface_torch's own margin objects are read too."""
+
+    class CombinedMarginLoss(torch.nn.Module):  # stands for arcface_torch's losses.CombinedMarginLoss
+        def __init__(self, s, m1, m2, m3, interclass_filtering_threshold=0):
+            super().__init__()
+            self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
+            self.interclass_filtering_threshold = interclass_filtering_threshold
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    try:
+        x, w, y = kit.head_inputs(6, 9, 5, generator=torch.Generator().manual_seed(8))
+        margin = fi.CombinedMarginLoss(64, 1.0, 0.5, 0.0)
+        head = fi.PartialFC_V2(margin, 5, 9).double()
+        theirs = fi.PartialFC_V2(CombinedMarginLoss(32, 1.0, 0.3, 0.0), 5, 9).double()
+        for h in (head, theirs):
+            h.weight.data.copy_(w)
+        first = head(x, y)
+        _close64(first, _insightface_oracle(x, w, y, "arc", s=64, m2=0.5), "s = 64")
+        margin.s, margin.m2 = 32, 0.3
+        _close64(head(x, y), _insightface_oracle(x, w, y, "arc", s=32, m2=0.3), "s = 32 after construction")
+        _close64(theirs(x, y), head(x, y), "their own CombinedMarginLoss object")
+        with pytest.raises(TypeError, match="margin_loss"):
+            fi.PartialFC_V2(lambda logits, labels: logits, 5, 9)
+        with pytest.raises(ValueError, match="labels must lie in \\[0, 9\\); found -1"):
+            head(x, torch.full((6,), -1))
+    finally:
+        dist.destroy_process_group()

@@ -212,8 +212,8 @@ class PartialFC_V2(nn.Module):  # noqa: N801 (their name)
                 "PartialFC_V2 needs torch.distributed initialised before it is built, as insightface's (also for "
                 "one process): torch.distributed.init_process_group(...) first"
             )
-        self.head_name, self.margins = _fused_head_of(margin_loss)
-        self.margin_softmax = margin_loss if isinstance(margin_loss, nn.Module) else None
+        _fused_head_of(margin_loss)  # a margin the fused path can compute, or a TypeError now
+        self.margin_softmax = margin_loss  # read at every forward: a margin changed later takes effect, as theirs
         V.check_int("embedding_size", embedding_size, minimum=1)
         V.check_int("num_classes", num_classes, minimum=1)
         V.check_float("sample_rate", sample_rate, low=0.0, high=1.0, low_open=True)
@@ -228,9 +228,18 @@ class PartialFC_V2(nn.Module):  # noqa: N801 (their name)
         self.class_start, self.num_local = shard_range(self.num_classes, self.world_size, self.rank)
         self.num_sample = int(self.sample_rate * self.num_local)  # rounded down, as theirs
         self.weight = nn.Parameter(torch.normal(0, 0.01, (self.num_local, self.embedding_size)))
-        # every value taken by the margin (s, m2, ...) goes through the one validation of the heads
-        self.params = head_params(self.head_name, reduction="none", ignore_index=NO_IGNORE,
-                                  margin_grad="straight_through", **self.margins)  # fmt: skip
+        self._cached = (None, None)
+
+    @property
+    def params(self):
+        """The HeadParams of the margin module as it is now (validated by the heads' one path; cached)."""
+        head, margins = _fused_head_of(self.margin_softmax)
+        key = (head, tuple(sorted(margins.items())))
+        if self._cached[0] != key:
+            # theirs writes the margin into the logits without gradient: straight-through
+            self._cached = (key, head_params(head, reduction="none", ignore_index=NO_IGNORE,
+                                             margin_grad="straight_through", **margins))  # fmt: skip
+        return self._cached[1]
 
     def _sample(self, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Their sampling of this shard's classes for a step of the global batch's ``labels``: sorted shard
@@ -268,6 +277,7 @@ class PartialFC_V2(nn.Module):  # noqa: N801 (their name)
         return (rows + (floored - rows).detach()).mean()
 
     def extra_repr(self) -> str:
-        return (f"head={self.head_name!r}, {self.margins}, embedding_size={self.embedding_size}, "
+        head, margins = _fused_head_of(self.margin_softmax)
+        return (f"head={head!r}, {margins}, embedding_size={self.embedding_size}, "
                 f"num_classes={self.num_classes}, rank={self.rank}, class_start={self.class_start}, "
                 f"num_local={self.num_local}, sample_rate={self.sample_rate}, fp16={self.fp16}")  # fmt: skip
