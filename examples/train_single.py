@@ -6,9 +6,11 @@ from the repository root with facekernels installed (or prefix ``PYTHONPATH=.`` 
 random data (identity centres plus noise), a tiny backbone, SGD over backbone and head, gradient clipping,
 linear warm-up then polynomial decay of the learning rate, bfloat16 autocast on CPU (``--amp``), gradient
 accumulation over ``--accum`` micro-batches (CurricularFace's t updated once per optimizer step, on the first
-micro-batch: ``head.frozen_t``), and a checkpoint saved at ``--save-at`` that ``--resume`` continues from: the
-resumed run ends with the same loss, bit for bit, as the uninterrupted one (every batch is drawn from a
-generator seeded by its step, and the head's state, t and the optimizer's, scheduler's state are saved).
+micro-batch: ``head.frozen_t``), and a checkpoint saved at ``--save-at`` (to ``--checkpoint PATH``; by default
+a file under the temporary folder, never the working directory) that ``--resume`` (or ``--resume PATH``)
+continues from: the resumed run ends with the same loss, bit for bit, as the uninterrupted one (every batch is
+drawn from a generator seeded by its step, and the head's state, t and the optimizer's, scheduler's state are
+saved).
 
 The last line printed is ``final loss <float.hex()>``.
 """
@@ -16,11 +18,15 @@ The last line printed is ``final loss <float.hex()>``.
 import argparse
 import contextlib
 import os
+import tempfile
 
 import torch
 from torch import nn
 
 import facekernels as fk
+
+# --save-at writes here unless --checkpoint names a path: the temporary folder, not the working directory
+DEFAULT_CHECKPOINT = os.path.join(tempfile.gettempdir(), "facekernels", "train_single_checkpoint.pt")
 
 
 def parse_args(argv=None):
@@ -38,10 +44,13 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="warm-up steps")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", default="train_single_checkpoint.pt", help="where --save-at writes")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                   help=f"where --save-at writes and a bare --resume reads (default: {DEFAULT_CHECKPOINT}, under the "
+                        "temporary folder, never the working directory)")  # fmt: skip
     p.add_argument("--save-at", type=int, default=0, help="save a checkpoint after this step (0: never)")
     p.add_argument("--stop-at", type=int, default=0, help="stop after this step, as if interrupted (0: never)")
-    p.add_argument("--resume", default="", help="continue from this checkpoint")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue from the checkpoint at PATH; without PATH, from --checkpoint")  # fmt: skip
     p.add_argument("--print-every", type=int, default=10)
     return p.parse_args(argv)
 
@@ -79,7 +88,8 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, args))
 
     start = 0
-    if args.resume:
+    if args.resume is not None:
+        args.resume = args.resume or args.checkpoint
         # the keys of arcface_torch's checkpoint_gpu_{rank}.pt
         ckpt = torch.load(args.resume)
         backbone.load_state_dict(ckpt["state_dict_backbone"])
@@ -111,6 +121,7 @@ def main(argv=None):
             t = f"  t {head.t.item():.4f}" if isinstance(head, fk.CurricularFace) else ""
             print(f"step {done:4d}  loss {loss_value:.4f}  lr {sched.get_last_lr()[0]:.4f}{t}", flush=True)
         if done == args.save_at:
+            os.makedirs(os.path.dirname(os.path.abspath(args.checkpoint)), exist_ok=True)
             tmp = args.checkpoint + ".tmp"
             torch.save({"global_step": done, "state_dict_backbone": backbone.state_dict(),
                         "state_dict_softmax_fc": head.state_dict(), "state_optimizer": opt.state_dict(),

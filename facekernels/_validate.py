@@ -155,6 +155,18 @@ def _check_float_matrix(name: str, x) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {x.dtype}")
 
 
+def check_head_dtypes(embeddings: torch.Tensor, weight: torch.Tensor) -> None:
+    """float64 with float64 only. Among float16, bfloat16 and float32 the heads compute in the promoted dtype
+    (AMP: float16 embeddings with a float32 weight run in float32), on every backend; a float64 input beside a
+    lower-precision one is a mistake (a float32 head silently run in float64, or float64 test inputs rounded
+    away), so it raises instead of promoting."""
+    if (embeddings.dtype == torch.float64) != (weight.dtype == torch.float64):
+        raise TypeError(
+            f"embeddings and weight must both be float64 or neither; got {embeddings.dtype} embeddings with a "
+            f"{weight.dtype} weight: cast one (head.double(), or embeddings.to(head.weight.dtype))"
+        )
+
+
 def _check_labels(labels, batch: int, allow_column: bool = False) -> torch.Tensor:
     """Labels of shape (batch,); with ``allow_column`` also (batch, 1), as insightface passes them, returned
     flattened (callers must use the returned tensor, hence opt-in)."""
@@ -167,6 +179,11 @@ def _check_labels(labels, batch: int, allow_column: bool = False) -> torch.Tenso
         column = f" or ({batch}, 1)" if allow_column else ""
         raise ValueError(f"labels must have shape ({batch},){column} to match embeddings; got {tuple(labels.shape)}")
     return labels
+
+
+def _or_ignored(ignore_index: int) -> str:
+    # the compat losses (facekernels.compat) take no ignore label: theirs is INT64_MIN, which no one passes
+    return "" if ignore_index == INT64_MIN else f" or equal ignore_index={ignore_index}"
 
 
 def check_head_inputs(embeddings, weight, labels, ignore_index: int, subcenters: int = 1) -> torch.Tensor:
@@ -184,6 +201,7 @@ def check_head_inputs(embeddings, weight, labels, ignore_index: int, subcenters:
             f"embeddings must have {weight.shape[1]} features (weight is {tuple(weight.shape)}); "
             f"got shape {tuple(embeddings.shape)}"
         )
+    check_head_dtypes(embeddings, weight)
     labels = _check_labels(labels, embeddings.shape[0], allow_column=True)
     if not (embeddings.device == weight.device == labels.device):
         raise ValueError(
@@ -197,9 +215,7 @@ def check_head_inputs(embeddings, weight, labels, ignore_index: int, subcenters:
         bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
         if bool(bad.any()):
             first = int(labels[bad][0])
-            raise ValueError(
-                f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; found {first}"
-            )
+            raise ValueError(f"labels must lie in [0, {num_classes}){_or_ignored(ignore_index)}; found {first}")
     return labels
 
 

@@ -28,8 +28,9 @@ transpose, (d, C), one column per class:
 
 Every function takes a state dict and a ``prefix`` (``"head."`` for a whole-model checkpoint whose head
 lives under ``head``) and returns a new dict: the head's keys under ``prefix`` converted, every other key
-passed through unchanged. Converting is not idempotent for the transposed layouts (a square weight cannot
-tell its layout), so convert each checkpoint once.
+passed through unchanged; with ``strip_prefix=True`` only the head's keys, without the prefix, ready for a
+standalone head's ``load_state_dict(..., strict=True)``. Converting is not idempotent for the transposed
+layouts (a square weight cannot tell its layout), so convert each checkpoint once.
 
 The optimizer's per-parameter state (SGD's ``momentum_buffer``, Adam's ``exp_avg`` and ``exp_avg_sq``, ...)
 has the parameter's shape, so it needs the same transpose: :func:`transpose_optimizer_state` with the
@@ -38,6 +39,8 @@ indices that :func:`param_indices` gives.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -123,6 +126,30 @@ def _reject_buffers(state_dict: Mapping, prefix: str, trainer: str, keep: tuple 
             raise ValueError(f"{trainer} has no {head} head (this state dict has a {key!r} buffer)")
 
 
+def _strippable(fn):
+    """Give a converter the keyword ``strip_prefix``: True returns only the keys under ``prefix``, without it
+    (a whole-model checkpoint's head, for a standalone head), instead of the whole converted dict."""
+
+    @functools.wraps(fn)
+    def wrapper(state_dict: Mapping, prefix: str = "", *, strip_prefix: bool = False) -> dict:
+        if not isinstance(strip_prefix, bool):
+            raise TypeError(f"strip_prefix must be a bool; got {type(strip_prefix).__name__}")
+        out = fn(state_dict, prefix)
+        if strip_prefix:
+            out = {key[len(prefix):]: value for key, value in out.items() if key.startswith(prefix)}
+        return out
+
+    signature = inspect.signature(fn)
+    strip = inspect.Parameter("strip_prefix", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool")
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), strip])
+    wrapper.__doc__ = (fn.__doc__ or "") + (
+        "\n    Keyword Args:\n        strip_prefix: True: return only the head's keys, without ``prefix`` (for a "
+        "standalone head's load_state_dict); False (default): every key.\n"
+    )
+    return wrapper
+
+
+@_strippable
 def from_curricularface(state_dict: Mapping, prefix: str = "") -> dict:
     """Read the official CurricularFace repository's head (and TFace's localfc heads, same layout).
 
@@ -138,6 +165,7 @@ def from_curricularface(state_dict: Mapping, prefix: str = "") -> dict:
     return _convert(state_dict, prefix, rules, "CurricularFace layout", "kernel")
 
 
+@_strippable
 def to_curricularface(state_dict: Mapping, prefix: str = "") -> dict:
     """Write a facekernels head out in the official CurricularFace (and TFace localfc) layout.
 
@@ -154,6 +182,7 @@ def to_curricularface(state_dict: Mapping, prefix: str = "") -> dict:
     return _convert(state_dict, prefix, rules, "facekernels layout", "weight")
 
 
+@_strippable
 def from_facexzoo(state_dict: Mapping, prefix: str = "") -> dict:
     """Read a FaceX-Zoo head: ArcFace, AM_Softmax and MV_Softmax store ``weight`` (d, C); its CurricularFace
     stores ``kernel`` (d, C) and ``t`` (1,), as the official one.
@@ -172,6 +201,7 @@ def from_facexzoo(state_dict: Mapping, prefix: str = "") -> dict:
     return _convert(state_dict, prefix, {"weight": ("weight", _transposed)}, "FaceX-Zoo layout", "weight")
 
 
+@_strippable
 def to_facexzoo(state_dict: Mapping, prefix: str = "") -> dict:
     """Write a facekernels head out in FaceX-Zoo's layout: ``weight`` (d, C), or for a CurricularFace head
     (one with ``t``) ``kernel`` (d, C) and ``t`` (1,).
@@ -188,6 +218,7 @@ def to_facexzoo(state_dict: Mapping, prefix: str = "") -> dict:
     return _convert(state_dict, prefix, rules, "facekernels layout", "weight")
 
 
+@_strippable
 def from_adaface(state_dict: Mapping, prefix: str = "") -> dict:
     """Read an AdaFace repository head (AdaFace, ArcFace or CosFace of its head.py).
 
@@ -210,6 +241,7 @@ def from_adaface(state_dict: Mapping, prefix: str = "") -> dict:
     return _convert(state_dict, prefix, rules, "AdaFace layout", "kernel")
 
 
+@_strippable
 def to_adaface(state_dict: Mapping, prefix: str = "") -> dict:
     """Write a facekernels head out in the AdaFace repository's layout.
 
@@ -234,6 +266,7 @@ def to_adaface(state_dict: Mapping, prefix: str = "") -> dict:
     return out
 
 
+@_strippable
 def from_pytorch_metric_learning(state_dict: Mapping, prefix: str = "") -> dict:
     """Read a pytorch-metric-learning classification loss (ArcFaceLoss, CosFaceLoss, ...).
 
@@ -247,6 +280,7 @@ def from_pytorch_metric_learning(state_dict: Mapping, prefix: str = "") -> dict:
     return _convert(state_dict, prefix, {"W": ("weight", _transposed)}, "pytorch-metric-learning layout", "W")
 
 
+@_strippable
 def to_pytorch_metric_learning(state_dict: Mapping, prefix: str = "") -> dict:
     """Write a facekernels head out as a pytorch-metric-learning loss's state: ``W`` (d, C).
 
@@ -259,6 +293,7 @@ def to_pytorch_metric_learning(state_dict: Mapping, prefix: str = "") -> dict:
     return _convert(state_dict, prefix, _out_rules({"weight": ("W", _transposed)}), "facekernels layout", "weight")
 
 
+@_strippable
 def from_magface(state_dict: Mapping, prefix: str = "") -> dict:
     """Read MagFace's MagLinear (models/magface.py, trained by run/trainer.py).
 
@@ -274,6 +309,7 @@ def from_magface(state_dict: Mapping, prefix: str = "") -> dict:
     return _convert(state_dict, prefix, {"weight": ("weight", _transposed)}, "MagFace layout", "weight")
 
 
+@_strippable
 def to_magface(state_dict: Mapping, prefix: str = "") -> dict:
     """Write a facekernels head (``fk.MagFace``) out as MagFace's MagLinear: ``weight`` (d, C).
 
@@ -287,6 +323,7 @@ def to_magface(state_dict: Mapping, prefix: str = "") -> dict:
                     "weight")  # fmt: skip
 
 
+@_strippable
 def from_elasticface(state_dict: Mapping, prefix: str = "") -> dict:
     """Read an ElasticFace repository head (ElasticArcFace, ElasticCosFace, ArcFace or CosFace of its
     utils/losses.py).
@@ -302,6 +339,7 @@ def from_elasticface(state_dict: Mapping, prefix: str = "") -> dict:
     return _convert(state_dict, prefix, {"kernel": ("weight", _transposed)}, "ElasticFace layout", "kernel")
 
 
+@_strippable
 def to_elasticface(state_dict: Mapping, prefix: str = "") -> dict:
     """Write a facekernels head out in the ElasticFace repository's layout: ``kernel`` (d, C).
 
@@ -341,11 +379,50 @@ def param_indices(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tenso
     return indices
 
 
+# Factored second moments (Adafactor) hold one statistic per row and one per column of the parameter: a
+# transpose swaps them (and turns each one around), it does not transpose each in place
+FACTORED_PAIRS = (
+    ("row_var", "col_var"),  # torch.optim.Adafactor: (C, 1) and (1, d) for a (C, d) parameter
+    ("exp_avg_sq_row", "exp_avg_sq_col"),  # transformers' / fairseq's Adafactor: (C,) and (d,)
+)
+
+
+def _transposed_state(index: int, entry: dict) -> dict:
+    # every tensor copied: a state dict taken from a live optimizer shares its tensors (the step counter is
+    # incremented in place), and the converted state must not move with it
+    out = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+    factored = set()
+    for row, col in FACTORED_PAIRS:
+        if row in entry or col in entry:
+            if not (row in entry and col in entry):
+                raise ValueError(f"optimizer state of parameter {index} has {row if row in entry else col!r} "
+                                 f"without {col if row in entry else row!r}: a factored state needs both")  # fmt: skip
+            # (C, 1), (1, d) -> (d, 1), (1, C); 1-D (C,), (d,) -> (d,), (C,). Copies: the transpose of a (1, n)
+            # tensor is already contiguous, and a view would share the source optimizer's live state
+            out[row], out[col] = entry[col].t().clone(), entry[row].t().clone()
+            factored |= {row, col}
+    for name, value in entry.items():
+        if name in factored or not isinstance(value, torch.Tensor) or value.dim() == 0:
+            continue  # step counters and the swapped pairs
+        if value.dim() != 2 or 1 in value.shape:
+            # a vector or a (n, 1) / (1, n) statistic is a factored state of an unknown optimizer: its
+            # transpose is a guess, so it is refused
+            raise ValueError(
+                f"optimizer state {name!r} of parameter {index} has shape {tuple(value.shape)}: not a matrix of "
+                f"the parameter's shape nor a known factored pair ({', '.join(map(str, FACTORED_PAIRS))}); "
+                "it cannot be converted"
+            )
+        out[name] = value.t().contiguous()
+    return out
+
+
 def transpose_optimizer_state(optimizer_state: Mapping, indices: Iterable[int]) -> dict:
     """A copy of an optimizer's ``state_dict()`` whose per-parameter tensors of the listed parameters are
     transposed: SGD's ``momentum_buffer``, Adam's / AdamW's ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``,
-    and any other 2-D entry (their 0-dim ``step`` is left alone). A transpose is its own inverse, so the same
-    call converts their optimizer state into ours and ours into theirs.
+    and any other matrix entry (their 0-dim ``step`` is left alone); Adafactor's factored statistics are
+    swapped (torch's ``row_var`` (C, 1) and ``col_var`` (1, d) become (d, 1) and (1, C); transformers'
+    ``exp_avg_sq_row`` / ``exp_avg_sq_col`` likewise). A transpose is its own inverse, so the same call converts
+    their optimizer state into ours and ours into theirs.
 
     Args:
         optimizer_state: ``optimizer.state_dict()`` (a dict with ``"state"`` and ``"param_groups"``).
@@ -353,14 +430,15 @@ def transpose_optimizer_state(optimizer_state: Mapping, indices: Iterable[int]) 
 
     Returns:
         A new dict; parameters without state yet (no step taken) are skipped.
+
+    Raises:
+        ValueError: naming the key of a state entry that is neither of the parameter's shape nor a known
+            factored pair (a vector, or a (n, 1) statistic without its partner).
     """
     if not isinstance(optimizer_state, Mapping) or "state" not in optimizer_state:
         raise TypeError("optimizer_state must be an optimizer's state_dict() (a dict with 'state' and 'param_groups')")
     state = {k: dict(v) for k, v in optimizer_state["state"].items()}
     for index in indices:
-        for name, value in state.get(index, {}).items():
-            if isinstance(value, torch.Tensor) and value.dim() == 2:
-                state[index][name] = value.t().contiguous()
-            elif isinstance(value, torch.Tensor) and value.dim() > 0:
-                raise ValueError(f"optimizer state {name!r} of parameter {index} is {value.dim()}-D, not a matrix")
+        if index in state:
+            state[index] = _transposed_state(index, state[index])
     return {**optimizer_state, "state": state}

@@ -8,6 +8,7 @@ backends never form them).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import weakref
 
@@ -21,11 +22,97 @@ from ._rowmath import MarginState
 from .functional import _margin_cross_entropy
 
 
+def _fixed(name: str, why: str) -> property:
+    """An attribute set once, in the constructor: setting it later raises (it shapes the weight or the shard,
+    so a new value could not take effect)."""
+    key = "_" + name
+
+    def get(self):
+        return self.__dict__[key]
+
+    def set(self, value):
+        if key in self.__dict__:
+            raise AttributeError(f"{type(self).__name__}.{name} is fixed at construction ({why}); build a new head")
+        self.__dict__[key] = value
+
+    return property(get, set, doc=f"Fixed at construction ({why}).")
+
+
+def _process_group_property() -> property:
+    """The torch.distributed group the classes are sharded over (None: one device), fixed at construction. Held
+    by a weak reference: a head (or a graph it left) must not keep the group alive past destroy_process_group,
+    after which gloo frees it at interpreter exit and aborts the process."""
+
+    def get(self):
+        return live_group(self.__dict__["_process_group"])
+
+    def set(self, value):
+        if "_process_group" in self.__dict__:
+            raise AttributeError(f"{type(self).__name__}.process_group is fixed at construction (the class split); "
+                                 "build a new head")  # fmt: skip
+        if value is not None:
+            from .sharded import check_sharded_backend
+
+            check_sharded_backend(self.backend)  # first: the reference backend has no sharded mode at all
+            V.check_process_group(value)
+        self.__dict__["_process_group"] = None if value is None else weakref.ref(value)
+
+    return property(get, set, doc=_process_group_property.__doc__)
+
+
+def _fixed_margin(name: str, why: str) -> property:
+    """A constructor hyper-parameter that cannot change after construction (sub-centers: the weight's rows)."""
+
+    def get(self):
+        return self.margins[name]
+
+    def set(self, value):
+        raise AttributeError(f"{type(self).__name__}.{name} is fixed at construction ({why}); build a new head")
+
+    return property(get, set, doc=f"Fixed at construction ({why}).")
+
+
+def _option(name: str) -> property:
+    """A hyper-parameter or option that may be set after construction: validated as in the constructor, and the
+    head's parameters rebuilt, so the next forward uses it."""
+
+    def get(self):
+        return self.margins[name] if name in self.margins else getattr(self.params, name)
+
+    def set(self, value):
+        self._rebuild(**{name: value})
+
+    return property(get, set, doc=f"The head's ``{name}``; settable (validated, used from the next forward).")
+
+
+# constructor arguments that are not margins (handled by _MarginHead itself)
+_NOT_MARGINS = frozenset({"self", "in_features", "num_classes", "reduction", "ignore_index", "margin_grad", "backend",
+                          "process_group", "sample_rate", "sample_seed", "generator"})  # fmt: skip
+
+
 class _MarginHead(nn.Module):
     head: str  # key of HEAD_DEFAULTS
     presets: dict = {}  # name -> constructor arguments that reproduce that trainer's head (see like())
     unit_norm_init = False  # reset_parameters: unit-norm rows (AdaFace, MagFace official) instead of N(0, 0.01)
     float32_buffers: tuple = ()  # running statistics kept float32 by .half() / .to(dtype) (see _apply)
+
+    in_features = _fixed("in_features", "the weight's shape")
+    num_classes = _fixed("num_classes", "the weight's shape and the class split")
+    process_group = _process_group_property()
+    class_start = _fixed("class_start", "this rank's shard")
+    num_local = _fixed("num_local", "this rank's shard")
+    reduction = _option("reduction")
+    ignore_index = _option("ignore_index")
+    margin_grad = _option("margin_grad")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # every hyper-parameter of the constructor is an attribute that takes effect when set; k (sub-centers)
+        # shapes the weight
+        for name, arg in inspect.signature(cls.__init__).parameters.items():
+            if name in _NOT_MARGINS or arg.kind is arg.VAR_KEYWORD or name in vars(cls):
+                continue
+            setattr(cls, name, _fixed_margin(name, "the weight's shape") if name == "k" else _option(name))
 
     def __init__(self, in_features, num_classes, *, reduction, ignore_index, margin_grad, backend, process_group,
                  sample_rate, sample_seed, **margins):  # fmt: skip
@@ -35,7 +122,6 @@ class _MarginHead(nn.Module):
         V.check_int("in_features", in_features, minimum=1)
         V.check_int("num_classes", num_classes, minimum=1)
         V.check_choice("backend", backend, ("auto", "triton", "cpu", "reference"))
-        V.check_float("sample_rate", sample_rate, low=0.0, high=1.0, low_open=True)
         self.in_features = int(in_features)
         self.num_classes = int(num_classes)
         self.margins = margins
@@ -43,37 +129,80 @@ class _MarginHead(nn.Module):
             self.head, reduction=reduction, ignore_index=ignore_index, margin_grad=margin_grad, **margins
         )
         self.backend = backend
-        # class sharding (facekernels/sharded.py): this rank's classes [class_start, class_start + num_local).
-        # The group is held by a weak reference: a head (or a graph it left) must not keep the group alive
-        # past destroy_process_group, whose gloo backend then aborts the process at exit when it is finally freed
-        self._group_ref = None
-        self.sample_rate = float(sample_rate)
-        self.class_start, self.num_local = 0, self.num_classes
+        # class sharding (facekernels/sharded.py): this rank's classes [class_start, class_start + num_local)
+        self.process_group = process_group
+        self.sample_rate = float(sample_rate)  # < 1 raises without a process group
+        shard = (0, self.num_classes)
         self.sample_generator = None
-        if process_group is None:
-            if self.sample_rate != 1.0:
-                raise ValueError("sample_rate < 1 (Partial FC) needs a process_group (the class-sharded mode)")
-        else:
-            from .sharded import check_sharded_backend, shard_range
+        if process_group is not None:
+            from .sharded import shard_range
 
-            check_sharded_backend(backend)
-            V.check_process_group(process_group)
-            self._group_ref = weakref.ref(process_group)
             world = torch.distributed.get_world_size(process_group)
             if self.num_classes < world:
                 raise ValueError(f"num_classes must be >= the world size {world}; got {self.num_classes}")
             rank = torch.distributed.get_rank(process_group)
-            self.class_start, self.num_local = shard_range(self.num_classes, world, rank)
+            shard = shard_range(self.num_classes, world, rank)
             if sample_seed is not None:
                 self.sample_generator = torch.Generator().manual_seed(int(sample_seed))
+        self.class_start, self.num_local = shard
         # sub-centers: k rows per class, class j's rows j k .. j k + k - 1 (a shard keeps a class's rows together)
         self.weight = nn.Parameter(torch.empty(self.num_local * self.params.subcenters, self.in_features))
         self.reset_parameters()
 
+    def _rebuild(self, **changes) -> None:
+        """Rebuild ``params`` with some options or margins changed (validated: a bad value raises and changes
+        nothing)."""
+        options = {n: getattr(self.params, n) for n in ("reduction", "ignore_index", "margin_grad")}
+        margins = dict(self.margins)
+        for name, value in changes.items():
+            (options if name in options else margins)[name] = value
+        self.params = head_params(self.head, **options, **margins)
+        self.margins = margins
+
     @property
-    def process_group(self):
-        """The torch.distributed group the classes are sharded over (None: one device). Fixed at construction."""
-        return live_group(self._group_ref)
+    def backend(self) -> str:
+        """"auto", "cpu", "triton" or "reference"; settable (validated; the next forward uses it)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        V.check_choice("backend", value, ("auto", "triton", "cpu", "reference"))
+        if self.__dict__.get("_process_group") is not None:
+            from .sharded import check_sharded_backend
+
+            check_sharded_backend(value)
+        self._backend = value
+
+    @property
+    def return_stats(self) -> bool:
+        """Whether forward returns (loss, HeadStats); settable."""
+        return self._return_stats
+
+    @return_stats.setter
+    def return_stats(self, value: bool) -> None:
+        V.check_bool("return_stats", value)
+        self._return_stats = value
+
+    @property
+    def sample_rate(self) -> float:
+        """Partial FC's fraction of each rank's classes per step; settable (below 1 only when sharded)."""
+        return self._sample_rate
+
+    @sample_rate.setter
+    def sample_rate(self, value: float) -> None:
+        V.check_float("sample_rate", value, low=0.0, high=1.0, low_open=True)
+        if value != 1.0 and self.__dict__.get("_process_group") is None:
+            raise ValueError("sample_rate < 1 (Partial FC) needs a process_group (the class-sharded mode)")
+        self._sample_rate = float(value)
+
+    @property
+    def sample_seed(self):
+        raise AttributeError("sample_seed is only a constructor argument; see head.sample_generator")
+
+    @sample_seed.setter
+    def sample_seed(self, value) -> None:
+        raise AttributeError("sample_seed is only a constructor argument (the generator is built from it); reseed "
+                             "with head.sample_generator.manual_seed(seed)")  # fmt: skip
 
     @classmethod
     def like(cls, preset: str, in_features: int, num_classes: int, **overrides):
@@ -217,6 +346,11 @@ _COMMON = """
         weight: the class weights, a Parameter of shape (num_classes, in_features) (num_local rows when
             sharded), initialised normal_(0, 0.01).
         params: the HeadParams the backends compute with.
+        Every constructor argument above is an attribute. The hyper-parameters (s, m, ...), reduction,
+        ignore_index, margin_grad, backend, sample_rate and return_stats may be set after construction: validated
+        as in the constructor, they take effect at the next forward. in_features, num_classes, k, process_group,
+        class_start and num_local are fixed (they shape the weight or the shard): setting one raises
+        AttributeError.
 
     ``forward(embeddings, labels)`` returns the loss; ``Head.like(preset, in_features, num_classes)`` builds
     the head configured as a published trainer's (``presets``). Semantics: docs/heads.md.

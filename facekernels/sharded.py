@@ -98,7 +98,7 @@ def _agree(group, error: Exception | None, batch: int, features: int, dtype_code
             raise ValueError(f"every rank must pass the same {what}; got {shown} on ranks 0..{len(rows) - 1}")
     bad = [r[5] for r in rows if r[4]]
     if bad:
-        raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; found {bad[0]}")
+        raise ValueError(f"labels must lie in [0, {num_classes}){V._or_ignored(ignore_index)}; found {bad[0]}")
 
 
 def sharded_margin_cross_entropy(
@@ -117,12 +117,15 @@ def sharded_margin_cross_entropy(
     generator: torch.Generator | None = None,
     stats: bool = False,
     state=None,
+    sampler=None,
 ):
     """Loss of one class-sharded head: ``embeddings`` (B_l, d) and ``labels`` (B_l,) with global class ids on
     this rank, ``weight`` (num_local, d) this rank's shard. Returns the loss of the global batch, identical on
     every rank ("none": the (B,) row losses of the global batch, in rank order; a gradient given to them must
     be the same on every rank). ``generator``: Partial FC's sampling generator; ``state``: the per-row margins'
-    (facekernels._rowmath.MarginState). Gradient convention: facekernels/_algorithm.py."""
+    (facekernels._rowmath.MarginState); ``sampler``: with sample_rate < 1, a function (labels, valid) of the
+    global batch -> the sorted sampled classes of this shard, instead of :func:`sample_classes` (insightface's
+    own rule: facekernels.compat.insightface). Gradient convention: facekernels/_algorithm.py."""
     error, bad_label, kernels = None, None, None
     batch = features = dtype_code = -1
     try:
@@ -137,6 +140,7 @@ def sharded_margin_cross_entropy(
                 f"embeddings must have {weight.shape[1]} features (weight is {tuple(weight.shape)}); "
                 f"got shape {tuple(embeddings.shape)}"
             )
+        V.check_head_dtypes(embeddings, weight)
         labels = V._check_labels(labels, batch, allow_column=True).long()
         if params.uses_t:
             V.check_t_buffer(t, embeddings)
@@ -151,8 +155,9 @@ def sharded_margin_cross_entropy(
         error = err
     _agree(group, error, batch, features, dtype_code, bad_label, num_classes, params.ignore_index)
 
-    sampler = None
-    if sample_rate < 1.0:
+    if sample_rate >= 1.0:
+        sampler = None
+    elif sampler is None:
         sampler = functools.partial(sample_classes, class_start=class_start,
                                     num_local=weight.shape[0] // params.subcenters, sample_rate=sample_rate,
                                     generator=generator)  # fmt: skip

@@ -9,6 +9,7 @@ weight. Then the generator: sample_classes directly, a module state_dict round t
 resumed bit for bit (one gloo process).
 """
 
+import inspect
 import io
 
 import peers
@@ -503,3 +504,56 @@ def test_partial_fc_resume_is_bitwise(one_process_group):
     resumed.load_state_dict({k: v for k, v in ckpt["head"].items() if k != "_extra_state"})
     opt.load_state_dict(ckpt["opt"])
     assert not torch.equal(run(resumed, opt, steps[2:]), want)
+
+
+def test_factored_optimizer_state_is_swapped_not_transposed():
+    """Adafactor keeps a row and a column statistic; converting (C, d) <-> (d, C) swaps them (issue 21, item 7):
+    their run's state, converted, equals ours after the same steps, and the next steps stay equal."""
+    g = torch.Generator().manual_seed(3)
+    ours = torch.nn.Parameter(torch.randn(C, D, generator=g, dtype=torch.float64))
+    theirs = torch.nn.Parameter(ours.detach().t().clone())
+    opt_ours, opt_theirs = torch.optim.Adafactor([ours], lr=0.01), torch.optim.Adafactor([theirs], lr=0.01)
+    grads = [torch.randn(C, D, generator=g, dtype=torch.float64) for _ in range(4)]
+    for grad in grads[:2]:
+        ours.grad, theirs.grad = grad.clone(), grad.t().clone()
+        opt_ours.step()
+        opt_theirs.step()
+    converted = convert.transpose_optimizer_state(opt_theirs.state_dict(), [0])["state"][0]
+    assert converted["row_var"].shape == (C, 1) and converted["col_var"].shape == (1, D)
+    for key in ("row_var", "col_var"):
+        torch.testing.assert_close(converted[key], opt_ours.state[ours][key], rtol=1e-12, atol=0)
+    # a fresh optimizer of ours loads the converted state and continues as theirs
+    resumed = torch.nn.Parameter(theirs.detach().t().clone())
+    opt = torch.optim.Adafactor([resumed], lr=0.01)
+    opt.load_state_dict(convert.transpose_optimizer_state(opt_theirs.state_dict(), [0]))
+    for grad in grads[2:]:
+        resumed.grad, theirs.grad = grad.clone(), grad.t().clone()
+        opt.step()
+        opt_theirs.step()
+    torch.testing.assert_close(resumed.detach(), theirs.detach().t(), rtol=1e-12, atol=1e-15)
+    # transformers' / fairseq's 1-D pair is swapped too; an unknown factored entry is refused, naming the key
+    state = {"state": {0: {"exp_avg_sq_row": torch.ones(C), "exp_avg_sq_col": torch.zeros(D), "step": 3}},
+             "param_groups": []}  # fmt: skip
+    swapped = convert.transpose_optimizer_state(state, [0])["state"][0]
+    assert swapped["exp_avg_sq_row"].shape == (D,) and bool((swapped["exp_avg_sq_col"] == 1).all())
+    for entry, key in (({"row_var": torch.ones(C, 1)}, "row_var"), ({"v_row": torch.ones(C, 1)}, "v_row"),
+                       ({"exp_avg": torch.ones(C, D), "v_col": torch.ones(D)}, "v_col")):  # fmt: skip
+        with pytest.raises(ValueError, match=repr(key)):
+            convert.transpose_optimizer_state({"state": {0: entry}, "param_groups": []}, [0])
+
+
+def test_converters_strip_the_prefix_on_request():
+    """A whole-model checkpoint's head loads into a standalone head with strip_prefix=True (strict)."""
+    theirs = {"backbone.w": torch.zeros(3), "head.kernel": torch.randn(D, C), "head.t": torch.full((1,), 0.25)}
+    head = fk.CurricularFace(D, C)
+    head.load_state_dict(convert.from_curricularface(theirs, prefix="head.", strip_prefix=True), strict=True)
+    assert torch.equal(head.weight, theirs["head.kernel"].t()) and head.t.item() == 0.25
+    kept = convert.from_curricularface(theirs, prefix="head.")
+    assert set(kept) == {"backbone.w", "head.weight", "head.t"}  # the default keeps every key
+    ours = {"m.weight": torch.zeros(C, D), "m.batch_mean": torch.zeros(()), "m.batch_std": torch.ones(()),
+            "x": torch.zeros(1)}  # fmt: skip
+    out = convert.to_adaface(ours, prefix="m.", strip_prefix=True)
+    assert set(out) == {"kernel", "batch_mean", "batch_std", "t"}
+    assert "strip_prefix" in str(inspect.signature(convert.from_facexzoo))
+    with pytest.raises(TypeError, match="strip_prefix"):
+        convert.from_magface({"weight": torch.zeros(D, C)}, strip_prefix="yes")

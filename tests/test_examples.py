@@ -50,6 +50,28 @@ def test_resume_matches_the_uninterrupted_run(tmp_path, options):
     assert final_loss(first) != final_loss(whole)  # the interrupted run did stop early
 
 
+def test_bare_resume_continues_from_the_default_checkpoint_outside_the_working_directory(tmp_path):
+    """README's `--save-at N --stop-at N` then `--resume` (no path): the checkpoint goes to the temporary folder
+    (TMPDIR here), nothing is written into the working directory, and the resumed run matches the whole one."""
+    work, tmp = tmp_path / "work", tmp_path / "tmp"
+    work.mkdir()
+    tmp.mkdir()
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "TMPDIR": str(tmp)}
+
+    def go(*args):
+        done = subprocess.run([sys.executable, SCRIPT, *TINY, "--steps", "6", "--head", "arcface", *args], cwd=work,
+                              env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    whole = go()
+    go("--save-at", "2", "--stop-at", "2")
+    assert list(work.iterdir()) == [] and (tmp / "facekernels" / "train_single_checkpoint.pt").exists()
+    resumed = go("--resume")
+    assert "after step 2" in resumed and final_loss(resumed) == final_loss(whole)
+    assert list(work.iterdir()) == []
+
+
 SHARDED = os.path.join(ROOT, "examples", "train_sharded_toy.py")
 
 

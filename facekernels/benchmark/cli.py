@@ -22,6 +22,15 @@ from .plot import matplotlib_available
 
 DEFAULT_OUT = "facekernels-bench-out"
 
+# printed under the table: what each column means
+LEGEND = """\
+Columns: "time ms p50 [p20, p80]": the median (20th, 80th percentiles) of one step in milliseconds ("full":
+forward + backward); "speedup vs eager": eager's time / this provider's; "time / gemm": this provider's time
+over that of the bare matrix products of the same shapes (the floor: 1.00 would be GEMM speed); "peak MiB":
+the most memory one step adds over what is held before it (its inputs and the previous step's gradients), so
+it excludes weight.grad (CPU: resident set; CUDA: the caching allocator); "memory / eager": peak MiB over
+eager's. OOM(...): the case did not fit (skipped from the harness's estimate, or killed)."""
+
 
 def _total_ram_gib() -> float:
     try:
@@ -38,9 +47,13 @@ def parser() -> argparse.ArgumentParser:
                         "bench/results/<gpu>-<date>/ (see bench/gpu_suite.sh); default: the sweep below")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu or cuda")
     p.add_argument("--ops", nargs="+", choices=tuple(OPS), default=list(OPS))
-    p.add_argument("--providers", nargs="+", default=None,
-                   help="default: the device's fused backend, eager, compile, gemm (and pml for triplet); "
-                        "a provider that is not an op's is ignored for that op")  # fmt: skip
+    names = sorted({name for op in OPS.values() for name in op.providers})
+    p.add_argument("--providers", nargs="+", default=None, choices=names, metavar="PROVIDER",
+                   help=f"any of {', '.join(names)} (cpu, triton: the fused heads; cuda: the fused triplet "
+                        "kernel; eager: the reference; compile: torch.compile of it; gemm: the matrix products "
+                        "alone; pml: pytorch-metric-learning, triplet only); default: the device's fused "
+                        "backend, eager, compile, gemm (and pml for triplet); a provider that is not an op's is "
+                        "ignored for that op")  # fmt: skip
     p.add_argument("--heads", nargs="+", choices=HEAD_NAMES, default=["arcface"])
     p.add_argument("--batch", type=int, default=256, help="heads: B")
     p.add_argument("--features", type=int, default=512, help="d (heads and triplet)")
@@ -68,7 +81,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--in-process", action="store_true",
                    help="measure in this process (no fresh process per provider: CPU memory is then "
                         "unreliable); for debugging")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar on stderr (for logs and CI; the table is printed either way)")
     return p
 
 
@@ -222,6 +236,7 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - start
     table = write_outputs(rows, args.out, command, device, elapsed, load_at_start, plot=plot)
     print(table)
+    print(LEGEND)
     plotted = f", plot in {os.path.join(args.out, 'plot.png')}" if plot else ""
     print(f"{len(rows) // 2} cases in {elapsed:.0f} s; rows appended to {os.path.join(args.out, 'results.csv')}"
           f"{plotted}")  # fmt: skip
