@@ -148,6 +148,38 @@ def test_triplet_duplicates_and_nan(backend, distance):
             assert torch.isnan(fkf.triplet_margin_loss(e, y, mining=mining, distance=distance, backend=backend))
 
 
+# Non-negative features (GAP after ReLU, as in re-ID) whose float16 sum passes 65504: B d = 131,072 elements
+# of mean 0.6 sum to ~79,000. Float32 rows of ~1e37 pass float32's range in a sum of more than ~50 elements.
+HALF_SUM_CASES = [(torch.float16, 1.0, 32, 4096), (torch.bfloat16, 1.0, 32, 4096), (torch.float32, 1.0, 32, 4096),
+                  (torch.float32, 1e37, 32, 12)]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", TRIPLET_BACKENDS)
+@pytest.mark.parametrize("dtype, scale, batch, features", HALF_SUM_CASES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("mining", ["semihard", "hard", "all"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_triplet_finite_rows_whose_sum_overflows_give_a_finite_loss(backend, dtype, scale, batch, features, mining,
+                                                                     normalize):  # fmt: skip
+    if scale > 1 and not normalize:
+        pytest.skip("unnormalised rows of 1e37 have distances past float32's range")
+    g = torch.Generator().manual_seed(21)
+    e = ((torch.rand(batch, features, generator=g, dtype=torch.float64) + 0.1) * scale).to(dtype)
+    y = torch.randint(0, 5, (batch,), generator=g)
+    eg = e.clone().requires_grad_()
+    got = fkf.triplet_margin_loss(eg, y, mining=mining, normalize=normalize, backend=backend)
+    got.backward()
+    assert torch.isfinite(eg.grad).all()
+    want = oracle.triplet_loss(e.double(), y, mining=mining, normalize=normalize)
+    # the same rounded rows in float32: the eager error the kernel's is measured against
+    low = fkf.triplet_margin_loss(e.float(), y, mining=mining, normalize=normalize, backend="reference")
+    kit.assert_error_ratio(got, low, want, what=f"{dtype} loss")
+    # a NaN or Inf still gives a NaN loss
+    for bad in (float("nan"), float("inf")):
+        e_bad = e.clone()
+        e_bad[3, 1] = bad
+        assert torch.isnan(fkf.triplet_margin_loss(e_bad, y, mining=mining, normalize=normalize, backend=backend))
+
+
 # ------------------------------------------------------------------------------------ malformed inputs
 
 

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from .._params import NORM_EPS, TripletParams
+from .._params import TripletParams
+from .._rowmath import normalize_rows
 
 # Importing this module loads the extension (a clear ExtensionUnavailableError when it is not built) and with
 # it the ops' schemas and shape functions (facekernels/_library.py); the backend dispatch imports it with an
@@ -172,7 +173,8 @@ def triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor, params: 
     (float32; float64 for float64 inputs), or (terms, triplets) with reduction="none"."""
     rows = embeddings
     if params.normalize or params.distance == "cosine":
-        # x / max(||x||, eps) in the accumulation dtype (an O(B d) copy for half inputs)
-        rows = F.normalize(embeddings.to(_acc_dtype(embeddings.dtype)), dim=1, eps=NORM_EPS)
+        # x / max(||x||, eps) in the accumulation dtype (an O(B d) copy for half inputs), the norm summed in
+        # float64 as the reference does: a float32 sum of squares overflows for elements past ~1e19
+        rows = normalize_rows(embeddings.to(_acc_dtype(embeddings.dtype)))
     first, second, _ = TripletFunction.apply(rows, labels, params)
     return (first, second) if params.reduction == "none" else first
