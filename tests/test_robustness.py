@@ -117,6 +117,24 @@ def test_non_contiguous_inputs(backend):
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+def test_float16_first_order_gradient_under_create_graph_is_the_plain_one(backend):
+    # the features sum past float16's 65504 (B d = 120,000 elements of mean 0.6): tying the gradient to the
+    # input by 0 * sum(x) made the whole dx NaN under create_graph=True
+    g = torch.Generator().manual_seed(2)
+    x = (torch.rand(40, 3000, generator=g) + 0.1).half()
+    w = torch.randn(37, 3000, generator=g).half()
+    y = torch.randint(0, 37, (40,), generator=g)
+    grads = []
+    for create_graph in (False, True):
+        xg = x.clone().requires_grad_()
+        loss = fkf.margin_cross_entropy(xg, w, y, "arcface", backend=backend)
+        (dx,) = torch.autograd.grad(loss, xg, create_graph=create_graph)
+        grads.append(dx.detach())
+    assert torch.isfinite(grads[0]).all()
+    assert torch.equal(grads[1], grads[0])
+
+
 # ---------------------------------------------------------------------------------- edges: triplet
 
 
