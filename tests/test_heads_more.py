@@ -409,6 +409,26 @@ def elastic_lib(y, kind, *, plus, seed, fallback=None, std=0.05, training=True, 
     return loss
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("kind", ["arc", "cos"])
+def test_elastic_a_nan_margin_on_an_ignored_row_changes_nothing(backend, kind):
+    # an ignored row's margin is never read: NaN there (rows 2 and 7 are ignored) gives the loss and the
+    # gradients of any finite margin, every weight row's gradient finite
+    head = ELASTIC[kind][0]
+    x, w, y = (a.float() if a.is_floating_point() else a for a in rows(6))  # float32: every backend's
+    results = []
+    for bad in (math.nan, 0.3):
+        margins = torch.full((x.shape[0],), 0.4)
+        margins[2] = bad
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fkf.margin_cross_entropy(xg, wg, y, head, row_margins=margins, backend=backend)
+        loss.backward()
+        results.append((loss.detach(), xg.grad, wg.grad))
+    assert torch.isfinite(results[0][2]).all()
+    for got, want, what in zip(results[0], results[1], ("loss", "dx", "dW")):
+        assert torch.equal(got, want), what
+
+
 @pytest.mark.parametrize("kind", ["arc", "cos"])
 @pytest.mark.parametrize("plus", [False, True, "official"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -140,10 +140,10 @@ def test_float16_first_order_gradient_under_create_graph_is_the_plain_one(backen
 
 @pytest.mark.parametrize("backend", TRIPLET_BACKENDS)
 @pytest.mark.parametrize("mining", ["semihard", "hard", "all"])
-@pytest.mark.parametrize("labels", [[4], [2, 2, 2], [0, 1, 2, 3, 4]])
+@pytest.mark.parametrize("labels", [[], [4], [2, 2, 2], [0, 1, 2, 3, 4]])
 def test_triplet_degenerate_batches(backend, mining, labels):
     e = torch.randn(len(labels), 5, requires_grad=True)
-    loss = fkf.triplet_margin_loss(e, torch.tensor(labels), mining=mining, backend=backend)
+    loss = fkf.triplet_margin_loss(e, torch.tensor(labels, dtype=torch.long), mining=mining, backend=backend)
     loss.backward()
     assert loss.item() == 0 and torch.all(e.grad == 0)
 

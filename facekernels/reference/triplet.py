@@ -64,6 +64,8 @@ def mine_triplets(dist: torch.Tensor, labels: torch.Tensor, mining: str) -> torc
     positive = same & ~eye
     negative = ~same
     if mining == "hard":
+        if n == 0:  # argmax over an empty row raises
+            return torch.empty(0, 3, dtype=torch.long, device=labels.device)
         anchors = torch.nonzero(positive.any(1) & negative.any(1)).squeeze(1)
         p = _masked_argmax(dist[anchors], positive[anchors])
         q = _masked_argmin(dist[anchors], negative[anchors])
