@@ -271,6 +271,30 @@ def test_no_cubic_allocation(mining, reduction):
     assert _largest_allocation(step("cpu")) <= max(8 * batch * batch, outputs)
 
 
+# (mining="all" with reduction="none" returns ~2 B^2 triplets: its output is the memory)
+@pytest.mark.parametrize("mining, reduction", [(m, "mean") for m in MODES] + [("semihard", "none"), ("hard", "none")])
+def test_peak_memory_is_two_batch_squared_buffers(mining, reduction):
+    # the Gram and distance matrices in the forward, then distances and W; the backward adds nothing of (B, B)
+    # beside the saved W (a (W + W^T) temporary and autograd's zero-filled gradient for W were a third one).
+    # Measured as the benchmark does: the process's resident high-water mark over what the inputs hold.
+    from facekernels.benchmark import measure
+
+    if not measure.hwm_resettable():
+        pytest.skip("this kernel does not let a process reset its VmHWM")
+    batch = 2048
+    e = torch.randn(batch, 16, requires_grad=True)
+    y = torch.arange(batch) % 700
+
+    def step():
+        out = fkf.triplet_margin_loss(e, y, mining=mining, reduction=reduction, backend="cpu")
+        (out[0].sum() if reduction == "none" else out).backward()
+
+    step()  # warm-up: one-off allocations of the first call
+    square = batch * batch * 4 / 2**20  # MiB of one (B, B) float32 matrix
+    peak = min(measure.peak_memory_mib(step, torch.device("cpu"))[0] for _ in range(2))
+    assert peak <= 2.4 * square, f"peak {peak:.1f} MiB = {peak / square:.2f} B^2 float32 matrices"
+
+
 # ---------------------------------------------------------------------------------- second derivatives
 
 

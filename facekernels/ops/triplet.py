@@ -3,8 +3,8 @@
 Forward: ``torch.ops.facekernels.triplet_reduce`` / ``triplet_terms`` compute the Gram matrix of the rows
 and mine every anchor with the selection code of ``csrc/include/facekernels/triplet_select.h`` (shared by
 the C++ and CUDA kernels), never building a (B, B, B) tensor; "all" with a reduction does not even
-enumerate its triplets. Memory: the (B, B) Gram, distance and slope matrices, O(B^2); with
-reduction="none" also the T mined terms, which are the output.
+enumerate its triplets. Memory: the (B, B) Gram, distance and slope matrices, at most two of them at once
+(2 B^2, forward and backward); with reduction="none" also the T mined terms, which are the output.
 
 Backward: the ops return the slopes of the terms with respect to the "raw" quantity behind each distance
 (r_ab = ||e_a - e_b||^2 for the euclidean kinds, r_ab = e_a . e_b of unit rows for cosine), accumulated in
@@ -43,10 +43,11 @@ def _grad_from_slopes(w: torch.Tensor, rows: torch.Tensor, distance: str) -> tor
     """dL/dE from W = dL/dr (see the module docstring), in the accumulation dtype. Only W + W^T and
     rowsum W + colsum W enter, so W^T (what the CUDA op returns, for coalesced writes) gives the same."""
     e = rows.to(w.dtype)
-    w_sym = w + w.t()
+    # W e + W^T e rather than (W + W^T) e: no second (B, B) buffer beside W (BLAS reads W transposed in place)
+    w_sym_e = w @ e + w.t() @ e
     if distance == "cosine":
-        return w_sym @ e
-    return 2 * ((w.sum(1) + w.sum(0)).unsqueeze(1) * e - w_sym @ e)
+        return w_sym_e
+    return 2 * ((w.sum(1) + w.sum(0)).unsqueeze(1) * e - w_sym_e)
 
 
 def _distances(rows: torch.Tensor, distance: str) -> torch.Tensor:
@@ -129,6 +130,8 @@ class TripletFunction(torch.autograd.Function):
         ctx.params = params
         _, second, third = output
         ctx.mark_non_differentiable(second, third)
+        # no zero-filled gradients for the non-differentiable outputs: W's would be another (B, B) buffer
+        ctx.set_materialize_grads(False)
         if params.reduction == "none":
             ctx.save_for_backward(rows, second, third)  # rows, triplets, slopes
         else:
@@ -136,6 +139,8 @@ class TripletFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        if grads[0] is None:
+            return None, None, None
         # grad mode is on inside backward exactly when the caller asked for create_graph=True
         if torch.is_grad_enabled() and not _slopes_are_constant(ctx.params):
             return TripletFunction._backward_with_graph(ctx, grads[0]), None, None
