@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
+from .._pairs import canonical_gram, representatives
 from .._params import TripletParams
 from .._rowmath import normalize_rows
 
@@ -52,12 +53,15 @@ def _grad_from_slopes(w: torch.Tensor, rows: torch.Tensor, distance: str) -> tor
 
 def _distances(rows: torch.Tensor, distance: str) -> torch.Tensor:
     """pair_distance of triplet_select.h as differentiable torch ops: (B, B), floored at 0, and a sqrt
-    whose derivative at 0 is 0 (never inf, which would turn a second derivative into NaN)."""
-    gram = rows @ rows.t()
+    whose derivative at 0 is 0 (never inf, which would turn a second derivative into NaN); the entries read
+    through the rows' representatives as the kernels read them (facekernels/_pairs.py)."""
+    rep = representatives(rows)
+    equal = rep.unsqueeze(1) == rep.unsqueeze(0)
+    gram = canonical_gram(rows @ rows.t(), rep)
     if distance == "cosine":
-        return F.relu(1 - gram)
+        return torch.where(equal, 0, F.relu(1 - gram))
     sq = gram.diagonal()
-    raw = F.relu(sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * gram)
+    raw = torch.where(equal, 0, F.relu(sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * gram))
     if distance == "squared_euclidean":
         return raw
     return torch.where(raw > 0, torch.where(raw > 0, raw, 1).sqrt(), 0)
@@ -112,9 +116,12 @@ class TripletFunction(torch.autograd.Function):
         # setup_context style (torch.func can transform it): what the backward needs is returned beside the loss
         # ((terms, triplets, slopes) or (loss, W, denominator)) and marked non-differentiable
         ops = torch.ops.facekernels  # loaded when this module was imported
+        # equal rows at bitwise equal distances whatever the GEMM (facekernels/_pairs.py)
+        rep = representatives(rows)
         if params.reduction == "none":
-            return ops.triplet_terms(rows, labels, params.mining, params.distance, params.margin, params.soft)
-        stats, coef = ops.triplet_reduce(rows, labels, params.mining, params.distance, params.margin, params.soft)
+            return ops.triplet_terms(rows, labels, params.mining, params.distance, params.margin, params.soft, rep)
+        stats, coef = ops.triplet_reduce(rows, labels, params.mining, params.distance, params.margin, params.soft,
+                                         rep)  # fmt: skip
         # the per-anchor sums (summed in float64 by the kernel, rounded once) and counts (integers, exact in
         # float32 below 2^24 terms per anchor) are added up in float64 too: the batch can hold billions of
         # terms; no gradient flows here
@@ -165,7 +172,8 @@ class TripletFunction(torch.autograd.Function):
         else:
             rows, labels, _, denominator = ctx.saved_tensors
             _, triplets, _ = torch.ops.facekernels.triplet_terms(rows.detach(), labels, params.mining, params.distance,
-                                                                 params.margin, params.soft)  # fmt: skip
+                                                                 params.margin, params.soft,
+                                                                 representatives(rows.detach()))  # fmt: skip
             # every term of a reduced loss has the same upstream gradient
             grad_terms = (grad / denominator).expand(triplets.shape[0])
         acc = rows.to(_acc_dtype(rows.dtype))

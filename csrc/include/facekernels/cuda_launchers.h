@@ -22,8 +22,9 @@ cudaError_t launch_target_cosine(DType dtype, const void* x, int64_t x_stride, c
 // floating buffer; mining and distance: the values of facekernels::Mining and facekernels::Distance;
 // labels: (batch,) int64.
 // dist (batch, batch) = the distances of pair_distance from gram, the (batch, batch) Gram matrix.
-cudaError_t launch_triplet_distance(DType acc_dtype, const void* gram, int64_t batch, int distance, void* dist,
-                                    cudaStream_t stream);
+// rep: the rows' representatives (pair_distance in triplet_select.h), nullptr for none.
+cudaError_t launch_triplet_distance(DType acc_dtype, const void* gram, int64_t batch, int distance,
+                                    const int64_t* rep, void* dist, cudaStream_t stream);
 // stats: (batch, 3); coef: (batch, batch), zero-filled by the caller, receives W^T.
 cudaError_t launch_triplet_reduce(DType acc_dtype, const void* dist, const int64_t* labels, int64_t batch,
                                   int mining, int distance, double margin, bool soft, void* stats, void* coef,
