@@ -155,6 +155,7 @@ class _MarginHead(nn.Module):
                 embeddings, self.weight, labels, self.params, self._t(), self._updates_t(), group=self.process_group,
                 num_classes=self.num_classes, class_start=self.class_start, backend=self.backend,
                 sample_rate=self.sample_rate, generator=self.sample_generator, stats=stats, state=self._state(),
+                config={"head": type(self).__name__, **self.margins},
             )  # fmt: skip
         return _margin_cross_entropy(embeddings, self.weight, labels, self.params, t=self._t(),
                                      training=self._updates_t(), backend=self.backend, stats=stats,
