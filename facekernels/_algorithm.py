@@ -79,7 +79,9 @@ def _no_second_derivative(grad: torch.Tensor, anchor: torch.Tensor) -> torch.Ten
     but tied to ``anchor`` (the input it is the gradient of): a second derivative then reaches the node and
     raises, where once_differentiable's detached node is pruned from autograd.grad(..., inputs) (and attached
     not at all when the incoming gradient is a constant) and the second derivative silently comes out 0."""
-    tied = grad + 0 * anchor.sum() if anchor.requires_grad else grad.detach().requires_grad_()
+    # the empty slice's sum is an exact 0 on the graph of anchor, whatever its values (0 * anchor.sum() is NaN
+    # when a float16 sum overflows, or when anchor holds an Inf that the first-order gradient handles)
+    tied = grad + anchor[:0].sum() if anchor.requires_grad else grad.detach().requires_grad_()
     return torch._C._functions.DelayedError(
         "second derivatives of the fused heads are not implemented; use backend='reference'", 1
     )(tied)

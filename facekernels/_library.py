@@ -33,14 +33,15 @@ LIBRARY.define(
     "bool need_weight_grad, int class_tile=0) -> (Tensor, Tensor)"
 )
 # fused triplet mining (csrc/cpu/triplet.cpp, csrc/cuda/triplet.cu): per-anchor (sum, count, nonzero) and the
-# (B, B) slope matrix W of a reduced loss; the mined terms, their (a, p, n) triplets and slopes
+# (B, B) slope matrix W of a reduced loss; the mined terms, their (a, p, n) triplets and slopes. representatives:
+# (B,) int64, the lowest index of a row equal to each row (facekernels/_pairs.py); None: every row its own
 LIBRARY.define(
-    "triplet_reduce(Tensor embeddings, Tensor labels, str mining, str distance, float margin, bool soft) "
-    "-> (Tensor stats, Tensor coef)"
+    "triplet_reduce(Tensor embeddings, Tensor labels, str mining, str distance, float margin, bool soft, "
+    "Tensor? representatives=None) -> (Tensor stats, Tensor coef)"
 )
 LIBRARY.define(
-    "triplet_terms(Tensor embeddings, Tensor labels, str mining, str distance, float margin, bool soft) "
-    "-> (Tensor terms, Tensor triplets, Tensor slopes)"
+    "triplet_terms(Tensor embeddings, Tensor labels, str mining, str distance, float margin, bool soft, "
+    "Tensor? representatives=None) -> (Tensor terms, Tensor triplets, Tensor slopes)"
 )
 
 
@@ -68,14 +69,14 @@ def _(grad_rows, embeddings, weight, inv_x, inv_w, target, phi, dphi, tau, t, ls
 
 
 @torch.library.register_fake("facekernels::triplet_reduce")
-def _(embeddings, labels, mining, distance, margin, soft):
+def _(embeddings, labels, mining, distance, margin, soft, representatives=None):
     batch = embeddings.shape[0]
     return embeddings.new_empty(batch, 3, dtype=_acc(embeddings)), embeddings.new_empty(batch, batch,
                                                                                         dtype=_acc(embeddings))
 
 
 @torch.library.register_fake("facekernels::triplet_terms")
-def _(embeddings, labels, mining, distance, margin, soft):
+def _(embeddings, labels, mining, distance, margin, soft, representatives=None):
     count = torch.library.get_ctx().new_dynamic_size()
     return (embeddings.new_empty(count, dtype=_acc(embeddings)), labels.new_empty(count, 3),
             embeddings.new_empty(count, 2, dtype=_acc(embeddings)))  # fmt: skip

@@ -224,7 +224,9 @@ def row_margins(p: HeadParams, norms, c, valid, training: bool, state: MarginSta
         n = norms.detach().clamp(0.001, 100.0)
         mean, std = state.batch_mean, state.batch_std
         if training:
-            update_batch_stats_(mean, std, n, valid, r.t_alpha)
+            # the statistics see an Inf norm (a float16 overflow) as NaN, not as its clip 100: such a batch is
+            # skipped (GradScaler) and must update nothing
+            update_batch_stats_(mean, std, torch.where(norms.detach().isinf(), math.nan, n), valid, r.t_alpha)
         z = (r.h * (n - mean.double()) / (std + r.eps).double()).clamp(-1.0, 1.0).to(c.dtype)
         return RowMargins(-r.m * z, r.m * (1 + z))
     if isinstance(r, MagFaceMargins):

@@ -144,6 +144,8 @@ def triplet_margin_loss(
     if reduction == "none":
         return result
     # Mining compares distances, and a comparison with NaN is false, so a NaN or Inf row could go unmined
-    # and leave the loss finite. Adding 0 * sum(embeddings) (O(B d), no sync) makes any non-finite input
-    # give a NaN loss, on every backend, without changing the value or the gradient otherwise.
-    return result + embeddings.sum().to(result.dtype) * 0
+    # and leave the loss finite. sum(0 * embeddings) is 0 for finite rows and NaN for a NaN or Inf (O(B d), no
+    # sync): added, it makes any non-finite input give a NaN loss on every backend without changing the value or
+    # the gradient otherwise. The product comes first: 0 * sum(embeddings) would overflow for finite rows (a
+    # float16 sum passes 65504 at B d ~ 1e5, a float32 one near 1e37 per element) and turn inf * 0 into NaN.
+    return result + (embeddings * 0).sum(dtype=result.dtype)

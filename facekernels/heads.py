@@ -1,8 +1,10 @@
 """The margin-softmax heads as ``nn.Module``s (semantics: docs/heads.md; other trainers: docs/migration.md).
 
-Each head owns ``weight`` (num_classes, in_features), initialised ``normal_(0, 0.01)``, and its forward
-returns the cross-entropy loss of the head's logits; the logits themselves are never returned (the fused
-backends never form them).
+Each head owns ``weight``: (num_classes, in_features), one row per class, except SubCenterArcFace's
+(num_classes * k, in_features), k rows per class (num_local classes' rows on each rank of a class-sharded head).
+It starts as the head's official code starts it (``reset_parameters``): ``normal_(0, 0.01)``, or unit-norm
+rows for AdaFace and MagFace. The forward returns the cross-entropy loss of the head's logits; the logits
+themselves are never returned (the fused backends never form them).
 """
 
 from __future__ import annotations
@@ -294,6 +296,7 @@ class _MarginHead(nn.Module):
                 embeddings, self.weight, labels, self.params, self._t(), self._updates_t(), group=self.process_group,
                 num_classes=self.num_classes, class_start=self.class_start, backend=self.backend,
                 sample_rate=self.sample_rate, generator=self.sample_generator, stats=stats, state=self._state(),
+                config={"head": type(self).__name__, **self.margins},
             )  # fmt: skip
         return _margin_cross_entropy(embeddings, self.weight, labels, self.params, t=self._t(),
                                      training=self._updates_t(), backend=self.backend, stats=stats,
@@ -314,8 +317,8 @@ class _MarginHead(nn.Module):
 # The arguments every head takes, appended to each class docstring (help(fk.ArcFace) shows them).
 _SIZES = """
         in_features: embedding size d.
-        num_classes: number of classes C; ``weight`` is (C, d) (one row per class), or (num_local, d) on each
-            rank of a class-sharded head."""
+        num_classes: number of classes C; ``weight`` has one row per class (k per class for SubCenterArcFace),
+            of this rank's num_local classes on a class-sharded head."""
 _FALLBACK = """
         fallback: the target logit where theta + m > pi: None (this head's own), "monotonic"
             (c - sin(pi - m) m: CurricularFace, TFace, pytorch-metric-learning), "none" (cos(theta + m) as is:
@@ -343,8 +346,9 @@ _COMMON = """
             resumed run draws the same classes); None: torch's global generator.
 
     Attributes:
-        weight: the class weights, a Parameter of shape (num_classes, in_features) (num_local rows when
-            sharded), initialised normal_(0, 0.01).
+        weight: the class weights, a Parameter of shape (num_classes, in_features) ((num_classes * k,
+            in_features) for SubCenterArcFace; num_local classes when sharded), initialised by
+            ``reset_parameters``: normal_(0, 0.01), or unit-norm rows for AdaFace and MagFace.
         params: the HeadParams the backends compute with.
         Every constructor argument above is an attribute. The hyper-parameters (s, m, ...), reduction,
         ignore_index, margin_grad, backend, sample_rate and return_stats may be set after construction: validated

@@ -14,7 +14,9 @@ scores, positives forced to the top, topk, sorted, as insightface samples), and 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import math
 
 import torch
@@ -72,18 +74,56 @@ def _info_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def _agree(group, error: Exception | None, batch: int, features: int, dtype_code: int, bad_label: int | None,
-           num_classes: int, ignore_index: int) -> None:  # fmt: skip
-    """Raise the same error on every rank when any rank's inputs are wrong, or when the ranks disagree on the
-    batch size, the features or the dtype: one rank raising alone would leave the others waiting in the
-    all-gather until the process group's timeout, and unequal shapes or dtypes abort inside the collective.
+def _code(value) -> int:
+    """A signed 64-bit digest of repr(value) (the same in every process, unlike hash(); repr keeps a float's
+    every bit)."""
+    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little", signed=True)
 
-    One all-gather of 6 integers per step, read on the host (a sync, like Partial FC's sampling)."""
-    info = torch.tensor([error is not None, batch, features, dtype_code, bad_label is not None, bad_label or 0],
-                        dtype=torch.int64, device=_info_device(group))  # fmt: skip
+
+def fingerprint(config: dict, params: HeadParams, num_classes: int, sample_rate: float, training: bool, stats: bool,
+                embeddings_grad: bool, weight_grad: bool) -> list[tuple[str, object]]:  # fmt: skip
+    """(name, value) of everything the ranks of a group must agree on beside the shapes and the dtype: the head
+    and its settings as the user gave them (``config``: class name and constructor margins), C, the sampler, the
+    mode, the statistics, which inputs need a gradient, and every field of the resolved HeadParams (k included).
+    A mismatch would give each rank a different loss, leave a class on no rank, send ranks into different
+    collectives (ElasticFace's draws are broadcast in training only) or leave one rank out of the backward's
+    all-reduce. User-facing fields come first; the HeadParams fields ("params.m2", ...) are as many for every
+    head, so that the digests gathered have one length on every rank."""
+    fields = [("head", config.get("head", "")), ("settings", sorted(config.items())), ("num_classes", num_classes),
+              ("sample_rate", sample_rate), ("training", training), ("return_stats", stats),
+              ("embeddings.requires_grad", embeddings_grad), ("weight.requires_grad", weight_grad)]  # fmt: skip
+    return fields + [(f"params.{f.name}", getattr(params, f.name)) for f in dataclasses.fields(params)]
+
+
+def _differences(group, config: dict, fields: list[tuple[str, object]]) -> str:
+    """The fields that differ between the ranks with every rank's value, the same text on every rank (a second
+    collective, run only when the digests differ): the user's names (s, m, k, ...) where they show the
+    difference, else the HeadParams fields."""
+    named = {**{k: repr(v) for k, v in config.items() if k != "head"},
+             **{name: repr(value) for name, value in fields if name != "settings"}}  # fmt: skip
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, named, group=group)
+    keys = list(dict.fromkeys(k for ranks in everyone for k in ranks))
+    differ = [k for k in keys if len({ranks.get(k, "-") for ranks in everyone}) > 1]
+    shown = [k for k in differ if not k.startswith("params.")] or differ
+    return "; ".join(f"{k}: {', '.join(ranks.get(k, '-') for ranks in everyone)}" for k in shown)
+
+
+def _agree(group, error: Exception | None, batch: int, features: int, dtype_code: int, bad_label: int | None,
+           num_classes: int, ignore_index: int, config: dict, fields: list[tuple[str, object]]) -> None:  # fmt: skip
+    """Raise the same error on every rank when any rank's inputs are wrong, or when the ranks disagree on the
+    batch size, the features, the dtype or a field of their fingerprint (``fingerprint``): one rank raising
+    alone would leave the others waiting in the all-gather until the process group's timeout, unequal shapes or
+    dtypes abort inside the collective, and unequal heads diverge or hang later.
+
+    One all-gather of 6 integers plus a 64-bit digest per fingerprint field, per step, read on the host (a sync,
+    like Partial FC's sampling); only an error or a disagreement runs a second collective, for the message."""
+    info = torch.tensor([error is not None, batch, features, dtype_code, bad_label is not None, bad_label or 0]
+                        + [_code(value) for _, value in fields], dtype=torch.int64, device=_info_device(group))
     parts = [torch.empty_like(info) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, info, group=group)
     rows = torch.stack(parts).tolist()
+    last = len(rows) - 1
     if any(r[0] for r in rows):
         reports = [None] * len(rows)
         dist.all_gather_object(reports, None if error is None else (type(error).__name__, str(error)), group=group)
@@ -91,11 +131,14 @@ def _agree(group, error: Exception | None, batch: int, features: int, dtype_code
             raise error
         rank, (kind, message) = next((r, m) for r, m in enumerate(reports) if m is not None)
         raise (TypeError if kind == "TypeError" else ValueError)(f"rank {rank} rejected its inputs: {message}")
+    if len({tuple(r[6:]) for r in rows}) > 1:
+        raise ValueError(f"every rank of the process group must set up its head alike; ranks 0..{last} differ in "
+                         f"{_differences(group, config, fields)}")  # fmt: skip
     for column, what in ((1, "batch size"), (2, "number of features"), (3, "embeddings dtype")):
         values = [r[column] for r in rows]
         if len(set(values)) > 1:
             shown = [V.FLOAT_DTYPES[v] if column == 3 else v for v in values]
-            raise ValueError(f"every rank must pass the same {what}; got {shown} on ranks 0..{len(rows) - 1}")
+            raise ValueError(f"every rank must pass the same {what}; got {shown} on ranks 0..{last}")
     bad = [r[5] for r in rows if r[4]]
     if bad:
         raise ValueError(f"labels must lie in [0, {num_classes}){V._or_ignored(ignore_index)}; found {bad[0]}")
@@ -118,6 +161,7 @@ def sharded_margin_cross_entropy(
     stats: bool = False,
     state=None,
     sampler=None,
+    config: dict | None = None,
 ):
     """Loss of one class-sharded head: ``embeddings`` (B_l, d) and ``labels`` (B_l,) with global class ids on
     this rank, ``weight`` (num_local, d) this rank's shard. Returns the loss of the global batch, identical on
@@ -125,7 +169,9 @@ def sharded_margin_cross_entropy(
     be the same on every rank). ``generator``: Partial FC's sampling generator; ``state``: the per-row margins'
     (facekernels._rowmath.MarginState); ``sampler``: with sample_rate < 1, a function (labels, valid) of the
     global batch -> the sorted sampled classes of this shard, instead of :func:`sample_classes` (insightface's
-    own rule: facekernels.compat.insightface). Gradient convention: facekernels/_algorithm.py."""
+    own rule: facekernels.compat.insightface); ``config``: the head module's class name ("head") and constructor
+    margins, part of the fingerprint every rank must share (``fingerprint``) and named in its error. Gradient
+    convention: facekernels/_algorithm.py."""
     error, bad_label, kernels = None, None, None
     batch = features = dtype_code = -1
     try:
@@ -153,7 +199,12 @@ def sharded_margin_cross_entropy(
                 bad_label = int(labels[wrong][0])
     except (ValueError, TypeError, BackendUnavailableError) as err:
         error = err
-    _agree(group, error, batch, features, dtype_code, bad_label, num_classes, params.ignore_index)
+    config = config or {}
+    grad = torch.is_grad_enabled()
+    fields = fingerprint(config, params, num_classes, sample_rate, training, stats,
+                         grad and bool(getattr(embeddings, "requires_grad", False)),
+                         grad and bool(getattr(weight, "requires_grad", False)))  # fmt: skip
+    _agree(group, error, batch, features, dtype_code, bad_label, num_classes, params.ignore_index, config, fields)
 
     if sample_rate >= 1.0:
         sampler = None

@@ -280,6 +280,25 @@ def test_adaface_float32_buffers_are_float32_arithmetic():
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_adaface_a_non_finite_norm_updates_no_statistic(backend, bad):
+    # an Inf embedding (a float16 overflow) has an Inf norm, which the margins clip to 100: the statistics must
+    # still see the batch as not finite, as the NaN loss and GradScaler do, and keep their values
+    x, w, y = adaface_rows(5)
+    x[5, 0] = bad  # a valid row (rows 2 and 7 are ignored)
+    mean, std = torch.tensor(20.0), torch.tensor(100.0)
+    loss = fkf.margin_cross_entropy(x.float(), w.float(), y, "adaface", batch_mean=mean, batch_std=std,
+                                    t_alpha=0.5, backend=backend)  # fmt: skip
+    assert torch.isnan(loss)
+    assert (mean.item(), std.item()) == (20.0, 100.0)
+    # the same batch labelled ignore_index on that row is finite and moves both
+    y[5] = -100
+    loss = fkf.margin_cross_entropy(x.float(), w.float(), y, "adaface", batch_mean=mean, batch_std=std,
+                                    t_alpha=0.5, backend=backend)  # fmt: skip
+    assert torch.isfinite(loss) and mean.item() != 20.0 and std.item() != 100.0
+
+
 def test_adaface_one_valid_row_keeps_the_std():
     x, w, y = adaface_rows(3)
     y[1:] = -100
@@ -388,6 +407,26 @@ def elastic_lib(y, kind, *, plus, seed, fallback=None, std=0.05, training=True, 
                                         training=training, backend="reference", **extra, **kw)  # fmt: skip
 
     return loss
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("kind", ["arc", "cos"])
+def test_elastic_a_nan_margin_on_an_ignored_row_changes_nothing(backend, kind):
+    # an ignored row's margin is never read: NaN there (rows 2 and 7 are ignored) gives the loss and the
+    # gradients of any finite margin, every weight row's gradient finite
+    head = ELASTIC[kind][0]
+    x, w, y = (a.float() if a.is_floating_point() else a for a in rows(6))  # float32: every backend's
+    results = []
+    for bad in (math.nan, 0.3):
+        margins = torch.full((x.shape[0],), 0.4)
+        margins[2] = bad
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fkf.margin_cross_entropy(xg, wg, y, head, row_margins=margins, backend=backend)
+        loss.backward()
+        results.append((loss.detach(), xg.grad, wg.grad))
+    assert torch.isfinite(results[0][2]).all()
+    for got, want, what in zip(results[0], results[1], ("loss", "dx", "dW")):
+        assert torch.equal(got, want), what
 
 
 @pytest.mark.parametrize("kind", ["arc", "cos"])

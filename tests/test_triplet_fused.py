@@ -181,6 +181,81 @@ def test_ties_go_to_the_lowest_index():
     assert idx[0].tolist() == [0, 1, 2]
 
 
+def _duplicated_batches(count, seed):
+    """Random float32 batches in which one row is copied under another label (label noise), and for hard mining
+    a second row is copied under its own label (tied positives): distances that are equal in exact arithmetic
+    but come from different GEMM entries."""
+    g = torch.Generator().manual_seed(seed)
+    for trial in range(count):
+        batch = int(torch.randint(6, 40, (), generator=g))
+        e = torch.randn(batch, int(torch.randint(2, 40, (), generator=g)), generator=g)
+        y = torch.randint(0, 4, (batch,), generator=g)
+        i, j, k, m = torch.randperm(batch, generator=g)[:4].tolist()
+        e[j], y[j] = e[i], (y[i] + 1) % 4
+        e[m], y[m] = e[k], y[k]
+        yield trial, e, y, ("squared_euclidean", "euclidean", "cosine")[trial % 3], trial % 2 == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_representatives_are_the_lowest_equal_row(dtype):
+    from facekernels._pairs import representatives
+
+    g = torch.Generator().manual_seed(3)
+    e = torch.randint(-2, 3, (60, 3), generator=g).to(dtype)  # many equal rows
+    e[7, 1], e[8, 1] = -0.0, 0.0  # equal as numbers
+    e[8, 0], e[8, 2] = e[7, 0], e[7, 2]
+    e[20, 0] = e[21, 0] = float("nan")  # a row with a NaN equals no row, not even a copy of itself
+    e[21] = e[20]
+    want = [next(j for j in range(len(e)) if bool((e[j] == e[i]).all())) if not e[i].isnan().any() else i
+            for i in range(len(e))]  # fmt: skip
+    assert representatives(e).tolist() == want
+    assert representatives(e[:0]).tolist() == [] and representatives(e[:1]).tolist() == [0]
+
+
+@pytest.mark.parametrize("mining", ["semihard", "hard"])
+def test_equal_rows_under_two_labels_mine_as_the_float64_oracle(mining):
+    # d_an == d_ap exactly when n is a copy of p: n is not semi-hard (d_an > d_ap fails), and a hard-mining
+    # tie goes to the lowest index. Every backend must see the tie whatever its GEMM rounds by position.
+    backends = ["reference", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    wrong = {backend: [] for backend in backends}
+    for trial, e, y, distance, normalize in _duplicated_batches(200, seed=6):
+        _, want = oracle.triplet_loss(e.double(), y, mining=mining, distance=distance, normalize=normalize,
+                                      reduction="none")  # fmt: skip
+        for backend in backends:
+            dev = "cuda" if backend == "cuda" else "cpu"
+            _, got = fkf.triplet_margin_loss(e.to(dev), y.to(dev), mining=mining, distance=distance,
+                                             normalize=normalize, reduction="none", backend=backend)  # fmt: skip
+            if not torch.equal(got.cpu(), want):
+                wrong[backend].append(trial)
+    assert all(not trials for trials in wrong.values()), f"batches mined unlike the oracle: {wrong}"
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_hard_mining_ties_between_equal_rows_go_to_the_lowest_index(distance):
+    # anchor 0 with two copies as its farthest positives and two copies as its closest negatives, at random
+    # places of batches of random sizes (where a GEMM rounds equal rows differently by position)
+    g = torch.Generator().manual_seed(7)
+    backends = ["reference", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    wrong = []
+    for trial in range(200):
+        batch, features = int(torch.randint(6, 80, (), generator=g)), int(torch.randint(3, 40, (), generator=g))
+        e = torch.randn(batch, features, generator=g)
+        y = torch.randint(2, 6, (batch,), generator=g)
+        p1, p2, n1, n2 = (1 + torch.randperm(batch - 1, generator=g)[:4]).tolist()  # anchor 0
+        y[0] = y[p1] = y[p2] = 0
+        e[p1] = e[p2] = -e[0] + 0.5 * torch.randn(features, generator=g)
+        y[n1] = y[n2] = 1
+        e[n1] = e[n2] = e[0] + 0.01 * torch.randn(features, generator=g)
+        want = [0, min(p1, p2), min(n1, n2)]
+        for backend in backends:
+            dev = "cuda" if backend == "cuda" else "cpu"
+            _, idx = fkf.triplet_margin_loss(e.to(dev), y.to(dev), mining="hard", distance=distance,
+                                             reduction="none", backend=backend)  # fmt: skip
+            if idx[0].tolist() != want:
+                wrong.append((trial, backend, idx[0].tolist(), want))
+    assert not wrong, f"hard-mining ties not to the lowest index: {wrong[:5]} ({len(wrong)} in all)"
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mining", MODES)
@@ -271,6 +346,30 @@ def test_no_cubic_allocation(mining, reduction):
     assert _largest_allocation(step("cpu")) <= max(8 * batch * batch, outputs)
 
 
+# (mining="all" with reduction="none" returns ~2 B^2 triplets: its output is the memory)
+@pytest.mark.parametrize("mining, reduction", [(m, "mean") for m in MODES] + [("semihard", "none"), ("hard", "none")])
+def test_peak_memory_is_two_batch_squared_buffers(mining, reduction):
+    # the Gram and distance matrices in the forward, then distances and W; the backward adds nothing of (B, B)
+    # beside the saved W (a (W + W^T) temporary and autograd's zero-filled gradient for W were a third one).
+    # Measured as the benchmark does: the process's resident high-water mark over what the inputs hold.
+    from facekernels.benchmark import measure
+
+    if not measure.hwm_resettable():
+        pytest.skip("this kernel does not let a process reset its VmHWM")
+    batch = 2048
+    e = torch.randn(batch, 16, requires_grad=True)
+    y = torch.arange(batch) % 700
+
+    def step():
+        out = fkf.triplet_margin_loss(e, y, mining=mining, reduction=reduction, backend="cpu")
+        (out[0].sum() if reduction == "none" else out).backward()
+
+    step()  # warm-up: one-off allocations of the first call
+    square = batch * batch * 4 / 2**20  # MiB of one (B, B) float32 matrix
+    peak = min(measure.peak_memory_mib(step, torch.device("cpu"))[0] for _ in range(2))
+    assert peak <= 2.4 * square, f"peak {peak:.1f} MiB = {peak / square:.2f} B^2 float32 matrices"
+
+
 # ---------------------------------------------------------------------------------- second derivatives
 
 
@@ -334,6 +433,12 @@ def test_ops_reject_bad_arguments():
         ops.triplet_terms(e, y[:3], "hard", "cosine", 0.2, False)
     with pytest.raises(ValueError, match="2-D"):
         ops.triplet_terms(e[0], y, "hard", "cosine", 0.2, False)
+    with pytest.raises(ValueError, match=r"representatives must be row indices in \[0, 4\); got 4 at 1"):
+        ops.triplet_reduce(e, y, "hard", "cosine", 0.2, False, torch.tensor([0, 4, 1, 2]))
+    with pytest.raises(ValueError, match="representatives must have shape"):
+        ops.triplet_terms(e, y, "hard", "cosine", 0.2, False, torch.arange(3))
+    with pytest.raises(TypeError, match="representatives must be int64"):
+        ops.triplet_terms(e, y, "hard", "cosine", 0.2, False, torch.arange(4).int())
 
 
 @pytest.mark.parametrize("mining", MODES)
@@ -345,6 +450,10 @@ def test_ops_opcheck(mining):
     # each overload spelled out: test_robustness's guard looks for these names
     torch.library.opcheck(torch.ops.facekernels.triplet_reduce.default, args)
     torch.library.opcheck(torch.ops.facekernels.triplet_terms.default, args)
+    e[4] = e[1]
+    with_rep = args + (torch.tensor([0, 1, 2, 3, 1, 5, 6, 7, 8, 9]),)
+    torch.library.opcheck(torch.ops.facekernels.triplet_reduce.default, with_rep)
+    torch.library.opcheck(torch.ops.facekernels.triplet_terms.default, with_rep)
 
 
 # ------------------------------------------------------------------ pytorch-metric-learning equivalences

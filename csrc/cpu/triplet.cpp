@@ -7,8 +7,9 @@
 //                     rowsum W + colsum W, which do not tell the two apart
 //   triplet_terms  -> terms (T,), triplets (T, 3) int64 (a, p, n) ordered by (a, p, n),
 //                     slopes (T, 2): d term / d raw(a, p), d term / d raw(a, n)
-// Both take the rows the loss sees (normalised by the caller when the loss normalises); outputs are
-// float32 (float64 for float64 inputs). "raw" and the backward are explained in triplet_select.h.
+// Both take the rows the loss sees (normalised by the caller when the loss normalises) and optionally their
+// representatives (pair_distance); outputs are float32 (float64 for float64 inputs). "raw" and the backward
+// are explained in triplet_select.h.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -23,7 +24,7 @@ namespace {
 constexpr int64_t kAnchorGrain = 8;
 
 // The (B, B) distance matrix D (see pair_distance) from the embeddings, in the accumulation dtype.
-at::Tensor distance_matrix(const at::Tensor& embeddings, Distance distance) {
+at::Tensor distance_matrix(const at::Tensor& embeddings, Distance distance, const int64_t* rep) {
   const auto gram = triplet_gram(embeddings);
   auto dist = at::empty_like(gram);
   const int64_t batch = gram.size(0);
@@ -32,7 +33,7 @@ at::Tensor distance_matrix(const at::Tensor& embeddings, Distance distance) {
     scalar_t* d = dist.data_ptr<scalar_t>();
     at::parallel_for(0, batch, kAnchorGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
-        for (int64_t j = 0; j < batch; ++j) d[i * batch + j] = pair_distance(distance, g, batch, i, j);
+        for (int64_t j = 0; j < batch; ++j) d[i * batch + j] = pair_distance(distance, g, batch, rep, i, j);
     });
   });
   return dist;
@@ -40,11 +41,12 @@ at::Tensor distance_matrix(const at::Tensor& embeddings, Distance distance) {
 
 std::tuple<at::Tensor, at::Tensor> triplet_reduce_cpu(const at::Tensor& embeddings, const at::Tensor& labels,
                                                       c10::string_view mining_name,
-                                                      c10::string_view distance_name, double margin, bool soft) {
+                                                      c10::string_view distance_name, double margin, bool soft,
+                                                      const c10::optional<at::Tensor>& representatives) {
   check_triplet_args(embeddings, labels, margin);
   const Mining mining = parse_mining(std::string(mining_name));
   const Distance distance = parse_distance(std::string(distance_name));
-  const auto dist = distance_matrix(embeddings, distance);
+  const auto dist = distance_matrix(embeddings, distance, representatives_ptr(representatives, embeddings));
   const auto y = labels.contiguous();
   const int64_t batch = embeddings.size(0);
   auto stats = at::empty({batch, 3}, dist.options());
@@ -68,11 +70,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_terms_cpu(const at::Tenso
                                                                  const at::Tensor& labels,
                                                                  c10::string_view mining_name,
                                                                  c10::string_view distance_name, double margin,
-                                                                 bool soft) {
+                                                                 bool soft,
+                                                                 const c10::optional<at::Tensor>& representatives) {
   check_triplet_args(embeddings, labels, margin);
   const Mining mining = parse_mining(std::string(mining_name));
   const Distance distance = parse_distance(std::string(distance_name));
-  const auto dist = distance_matrix(embeddings, distance);
+  const auto dist = distance_matrix(embeddings, distance, representatives_ptr(representatives, embeddings));
   const auto y = labels.contiguous();
   const int64_t batch = embeddings.size(0);
   // pass 1: terms per anchor; their exclusive prefix sum is where each anchor writes

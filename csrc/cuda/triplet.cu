@@ -24,11 +24,11 @@ unsigned blocks_for(int64_t batch) { return static_cast<unsigned>((batch + kThre
 
 template <typename Acc>
 __global__ void triplet_distance_kernel(const Acc* __restrict__ gram, int64_t batch, Distance distance,
-                                        Acc* __restrict__ dist) {
+                                        const int64_t* __restrict__ rep, Acc* __restrict__ dist) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kTileX + threadIdx.x;
   const int64_t i = static_cast<int64_t>(blockIdx.y) * kTileY + threadIdx.y;
   if (i >= batch || j >= batch) return;
-  dist[i * batch + j] = pair_distance(distance, gram, batch, i, j);
+  dist[i * batch + j] = pair_distance(distance, gram, batch, rep, i, j);
 }
 
 template <typename Acc>
@@ -63,8 +63,8 @@ __global__ void triplet_fill_kernel(const Acc* __restrict__ dist, const int64_t*
 
 }  // namespace
 
-cudaError_t launch_triplet_distance(DType acc_dtype, const void* gram, int64_t batch, int distance, void* dist,
-                                    cudaStream_t stream) {
+cudaError_t launch_triplet_distance(DType acc_dtype, const void* gram, int64_t batch, int distance,
+                                    const int64_t* rep, void* dist, cudaStream_t stream) {
   if (batch == 0) return cudaSuccess;
   const dim3 block(kTileX, kTileY);
   // grid.y <= 65535 holds for batch < 524k
@@ -73,11 +73,11 @@ cudaError_t launch_triplet_distance(DType acc_dtype, const void* gram, int64_t b
   const auto d = static_cast<Distance>(distance);
   switch (acc_dtype) {
     case DType::kFloat32:
-      triplet_distance_kernel<float><<<grid, block, 0, stream>>>(static_cast<const float*>(gram), batch, d,
+      triplet_distance_kernel<float><<<grid, block, 0, stream>>>(static_cast<const float*>(gram), batch, d, rep,
                                                                  static_cast<float*>(dist));
       return cudaGetLastError();
     case DType::kFloat64:
-      triplet_distance_kernel<double><<<grid, block, 0, stream>>>(static_cast<const double*>(gram), batch, d,
+      triplet_distance_kernel<double><<<grid, block, 0, stream>>>(static_cast<const double*>(gram), batch, d, rep,
                                                                   static_cast<double*>(dist));
       return cudaGetLastError();
     default:

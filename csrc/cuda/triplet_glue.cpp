@@ -17,24 +17,26 @@ namespace facekernels {
 namespace {
 
 // The (B, B) distance matrix D from the embeddings, in the accumulation dtype.
-at::Tensor distance_matrix_cuda(const at::Tensor& embeddings, Distance distance, cudaStream_t stream) {
+at::Tensor distance_matrix_cuda(const at::Tensor& embeddings, Distance distance, const int64_t* rep,
+                                cudaStream_t stream) {
   const auto gram = triplet_gram(embeddings);
   auto dist = at::empty_like(gram);
   C10_CUDA_CHECK(launch_triplet_distance(to_kernel_dtype(gram.scalar_type()), gram.data_ptr(), gram.size(0),
-                                         static_cast<int>(distance), dist.data_ptr(), stream));
+                                         static_cast<int>(distance), rep, dist.data_ptr(), stream));
   return dist;
 }
 
 std::tuple<at::Tensor, at::Tensor> triplet_reduce_cuda(const at::Tensor& embeddings, const at::Tensor& labels,
                                                        c10::string_view mining_name,
                                                        c10::string_view distance_name, double margin,
-                                                       bool soft) {
+                                                       bool soft, const c10::optional<at::Tensor>& representatives) {
   check_triplet_args(embeddings, labels, margin);
   const Mining mining = parse_mining(std::string(mining_name));
   const Distance distance = parse_distance(std::string(distance_name));
   const c10::cuda::CUDAGuard guard(embeddings.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const auto dist = distance_matrix_cuda(embeddings, distance, stream);
+  const auto dist =
+      distance_matrix_cuda(embeddings, distance, representatives_ptr(representatives, embeddings), stream);
   const auto y = labels.contiguous();
   const int64_t batch = embeddings.size(0);
   auto stats = at::empty({batch, 3}, dist.options());
@@ -49,13 +51,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_terms_cuda(const at::Tens
                                                                   const at::Tensor& labels,
                                                                   c10::string_view mining_name,
                                                                   c10::string_view distance_name, double margin,
-                                                                  bool soft) {
+                                                                  bool soft,
+                                                                  const c10::optional<at::Tensor>& representatives) {
   check_triplet_args(embeddings, labels, margin);
   const Mining mining = parse_mining(std::string(mining_name));
   const Distance distance = parse_distance(std::string(distance_name));
   const c10::cuda::CUDAGuard guard(embeddings.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const auto dist = distance_matrix_cuda(embeddings, distance, stream);
+  const auto dist =
+      distance_matrix_cuda(embeddings, distance, representatives_ptr(representatives, embeddings), stream);
   const auto y = labels.contiguous();
   const int64_t batch = embeddings.size(0);
   auto counts = at::empty({batch}, y.options());

@@ -3,8 +3,8 @@
 Forward: ``torch.ops.facekernels.triplet_reduce`` / ``triplet_terms`` compute the Gram matrix of the rows
 and mine every anchor with the selection code of ``csrc/include/facekernels/triplet_select.h`` (shared by
 the C++ and CUDA kernels), never building a (B, B, B) tensor; "all" with a reduction does not even
-enumerate its triplets. Memory: the (B, B) Gram, distance and slope matrices, O(B^2); with
-reduction="none" also the T mined terms, which are the output.
+enumerate its triplets. Memory: the (B, B) Gram, distance and slope matrices, at most two of them at once
+(2 B^2, forward and backward); with reduction="none" also the T mined terms, which are the output.
 
 Backward: the ops return the slopes of the terms with respect to the "raw" quantity behind each distance
 (r_ab = ||e_a - e_b||^2 for the euclidean kinds, r_ab = e_a . e_b of unit rows for cosine), accumulated in
@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from .._params import NORM_EPS, TripletParams
+from .._pairs import canonical_gram, representatives
+from .._params import TripletParams
+from .._rowmath import normalize_rows
 
 # Importing this module loads the extension (a clear ExtensionUnavailableError when it is not built) and with
 # it the ops' schemas and shape functions (facekernels/_library.py); the backend dispatch imports it with an
@@ -42,20 +44,24 @@ def _grad_from_slopes(w: torch.Tensor, rows: torch.Tensor, distance: str) -> tor
     """dL/dE from W = dL/dr (see the module docstring), in the accumulation dtype. Only W + W^T and
     rowsum W + colsum W enter, so W^T (what the CUDA op returns, for coalesced writes) gives the same."""
     e = rows.to(w.dtype)
-    w_sym = w + w.t()
+    # W e + W^T e rather than (W + W^T) e: no second (B, B) buffer beside W (BLAS reads W transposed in place)
+    w_sym_e = w @ e + w.t() @ e
     if distance == "cosine":
-        return w_sym @ e
-    return 2 * ((w.sum(1) + w.sum(0)).unsqueeze(1) * e - w_sym @ e)
+        return w_sym_e
+    return 2 * ((w.sum(1) + w.sum(0)).unsqueeze(1) * e - w_sym_e)
 
 
 def _distances(rows: torch.Tensor, distance: str) -> torch.Tensor:
     """pair_distance of triplet_select.h as differentiable torch ops: (B, B), floored at 0, and a sqrt
-    whose derivative at 0 is 0 (never inf, which would turn a second derivative into NaN)."""
-    gram = rows @ rows.t()
+    whose derivative at 0 is 0 (never inf, which would turn a second derivative into NaN); the entries read
+    through the rows' representatives as the kernels read them (facekernels/_pairs.py)."""
+    rep = representatives(rows)
+    equal = rep.unsqueeze(1) == rep.unsqueeze(0)
+    gram = canonical_gram(rows @ rows.t(), rep)
     if distance == "cosine":
-        return F.relu(1 - gram)
+        return torch.where(equal, 0, F.relu(1 - gram))
     sq = gram.diagonal()
-    raw = F.relu(sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * gram)
+    raw = torch.where(equal, 0, F.relu(sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * gram))
     if distance == "squared_euclidean":
         return raw
     return torch.where(raw > 0, torch.where(raw > 0, raw, 1).sqrt(), 0)
@@ -110,9 +116,12 @@ class TripletFunction(torch.autograd.Function):
         # setup_context style (torch.func can transform it): what the backward needs is returned beside the loss
         # ((terms, triplets, slopes) or (loss, W, denominator)) and marked non-differentiable
         ops = torch.ops.facekernels  # loaded when this module was imported
+        # equal rows at bitwise equal distances whatever the GEMM (facekernels/_pairs.py)
+        rep = representatives(rows)
         if params.reduction == "none":
-            return ops.triplet_terms(rows, labels, params.mining, params.distance, params.margin, params.soft)
-        stats, coef = ops.triplet_reduce(rows, labels, params.mining, params.distance, params.margin, params.soft)
+            return ops.triplet_terms(rows, labels, params.mining, params.distance, params.margin, params.soft, rep)
+        stats, coef = ops.triplet_reduce(rows, labels, params.mining, params.distance, params.margin, params.soft,
+                                         rep)  # fmt: skip
         # the per-anchor sums (summed in float64 by the kernel, rounded once) and counts (integers, exact in
         # float32 below 2^24 terms per anchor) are added up in float64 too: the batch can hold billions of
         # terms; no gradient flows here
@@ -128,6 +137,8 @@ class TripletFunction(torch.autograd.Function):
         ctx.params = params
         _, second, third = output
         ctx.mark_non_differentiable(second, third)
+        # no zero-filled gradients for the non-differentiable outputs: W's would be another (B, B) buffer
+        ctx.set_materialize_grads(False)
         if params.reduction == "none":
             ctx.save_for_backward(rows, second, third)  # rows, triplets, slopes
         else:
@@ -135,6 +146,8 @@ class TripletFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        if grads[0] is None:
+            return None, None, None
         # grad mode is on inside backward exactly when the caller asked for create_graph=True
         if torch.is_grad_enabled() and not _slopes_are_constant(ctx.params):
             return TripletFunction._backward_with_graph(ctx, grads[0]), None, None
@@ -159,7 +172,8 @@ class TripletFunction(torch.autograd.Function):
         else:
             rows, labels, _, denominator = ctx.saved_tensors
             _, triplets, _ = torch.ops.facekernels.triplet_terms(rows.detach(), labels, params.mining, params.distance,
-                                                                 params.margin, params.soft)  # fmt: skip
+                                                                 params.margin, params.soft,
+                                                                 representatives(rows.detach()))  # fmt: skip
             # every term of a reduced loss has the same upstream gradient
             grad_terms = (grad / denominator).expand(triplets.shape[0])
         acc = rows.to(_acc_dtype(rows.dtype))
@@ -172,7 +186,8 @@ def triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor, params: 
     (float32; float64 for float64 inputs), or (terms, triplets) with reduction="none"."""
     rows = embeddings
     if params.normalize or params.distance == "cosine":
-        # x / max(||x||, eps) in the accumulation dtype (an O(B d) copy for half inputs)
-        rows = F.normalize(embeddings.to(_acc_dtype(embeddings.dtype)), dim=1, eps=NORM_EPS)
+        # x / max(||x||, eps) in the accumulation dtype (an O(B d) copy for half inputs), the norm summed in
+        # float64 as the reference does: a float32 sum of squares overflows for elements past ~1e19
+        rows = normalize_rows(embeddings.to(_acc_dtype(embeddings.dtype)))
     first, second, _ = TripletFunction.apply(rows, labels, params)
     return (first, second) if params.reduction == "none" else first

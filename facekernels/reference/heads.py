@@ -62,7 +62,9 @@ def margin_cross_entropy(
     # MagFace's margins carry autograd history through the norms: phi differentiates through them
     margins = row_margins(p, row_norms(x) if p.row_margins is not None else None, c_target.detach(), valid,
                           training, state)  # fmt: skip
-    m2, m3 = (m if isinstance(m, torch.Tensor) else None for m in (margins.m2, margins.m3))
+    # an ignored row's margin is never used; a NaN there (a given row_margins) would reach every class's gradient
+    # through the row's logits (0 * NaN), so it is replaced, as the fused path never reads it
+    m2, m3 = (torch.where(valid, m, 0) if isinstance(m, torch.Tensor) else None for m in (margins.m2, margins.m3))
     tau = target_logit(c_target, p, m2, m3).tau
     phi = differentiable_target_logit(c_target, p, m2, m3)  # phi' as the spec has it, to every order
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._pairs import canonical_gram, representatives
 from .._params import TripletParams
 from .heads import normalize_rows
 
@@ -18,8 +19,8 @@ _CHUNK_ELEMENTS = 1 << 24
 
 
 def pairwise_distances(embeddings: torch.Tensor, distance: str, normalize: bool) -> torch.Tensor:
-    """(B, B) distances with an exactly-zero diagonal, floored at 0, in float32 (float64 for float64
-    inputs); differentiable.
+    """(B, B) distances, exactly 0 on the diagonal and between equal rows, floored at 0, in float32 (float64 for
+    float64 inputs); differentiable.
 
     Floors and hinges are relu: their (sub)gradient is 0 where the value is not strictly positive.
     """
@@ -27,18 +28,18 @@ def pairwise_distances(embeddings: torch.Tensor, distance: str, normalize: bool)
     # and normalising in float16 overflows at norm 65504 (zero rows)
     e = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
     e = normalize_rows(e) if normalize else e
-    eye = torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
+    if distance == "cosine" and not normalize:
+        e = normalize_rows(e)
+    # entries read through the rows' representatives (facekernels/_pairs.py): equal rows are at bitwise equal
+    # distances from every row, and at distance exactly 0 from each other (the diagonal too)
+    rep = representatives(e)
+    equal = rep.unsqueeze(1) == rep.unsqueeze(0)
+    gram = canonical_gram(e @ e.t(), rep)
     if distance == "cosine":
-        e_hat = e if normalize else normalize_rows(e)
-        dist = F.relu(1 - e_hat @ e_hat.t())
-        return torch.where(eye, 0, dist)
-    gram = e @ e.t()
-    # the norms from the Gram diagonal, not a separate (e * e).sum: the same products summed the same way,
-    # so two equal rows are at distance exactly 0 (a separate sum can differ by an ulp, which sqrt turns
-    # into ~1e-8 and which can flip a semi-hard choice)
+        return torch.where(equal, 0, F.relu(1 - gram))
+    # the norms from the Gram diagonal, not a separate (e * e).sum: the same products summed the same way
     sq_norm = gram.diagonal()
-    sq_dist = F.relu(sq_norm.unsqueeze(1) + sq_norm.unsqueeze(0) - 2 * gram)
-    sq_dist = torch.where(eye, 0, sq_dist)
+    sq_dist = torch.where(equal, 0, F.relu(sq_norm.unsqueeze(1) + sq_norm.unsqueeze(0) - 2 * gram))
     if distance == "squared_euclidean":
         return sq_dist
     zero = sq_dist == 0
@@ -64,6 +65,8 @@ def mine_triplets(dist: torch.Tensor, labels: torch.Tensor, mining: str) -> torc
     positive = same & ~eye
     negative = ~same
     if mining == "hard":
+        if n == 0:  # argmax over an empty row raises
+            return torch.empty(0, 3, dtype=torch.long, device=labels.device)
         anchors = torch.nonzero(positive.any(1) & negative.any(1)).squeeze(1)
         p = _masked_argmax(dist[anchors], positive[anchors])
         q = _masked_argmin(dist[anchors], negative[anchors])

@@ -15,8 +15,9 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3
 // floating buffer; mining and distance: the values of facekernels::Mining and facekernels::Distance;
 // labels: (batch,) int64.
 // dist (batch, batch) = the distances of pair_distance from gram, the (batch, batch) Gram matrix.
-cudaError_t launch_triplet_distance(DType acc_dtype, const void* gram, int64_t batch, int distance, void* dist,
-                                    cudaStream_t stream);
+// rep: the rows' representatives (pair_distance in triplet_select.h), nullptr for none.
+cudaError_t launch_triplet_distance(DType acc_dtype, const void* gram, int64_t batch, int distance,
+                                    const int64_t* rep, void* dist, cudaStream_t stream);
 // stats: (batch, 3); coef: (batch, batch), zero-filled by the caller, receives W^T.
 cudaError_t launch_triplet_reduce(DType acc_dtype, const void* dist, const int64_t* labels, int64_t batch,
                                   int mining, int distance, double margin, bool soft, void* stats, void* coef,

@@ -23,6 +23,27 @@ inline void check_triplet_args(const at::Tensor& embeddings, const at::Tensor& l
   TORCH_CHECK_VALUE(margin >= 0, "margin must be >= 0; got ", margin);
 }
 
+// The rows' representatives (csrc/include/facekernels/triplet_select.h, pair_distance) as a pointer, nullptr
+// when not given. Range-checked on the CPU; on CUDA (a check would be a host sync) the kernel reads an index
+// outside [0, B) as the row itself.
+inline const int64_t* representatives_ptr(const c10::optional<at::Tensor>& representatives,
+                                          const at::Tensor& embeddings) {
+  if (!representatives.has_value()) return nullptr;
+  const at::Tensor& rep = *representatives;
+  TORCH_CHECK_TYPE(rep.scalar_type() == at::kLong, "representatives must be int64; got ", rep.scalar_type());
+  TORCH_CHECK_VALUE(rep.dim() == 1 && rep.size(0) == embeddings.size(0), "representatives must have shape (",
+                    embeddings.size(0), ",); got ", rep.sizes());
+  TORCH_CHECK_VALUE(rep.device() == embeddings.device(), "representatives and embeddings must be on one device");
+  TORCH_CHECK_VALUE(rep.is_contiguous(), "representatives must be contiguous");
+  if (rep.device().is_cpu() && rep.numel() > 0) {
+    const int64_t* r = rep.data_ptr<int64_t>();
+    for (int64_t i = 0; i < rep.numel(); ++i)
+      TORCH_CHECK_VALUE(r[i] >= 0 && r[i] < rep.numel(), "representatives must be row indices in [0, ",
+                        rep.numel(), "); got ", r[i], " at ", i);
+  }
+  return rep.data_ptr<int64_t>();
+}
+
 inline Mining parse_mining(const std::string& s) {
   if (s == "semihard") return Mining::kSemihard;
   if (s == "hard") return Mining::kHard;

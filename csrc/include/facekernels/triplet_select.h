@@ -52,10 +52,19 @@ FK_HOST_DEVICE Term<Acc> triplet_term(Acc gap, Acc margin, bool soft) {
   return (h > Acc(0) || h != h) ? Term<Acc>{h, Acc(1)} : Term<Acc>{Acc(0), Acc(0)};  // NaN stays NaN
 }
 
-// d(i, j) from the Gram matrix (gram: (batch, batch) row-major): exactly 0 on the diagonal, floored at 0;
-// the same value for (i, j) and (j, i) (only the upper triangle is read).
+// d(i, j) from the Gram matrix (gram: (batch, batch) row-major), floored at 0, read at the rows'
+// representatives rep (the lowest index of an equal row, facekernels/_pairs.py; nullptr: every row its own)
+// and from the upper triangle only: equal rows are at bitwise equal distances from every row, whatever the
+// GEMM's rounding by position, and at exactly 0 from each other (the diagonal too); d(i, j) = d(j, i).
 template <typename Acc>
-FK_HOST_DEVICE Acc pair_distance(Distance distance, const Acc* gram, int64_t batch, int64_t i, int64_t j) {
+FK_HOST_DEVICE Acc pair_distance(Distance distance, const Acc* gram, int64_t batch, const int64_t* rep, int64_t i,
+                                 int64_t j) {
+  if (rep != nullptr) {
+    // an index outside [0, batch) (unchecked on CUDA, where a check would be a host sync) reads the row itself
+    const int64_t ri = rep[i], rj = rep[j];
+    i = ri >= 0 && ri < batch ? ri : i;
+    j = rj >= 0 && rj < batch ? rj : j;
+  }
   if (i == j) return Acc(0);
   const int64_t lo = i < j ? i : j, hi = i < j ? j : i;
   const Acc dot = gram[lo * batch + hi];
