@@ -117,12 +117,14 @@ def sharded_margin_cross_entropy(
     generator: torch.Generator | None = None,
     stats: bool = False,
     state=None,
+    update=None,
 ):
     """Loss of one class-sharded head: ``embeddings`` (B_l, d) and ``labels`` (B_l,) with global class ids on
     this rank, ``weight`` (num_local, d) this rank's shard. Returns the loss of the global batch, identical on
     every rank ("none": the (B,) row losses of the global batch, in rank order; a gradient given to them must
     be the same on every rank). ``generator``: Partial FC's sampling generator; ``state``: the per-row margins'
-    (facekernels._rowmath.MarginState). Gradient convention: facekernels/_algorithm.py."""
+    (facekernels._rowmath.MarginState); ``update``: a fused optimizer of this rank's shard (facekernels/optim.py).
+    Gradient convention: facekernels/_algorithm.py."""
     error, bad_label, kernels = None, None, None
     batch = features = dtype_code = -1
     try:
@@ -157,6 +159,6 @@ def sharded_margin_cross_entropy(
                                     num_local=weight.shape[0] // params.subcenters, sample_rate=sample_rate,
                                     generator=generator)  # fmt: skip
     return _algorithm.margin_cross_entropy(embeddings, weight, labels, params, t, training, kernels, group=group,
-                                           class_start=class_start, sampler=sampler, stats=stats,
-                                           state=state)  # fmt: skip
+                                           class_start=class_start, sampler=sampler, stats=stats, state=state,
+                                           update=update)  # fmt: skip
 
