@@ -79,12 +79,13 @@ def _put(tensor: torch.Tensor, index, value: torch.Tensor) -> None:
         tensor.index_copy_(0, index, value)
 
 
-def _minus_lr_times(p: torch.Tensor, update: torch.Tensor, lr) -> torch.Tensor:
-    """p - lr * update, out of place: torch's ``p.add_(update, alpha=-lr)`` for a float lr; for a tensor lr its
-    no-sync form (the ``addcmul`` torch's SGD uses for a differentiable lr)."""
+def _minus_lr_times_(p: torch.Tensor, update: torch.Tensor, lr) -> None:
+    """p -= lr * update: torch's ``p.add_(update, alpha=-lr)`` for a float lr; for a tensor lr its no-sync form
+    (the ``addcmul_`` torch's SGD uses for a differentiable lr)."""
     if isinstance(lr, torch.Tensor):
-        return p.addcmul(update, lr.to(p.device), value=-1)
-    return p.add(update, alpha=-lr)
+        p.addcmul_(update, lr.to(p.device), value=-1)
+    else:
+        p.add_(update, alpha=-lr)
 
 
 class _FusedOptimizer(torch.optim.Optimizer):
@@ -142,8 +143,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _begin_step(self, group: dict, state: dict) -> None:
         """Per-backward constants (read once, before the chunks)."""
 
-    def _chunk_update(self, group: dict, p: torch.Tensor, grad: torch.Tensor, old: dict) -> dict:
-        """New values of 'param' and of the state tensors of one chunk of rows (out of place)."""
+    def _chunk_update(self, group: dict, grad: torch.Tensor, p: torch.Tensor, rows: dict) -> None:
+        """Update one chunk of rows in place: ``p`` the weight's (or master's), ``rows`` the state tensors' by
+        name; ``grad`` is this chunk's own (it may be overwritten)."""
         raise NotImplementedError
 
     def _close_step(self, state: dict) -> None:
@@ -231,15 +233,26 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _apply(self, param: torch.Tensor, index, grad: torch.Tensor, finite_rows: torch.Tensor) -> None:
         state = self.state[param]
         work = self._work(param)
-        ok = finite_rows & torch.isfinite(grad).all()
-        self._found_inf.logical_or_(~ok)
-        targets = {"param": work}
-        targets.update((name, value) for name, value in state.items() if name not in ("step", "master_weight"))
-        old = {name: _take(value, index) for name, value in targets.items()}
-        new = self._chunk_update(self.param_groups[0], old["param"], grad, old)
-        # commit: a chunk with a non-finite gradient keeps its rows as they were (no host sync)
-        for name, value in new.items():
-            _put(targets[name], index, torch.where(ok, value, old[name]))
+        # one pass: any Inf or NaN makes the sum non-finite (a finite gradient summing past float's range is
+        # beyond any real head's: |dW| <= s |g| / ||w|| per element)
+        finite = finite_rows & torch.isfinite(grad.sum())
+        self._found_inf.logical_or_(~finite)
+        targets = [work] + [value for name, value in state.items() if name not in ("step", "master_weight")]
+        on_cpu = work.device.type == "cpu"
+        if on_cpu:
+            # a CPU flag is read without any device sync: a non-finite chunk is skipped outright, and a finite
+            # one updated in place with torch's own in-place operations (no commit pass)
+            if not bool(finite):
+                return
+            rows = [_take(t, index) for t in targets]  # views for a slice, copies for Partial FC's rows
+        else:
+            # no host sync on a GPU: the update runs on copies, committed by torch.where (skip = old values)
+            rows = [t[index].clone() if isinstance(index, slice) else _take(t, index) for t in targets]
+        names = [name for name in state if name not in ("step", "master_weight")]
+        self._chunk_update(self.param_groups[0], grad, rows[0], dict(zip(names, rows[1:])))
+        if not (on_cpu and isinstance(index, slice)):
+            for target, new in zip(targets, rows):
+                _put(target, index, new if on_cpu else torch.where(finite, new, _take(target, index)))
         if self._master:
             _put(param.data, index, _take(work, index).to(param.dtype))
 
@@ -340,20 +353,19 @@ class SGD(_FusedOptimizer):
             state["momentum_buffer"] = torch.zeros_like(work, memory_format=torch.preserve_format)
             self._first = True
 
-    def _chunk_update(self, group, p, grad, old):
+    def _chunk_update(self, group, grad, p, rows):
+        # torch's single-tensor SGD, operation for operation (its out-of-place adds done in place on grad)
         weight_decay, momentum = group["weight_decay"], group["momentum"]
         if weight_decay != 0:
-            grad = grad.add(p, alpha=weight_decay)
-        new = {}
+            grad.add_(p, alpha=weight_decay)
         if momentum != 0:
+            buf = rows["momentum_buffer"]
             if self._first:
-                buf = grad  # torch: the first buffer is the gradient itself (no dampening)
+                buf.copy_(grad)  # torch: the first buffer is the gradient itself (no dampening)
             else:
-                buf = old["momentum_buffer"].mul(momentum).add_(grad, alpha=1 - group["dampening"])
-            new["momentum_buffer"] = buf
-            grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
-        new["param"] = _minus_lr_times(p, grad, self._lr)
-        return new
+                buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
+            grad = grad.add_(buf, alpha=momentum) if group["nesterov"] else buf
+        _minus_lr_times_(p, grad, self._lr)
 
 
 class AdamW(_FusedOptimizer):
@@ -407,19 +419,21 @@ class AdamW(_FusedOptimizer):
         self._bias_correction1 = 1 - beta1**step
         self._bias_correction2_sqrt = (1 - beta2**step) ** 0.5
 
-    def _chunk_update(self, group, p, grad, old):
+    def _chunk_update(self, group, grad, p, rows):
+        # torch's single-tensor AdamW (capturable=False), operation for operation
         lr, weight_decay, eps = self._lr, group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = rows["exp_avg"], rows["exp_avg_sq"]
         if weight_decay != 0:
-            p = p.mul(1 - lr * weight_decay)
-        exp_avg = old["exp_avg"].lerp(grad, 1 - beta1)
-        exp_avg_sq = old["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+            p.mul_(1 - lr * weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = (exp_avg_sq.sqrt() / self._bias_correction2_sqrt).add_(eps)
         if isinstance(lr, torch.Tensor):
-            p = p.sub(exp_avg.div(denom).mul_(lr.to(p.device) / self._bias_correction1))
+            # torch would read a tensor's step size on the host (value=); its no-sync form, within a rounding
+            p.sub_(exp_avg.div(denom).mul_(lr.to(p.device) / self._bias_correction1))
         else:
-            p = p.addcdiv(exp_avg, denom, value=-(lr / self._bias_correction1))
-        return {"param": p, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+            p.addcdiv_(exp_avg, denom, value=-(lr / self._bias_correction1))
 
     def _close_step(self, state):
         state["step"] += 1
