@@ -66,6 +66,9 @@ from . import _validate as V
 # Bytes of the weight's rows per update chunk (float32 temporaries at least): in the L3 cache of a CPU, and
 # small beside the weight (the peak memory beyond weight and state). Tests make it small.
 CHUNK_BYTES = 4 * 2**20
+# CPU tensors: a non-finite chunk is skipped by reading its flag on the host (no device is involved) and a finite
+# one updated in place. Tests set False to run the GPU's no-sync path (copies committed by torch.where) on CPU.
+HOST_SKIP_ON_CPU = True
 
 
 def _take(tensor: torch.Tensor, index) -> torch.Tensor:
@@ -238,7 +241,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         finite = finite_rows & torch.isfinite(grad.sum())
         self._found_inf.logical_or_(~finite)
         targets = [work] + [value for name, value in state.items() if name not in ("step", "master_weight")]
-        on_cpu = work.device.type == "cpu"
+        on_cpu = work.device.type == "cpu" and HOST_SKIP_ON_CPU
         if on_cpu:
             # a CPU flag is read without any device sync: a non-finite chunk is skipped outright, and a finite
             # one updated in place with torch's own in-place operations (no commit pass)

@@ -93,8 +93,15 @@ def _assert_same_state(fused, fused_opt, plain, torch_opt, rel):
 # ----------------------------------------------------------------------------------------------- cpu, float64
 
 
+@pytest.fixture(params=[True, False], ids=["host_skip", "where_commit"])
+def commit_path(request, monkeypatch):
+    """Both ways a chunk's update is committed: in place after a host read of its finite flag (CPU tensors),
+    and the GPU's no-sync path (copies, torch.where), run here on CPU tensors."""
+    monkeypatch.setattr(fo, "HOST_SKIP_ON_CPU", request.param)
+
+
 @pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
-def test_cpu_float64_matches_torch(kind):
+def test_cpu_float64_matches_torch(kind, commit_path):
     fused, fused_opt, plain, torch_opt = _pair(kind)
     batches = [_batch(torch.float64) for _ in range(STEPS)]
     _train(fused, fused_opt, batches, True)
@@ -116,7 +123,7 @@ def test_cpu_float64_bit_for_bit_when_tiles_coincide(kind, monkeypatch):
     _assert_same_state(fused, fused_opt, plain, torch_opt, 0.0)
 
 
-def test_subcenters_and_ignored_rows():
+def test_subcenters_and_ignored_rows(commit_path):
     # k = 3 rows per class (chunks of whole classes), a third of the rows ignored
     fused, fused_opt, plain, torch_opt = _pair("sgd_nesterov", head_cls=fk.SubCenterArcFace, k=3)
     batches = []
@@ -275,7 +282,7 @@ def test_frozen_and_eval_update_nothing():
 # ------------------------------------------------------------------------------- non-finite, GradScaler
 
 
-def test_nan_loss_leaves_weights_and_state_untouched():
+def test_nan_loss_leaves_weights_and_state_untouched(commit_path):
     for kind in ("sgd_momentum", "adamw"):
         fused, fused_opt, plain, torch_opt = _pair(kind)
         batch = _batch(torch.float64)
@@ -293,7 +300,7 @@ def test_nan_loss_leaves_weights_and_state_untouched():
                 assert torch.equal(fused_opt.state[fused.weight][key], value), key
 
 
-def test_grad_scaler_unscales_and_skips_non_finite_chunks():
+def test_grad_scaler_unscales_and_skips_non_finite_chunks(commit_path):
     head = _make(dtype=torch.float32)
     plain = _make(dtype=torch.float32)
     plain.weight.data.copy_(head.weight.data)
@@ -373,6 +380,7 @@ SHARDED = {
     "cpu_adamw": ("cpu", torch.float64, "adamw", 1.0),
     "cpu_sgd_partial_fc": ("cpu", torch.float64, "sgd_momentum", 0.5),
     "cpu_adamw_partial_fc": ("cpu", torch.float64, "adamw", 0.5),
+    "cpu_sgd_partial_fc_where": ("cpu", torch.float64, "sgd_nesterov", 0.5),  # the GPU's commit path
     "triton_sgd": ("triton", torch.float32, "sgd_momentum", 1.0),
 }
 
@@ -392,6 +400,7 @@ def _sharded_worker(rank, store, out_dir, chunk_bytes):
         results = {}
         for name, (backend, dtype, kind, rate) in SHARDED.items():
             steps = 2 if backend == "triton" else STEPS
+            fo.HOST_SKIP_ON_CPU = not name.endswith("_where")
             heads = []
             for _ in range(2):
                 head = fk.ArcFace(D, C, backend=backend, process_group=dist.group.WORLD, sample_rate=rate,
