@@ -236,9 +236,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _apply(self, param: torch.Tensor, index, grad: torch.Tensor, finite_rows: torch.Tensor) -> None:
         state = self.state[param]
         work = self._work(param)
-        # one pass: any Inf or NaN makes the sum non-finite (a finite gradient summing past float's range is
-        # beyond any real head's: |dW| <= s |g| / ||w|| per element)
-        finite = finite_rows & torch.isfinite(grad.sum())
+        # one pass: any Inf or NaN makes the sum non-finite. Summed in float32 at least (float16's range would
+        # overflow on a finite chunk); a finite float32 gradient summing past 3e38 is beyond any real head's
+        finite = finite_rows & torch.isfinite(grad.sum(dtype=torch.promote_types(grad.dtype, torch.float32)))
         self._found_inf.logical_or_(~finite)
         targets = [work] + [value for name, value in state.items() if name not in ("step", "master_weight")]
         on_cpu = work.device.type == "cpu" and HOST_SKIP_ON_CPU
