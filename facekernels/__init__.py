@@ -4,7 +4,7 @@ Importing the package needs only torch: the compiled extension and Triton load w
 them first runs.
 """
 
-from . import convert, functional, reference
+from . import convert, functional, optim, reference
 from ._backends import BackendUnavailableError
 from ._extension import ExtensionUnavailableError
 from ._params import HeadParams, TripletParams
@@ -49,6 +49,7 @@ __all__ = [
     "convert",
     "functional",
     "head_params",
+    "optim",
     "reference",
     "set_label_checks",
 ]

@@ -22,6 +22,11 @@ or Partial FC's sampled rows of it), with the per-class work done by a kernel ba
 
 Nothing of size (B, C) exists at any point: O(B chunk + B d + C) beyond the inputs and dW.
 
+With a fused optimizer attached (facekernels/optim.py), step 4 hands each chunk's weight gradient to it as soon
+as the chunk's gradient exists: the optimizer updates those rows of the weight (and their state) in place, and
+the backward returns no weight gradient, so dW never exists (chunks also bounded by the optimizer's
+``chunk_classes``; the CPU kernels then run one call per chunk).
+
 Sharded gradient convention (insightface Partial FC): the gradient returned for the local embeddings is
 ``world * d(loss)/d(local embeddings)``, so that DDP's average over the backbone replicas is the gradient of the
 global loss; the weight shard gets the plain gradient of its rows.
@@ -115,7 +120,8 @@ torch.compile cannot trace) instead of returning a silent 0.
     """
 
     @staticmethod
-    def forward(x, w, x_all, inv_x, inv_w, target, target_rows, norm_rows, t, valid, params, kernels, group):
+    def forward(x, w, x_all, inv_x, inv_w, target, target_rows, norm_rows, t, valid, params, kernels, group,
+                update, update_rows):  # fmt: skip
         # x_all: the global batch (sharded), None when it is x itself; target_rows: (phi, phi', tau) stacked, as
         # phi and tau may be one tensor (torch.compile traces no tensor passed twice); norm_rows: None, or for
         # margins that depend on n = ||x|| (MagFace) the row term, d phi / dn and d(row term) / dn stacked
@@ -139,11 +145,13 @@ torch.compile cannot trace) instead of returning a silent 0.
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w, x_all, inv_x, inv_w, target, target_rows, norm_rows, t, valid, params, kernels, group = inputs
+        x, w, x_all, inv_x, inv_w, target, target_rows, norm_rows, t, valid, params, kernels, group = inputs[:13]
         x_all = x if x_all is None else x_all
         ctx.save_for_backward(x_all, w, inv_x, inv_w, target, target_rows, norm_rows, t, valid, output[1])
         ctx.params, ctx.kernels, ctx.batch_local = params, kernels, x.shape[0]
         ctx.group_ref = None if group is None else weakref.ref(group)  # the graph may outlive the group
+        # a fused optimizer (or None) and the weight's rows that w holds (Partial FC's sampled rows; None: all)
+        ctx.update, ctx.update_rows = inputs[13:]
         ctx.mark_non_differentiable(output[1], output[2])
 
     @staticmethod
@@ -155,12 +163,16 @@ torch.compile cannot trace) instead of returning a silent 0.
         if torch.is_grad_enabled() and not torch._C._functorch.is_functorch_wrapped_tensor(grad_rows):
             x_all, w = ctx.saved_tensors[:2]
             dx, dw = (None if g is None else _no_second_derivative(g, a) for g, a in ((dx, x_all), (dw, w)))
-        return (dx, dw) + (None,) * 11
+        return (dx, dw) + (None,) * 13
 
     @staticmethod
     def _gradients(ctx, grad_rows):
-        x_all, w, inv_x, inv_w, target, (phi, dphi, tau), norm_rows, t, valid, lse = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        update = ctx.update
+        if update is not None:
+            # before anything is unpacked or updated: a second backward before step() raises here
+            update._begin_backward(ctx.update_rows, need_dw)
+        x_all, w, inv_x, inv_w, target, (phi, dphi, tau), norm_rows, t, valid, lse = ctx.saved_tensors
         if not (need_dx or need_dw):
             return None, None
         p, kernels = ctx.params, ctx.kernels
@@ -168,20 +180,32 @@ torch.compile cannot trace) instead of returning a silent 0.
         k = p.subcenters  # rows of w per class
         classes = w.shape[0] // k
         chunk = kernels.chunk_classes(x_all.shape[0], classes * k, x_all.dtype) // k
-        single = chunk >= classes
+        fused = update is not None and need_dw
+        if fused:
+            # the optimizer's bound keeps each chunk's gradient and update temporaries small (and in cache)
+            chunk = max(1, min(chunk, update._chunk_classes(w.shape[1], k, w.dtype)))
+            # a NaN / Inf in the loss's row inputs skips every chunk's update, even a chunk whose gradient comes
+            # out finite (a class outside the cosine clamp gets an exact 0): a 0-dim tensor, no host sync
+            finite_rows = torch.isfinite(g).all() & torch.isfinite(lse).all()
+        single = chunk >= classes and not fused
         a = None
-        dw = None if single or not need_dw else torch.empty_like(w)
+        dw = None if single or fused or not need_dw else torch.empty_like(w)
         for c0 in range(0, classes, chunk):
             c1 = min(classes, c0 + chunk)
             # the target column relative to the chunk: rows whose target lies outside it get none here
             part_a, part_dw = kernels.backward_chunk(
                 g, x_all, w[c0 * k : c1 * k], inv_x, inv_w[c0 * k : c1 * k], target - c0 if c0 else target, phi,
-                dphi, tau, t, lse, p, need_dx, need_dw, None if single or not need_dw else dw[c0 * k : c1 * k],
+                dphi, tau, t, lse, p, need_dx, need_dw, None if dw is None else dw[c0 * k : c1 * k],
             )  # fmt: skip
             if need_dx:
                 a = part_a if a is None else a.add_(part_a)
             if single:
                 dw = part_dw
+            elif fused:
+                # after this chunk's A and dW are computed from its rows of w, before the next chunk reads its own
+                update._update_rows(c0 * k, c1 * k, part_dw, finite_rows)
+        if fused:
+            update._end_backward(finite_rows)
         dx = None
         if need_dx:
             group = live_group(ctx.group_ref)
@@ -219,6 +243,7 @@ def margin_cross_entropy(
     sampler=None,
     stats: bool = False,
     state: MarginState | None = None,
+    update=None,
 ):
     """Loss of one head (module docstring), inputs already validated. ``embeddings`` (B_l, d), ``labels``
     (B_l,) global class ids; ``weight`` (C_l, d): all the classes (group None) or this rank's shard
@@ -226,7 +251,8 @@ def margin_cross_entropy(
     Partial FC's sorted sampled rows of the shard. ``t`` (CurricularFace) is updated in place when
     ``training``. Returns the loss of the (global) batch, the same on every rank; float32 (float64 for float64
     inputs). With ``stats``: (loss, HeadStats) of the (global) batch, from the fused pass (target cosine, and
-    the logits' row max that the forward computes anyway)."""
+    the logits' row max that the forward computes anyway). ``update``: a fused optimizer (facekernels/optim.py)
+    that updates ``weight`` in the backward instead of a weight gradient."""
     p = params
     dtype = kernels.compute_dtype(embeddings, weight)
     x, w = embeddings.to(dtype), weight.to(dtype)
@@ -242,6 +268,7 @@ def margin_cross_entropy(
     k = p.subcenters
     local = labels - class_start
     in_shard = valid & (local >= 0) & (local < w.shape[0] // k)
+    sampled_rows = None
     if sampler is not None:
         sample_index = sampler(labels, valid)
         sampled_rows = (sample_index.unsqueeze(1) * k + torch.arange(k, device=w.device)).view(-1)  # k per class
@@ -280,6 +307,7 @@ def margin_cross_entropy(
         t_used = t.detach().clone()
     target_rows = torch.stack([phi, dphi, tau])
     rows, _, row_max = _HeadRows.apply(x, w, None if group is None else x_all, inv_x, inv_w, target_col,
-                                       target_rows, norm_rows, t_used, valid, p, kernels, group)  # fmt: skip
+                                       target_rows, norm_rows, t_used, valid, p, kernels, group, update,
+                                       sampled_rows)  # fmt: skip
     loss = reduce_row_losses(rows.to(acc_dtype(dtype)), valid, p.reduction)
     return (loss, head_stats(c, p.s * phi, row_max, valid)) if stats else loss

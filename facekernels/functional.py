@@ -16,18 +16,21 @@ from ._rowmath import MarginState
 
 
 def _margin_cross_entropy(embeddings, weight, labels, params: HeadParams, t, training: bool, backend: str,
-                          stats: bool = False, state: MarginState | None = None):  # fmt: skip
+                          stats: bool = False, state: MarginState | None = None, update=None):  # fmt: skip
     labels = V.check_head_inputs(embeddings, weight, labels, params.ignore_index, params.subcenters)
     if params.uses_t:
         V.check_t_buffer(t, embeddings)
     V.check_margin_state(params, state, embeddings)
     kernels = head_kernels(backend, embeddings.device)
     if kernels is None:
+        if update is not None:
+            raise ValueError("a fused optimizer (facekernels.optim) needs a fused backend: the head's backend is "
+                             "'reference' here; use backend='auto', 'cpu' or 'triton'")  # fmt: skip
         from .reference.heads import margin_cross_entropy as reference_loss
 
         return reference_loss(embeddings, weight, labels, params, t, training, stats, state)
     return _algorithm.margin_cross_entropy(embeddings, weight, labels, params, t, training, kernels, stats=stats,
-                                           state=state)  # fmt: skip
+                                           state=state, update=update)  # fmt: skip
 
 
 def margin_cross_entropy(

@@ -97,6 +97,8 @@ class _MarginHead(nn.Module):
     presets: dict = {}  # name -> constructor arguments that reproduce that trainer's head (see like())
     unit_norm_init = False  # reset_parameters: unit-norm rows (AdaFace, MagFace official) instead of N(0, 0.01)
     float32_buffers: tuple = ()  # running statistics kept float32 by .half() / .to(dtype) (see _apply)
+    # the facekernels.optim optimizer attached to this head (it sets this); its update runs in the backward
+    _fused_optimizer = None
 
     in_features = _fixed("in_features", "the weight's shape")
     num_classes = _fixed("num_classes", "the weight's shape and the class split")
@@ -289,6 +291,9 @@ class _MarginHead(nn.Module):
             (``facekernels.functional.margin_cross_entropy``, return_stats).
         """
         stats = bool(self.return_stats)
+        # a fused optimizer updates the weight in the backward of a training-mode forward only: in eval mode the
+        # head is an ordinary one (its backward, if any, fills weight.grad and updates nothing)
+        update = self._fused_optimizer if self.training else None
         if self.process_group is not None:
             from .sharded import sharded_margin_cross_entropy
 
@@ -296,11 +301,11 @@ class _MarginHead(nn.Module):
                 embeddings, self.weight, labels, self.params, self._t(), self._updates_t(), group=self.process_group,
                 num_classes=self.num_classes, class_start=self.class_start, backend=self.backend,
                 sample_rate=self.sample_rate, generator=self.sample_generator, stats=stats, state=self._state(),
-                config={"head": type(self).__name__, **self.margins},
+                config={"head": type(self).__name__, **self.margins}, update=update,
             )  # fmt: skip
         return _margin_cross_entropy(embeddings, self.weight, labels, self.params, t=self._t(),
                                      training=self._updates_t(), backend=self.backend, stats=stats,
-                                     state=self._state())  # fmt: skip
+                                     state=self._state(), update=update)  # fmt: skip
 
     def extra_repr(self) -> str:
         p = self.params

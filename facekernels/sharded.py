@@ -162,6 +162,7 @@ def sharded_margin_cross_entropy(
     state=None,
     sampler=None,
     config: dict | None = None,
+    update=None,
 ):
     """Loss of one class-sharded head: ``embeddings`` (B_l, d) and ``labels`` (B_l,) with global class ids on
     this rank, ``weight`` (num_local, d) this rank's shard. Returns the loss of the global batch, identical on
@@ -170,8 +171,8 @@ def sharded_margin_cross_entropy(
     (facekernels._rowmath.MarginState); ``sampler``: with sample_rate < 1, a function (labels, valid) of the
     global batch -> the sorted sampled classes of this shard, instead of :func:`sample_classes` (insightface's
     own rule: facekernels.compat.insightface); ``config``: the head module's class name ("head") and constructor
-    margins, part of the fingerprint every rank must share (``fingerprint``) and named in its error. Gradient
-    convention: facekernels/_algorithm.py."""
+    margins, part of the fingerprint every rank must share (``fingerprint``) and named in its error; ``update``:
+    a fused optimizer of this rank's shard (facekernels/optim.py). Gradient convention: facekernels/_algorithm.py."""
     error, bad_label, kernels = None, None, None
     batch = features = dtype_code = -1
     try:
@@ -213,6 +214,6 @@ def sharded_margin_cross_entropy(
                                     num_local=weight.shape[0] // params.subcenters, sample_rate=sample_rate,
                                     generator=generator)  # fmt: skip
     return _algorithm.margin_cross_entropy(embeddings, weight, labels, params, t, training, kernels, group=group,
-                                           class_start=class_start, sampler=sampler, stats=stats,
-                                           state=state)  # fmt: skip
+                                           class_start=class_start, sampler=sampler, stats=stats, state=state,
+                                           update=update)  # fmt: skip
 

@@ -241,6 +241,27 @@ def test_every_cpu_provider_runs_every_mode(mode):
             triplet.setup(provider, TripletShape(12, 5, 3, mining), mode, CPU, copies=2)()
 
 
+def test_optim_mode_steps_the_head_optimizer():
+    """"optim": forward + backward + the head's SGD step for the fused head + torch.optim.SGD, the eager head
+    + torch.optim.SGD and the fused update (fused_sgd); compile / gemm have no optim case."""
+    import argparse
+
+    from facekernels.benchmark.cli import build_cases
+
+    heads = OPS["heads"]
+    for provider in ("cpu", "eager", "fused_sgd"):
+        step = heads.setup(provider, HeadShape("arcface", 5, 7, 13), "optim", CPU, copies=2)
+        for _ in range(3):
+            step()
+    args = argparse.Namespace(ops=["heads"], providers=None, classes=[13], double_to=None, heads=["arcface"],
+                              batch=5, features=7, dtype=["float32"], mode=["optim", "full"])  # fmt: skip
+    cases = build_cases(args, CPU)
+    assert {p for _, p in cases} == {"cpu", "eager", "compile", "gemm", "fused_sgd"}
+    assert [m for _, m in cases[("heads", "fused_sgd")]] == ["optim"]
+    assert [m for _, m in cases[("heads", "gemm")]] == ["full"]
+    assert [m for _, m in cases[("heads", "cpu")]] == ["optim", "full"]
+
+
 def test_compile_provider_matches_eager():
     """torch.compile of the reference runs (compiled in setup, outside the timing) on CPU."""
     if OPS["heads"].probe("compile", CPU) is not None:

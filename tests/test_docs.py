@@ -13,7 +13,7 @@ from facekernels import functional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLIC = [fk.NormSoftmax, fk.ArcFace, fk.CosFace, fk.CombinedMargin, fk.MVSoftmax, fk.CurricularFace,
-          fk.TripletMarginLoss]  # fmt: skip
+          fk.TripletMarginLoss, fk.optim.SGD, fk.optim.AdamW]  # fmt: skip
 FUNCTIONS = [functional.margin_cross_entropy, functional.triplet_margin_loss, fk.head_params,
              fk.ArcFace.like, fk.CurricularFace.frozen_t, fk.ArcFace.forward]  # fmt: skip
 FUNCTIONS += [getattr(fk.convert, name) for name in dir(fk.convert) if name.startswith(("from_", "to_"))]

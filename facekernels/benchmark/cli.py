@@ -65,7 +65,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--triplet-k", type=int, nargs="+", default=[4], help="triplet: samples per identity")
     p.add_argument("--mining", nargs="+", choices=MINING_MODES, default=["semihard"])
     p.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["float32"])
-    p.add_argument("--mode", nargs="+", choices=MODES, default=["full"])
+    p.add_argument("--mode", nargs="+", choices=MODES, default=["full"],
+                   help="forward, backward, full (forward + backward) or optim (heads: forward + backward + "
+                        "the head's SGD step: torch.optim.SGD after the fused / eager head, and fused_sgd: "
+                        "facekernels.optim.SGD inside the backward)")  # fmt: skip
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
     p.add_argument("--repeats", type=int, default=100, help="CPU: the most timed samples per case")
     p.add_argument("--budget", type=float, default=0.5,
@@ -92,6 +95,8 @@ def build_cases(args, device: torch.device) -> dict:
     for op_name in args.ops:
         op = OPS[op_name]
         providers = args.providers or op.default_providers(device)
+        if args.providers is None and "optim" in args.mode and op_name == "heads":
+            providers = providers + ["fused_sgd"]  # the fused update: the optim mode's point
         providers = [p for p in providers if p in op.providers]
         if op_name == "heads":
             classes = set(args.classes)
@@ -107,7 +112,9 @@ def build_cases(args, device: torch.device) -> dict:
                       for dt in args.dtype for mining in args.mining for k in args.triplet_k
                       for b in sorted(args.triplet_batch)]  # fmt: skip
         for provider in providers:
-            cases[(op_name, provider)] = [(s, m) for m in args.mode for s in shapes]
+            items = [(s, m) for m in args.mode for s in shapes if op.supports(provider, m)]
+            if items:
+                cases[(op_name, provider)] = items
     return cases
 
 

@@ -11,8 +11,14 @@ Providers of an op:
 - "gemm": only the matrix products the op cannot avoid, the floor every fused kernel is compared with;
 - "pml" (triplet only): pytorch-metric-learning's miner + TripletMarginLoss, the library people use today.
 
+- "fused_sgd" (heads, "optim" mode only): the head module with ``facekernels.optim.SGD``, the update fused into
+  its backward (no weight gradient).
+
 Modes: "forward" (the loss, graph built as in training), "backward" (backward of a loss computed in setup,
-``retain_graph=True``), "full" (forward + backward). Inputs are random (never zeros), weights drawn like
+``retain_graph=True``), "full" (forward + backward), "optim" (heads: forward + backward + the optimizer step
+of the head's weight, SGD with arcface_torch's momentum 0.9 and weight decay 5e-4: ``torch.optim.SGD`` after
+the fused ("cpu" / "triton") or the reference ("eager") head, the fused update for "fused_sgd"; the momentum
+exists before the measured step, so the memory is the rise beyond weight and momentum). Inputs are random (never zeros), weights drawn like
 the modules' ``normal_(0, 0.01)``.
 """
 
@@ -34,7 +40,9 @@ from ..reference import heads as ref_heads
 from ..reference import triplet as ref_triplet
 
 UNAVAILABLE_ERRORS = (BackendUnavailableError, ExtensionUnavailableError)
-MODES = ("forward", "backward", "full")
+MODES = ("forward", "backward", "full", "optim")
+# the head optimizer of the "optim" mode: arcface_torch's SGD on the head
+SGD_OPTIONS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 TRIPLET_MARGIN = 0.2
 GiB = 2**30
@@ -134,7 +142,13 @@ class HeadsOp:
     name = "heads"
     x_name = "C"
     fused = {"cpu": "cpu", "cuda": "triton"}  # device type -> the fused backend of that device
-    providers = ("cpu", "triton", "eager", "compile", "gemm")
+    providers = ("cpu", "triton", "eager", "compile", "gemm", "fused_sgd")
+
+    def supports(self, provider: str, mode: str) -> bool:
+        """Whether (provider, mode) is a case: "optim" has no compile / gemm line; fused_sgd only "optim"."""
+        if mode == "optim":
+            return provider not in ("compile", "gemm")
+        return provider != "fused_sgd"
 
     def kernel(self, shape: HeadShape) -> str:
         return shape.head
@@ -165,13 +179,20 @@ class HeadsOp:
         margin of 1 GiB)."""
         e = DTYPES[shape.dtype].itemsize
         bc, cd = shape.batch * self._rows(shape), self._rows(shape) * shape.features
+        per_bc = {"eager": 12, "compile": 6, "gemm": 3}.get(provider, 0)
+        if mode == "optim":
+            # the momentum (1 x W); torch's SGD also holds the gradient and its weight-decayed copy (2 x W)
+            state = cd * e * (1 if provider == "fused_sgd" else 3)
+            work = 2**30 if provider != "eager" else per_bc * bc * e + 4 * cd * e
+            return state + work + self.input_bytes(shape)
         if provider in ("cpu", "triton"):
             return cd * e + 2**30 + self.input_bytes(shape)
-        per_bc = {"eager": 12, "compile": 6, "gemm": 3}.get(provider, 0)
         return per_bc * bc * e + 4 * cd * e + self.input_bytes(shape)
 
     def probe(self, provider: str, device: torch.device) -> str | None:
         """None when ``provider`` can run on ``device``, else the reason it cannot."""
+        if provider == "fused_sgd":
+            return self.probe(self.fused.get(device.type, "triton"), device)
         if provider in ("triton", "cpu"):
             if provider == "triton" and device.type != "cuda":
                 return "the triton backend needs a CUDA device (it is not benchmarked under the interpreter)"
@@ -197,6 +218,8 @@ class HeadsOp:
                   if shape.head == "adaface" else MarginState() for _ in range(copies)]  # fmt: skip
         grads = [[x, w] for x, w in zip(xs, ws)]
 
+        if mode == "optim":
+            return self._optim_step(provider, shape, device, xs, ws, ys, ts, states)
         if provider == "gemm":
             return self._gemm_step(xs, ws, mode, copies)
         if provider in ("cpu", "triton", "eager"):
@@ -216,6 +239,47 @@ class HeadsOp:
 
             return _warm(_make_step(loss_fn, grads, mode, copies))
         raise ValueError(f"unknown heads provider {provider!r}; choose from {self.providers}")
+
+    def _optim_step(self, provider, shape, device, xs, ws, ys, ts, states):
+        """forward + backward + the head optimizer's step (SGD_OPTIONS), rotating the input sets; the gradients
+        are set to None after each step (zero_grad), as in a training loop."""
+        copies = len(xs)
+        if provider == "fused_sgd":
+            from .. import optim as fused_optim
+
+            backend = self.fused.get(device.type, "triton")
+            heads = []
+            for i in range(copies):
+                head = _head_module(shape.head)(shape.features, shape.classes, backend=backend).to(device)
+                head.weight = torch.nn.Parameter(ws[i].detach())  # the drawn weight, not a second copy
+                heads.append(head.to(ws[i].dtype))
+            ws[:] = []
+            opts = [fused_optim.SGD(head, **SGD_OPTIONS) for head in heads]
+
+            def loss_fn(i):
+                return heads[i](xs[i], ys[i])
+
+        elif provider in ("cpu", "triton", "eager"):
+            backend = "reference" if provider == "eager" else provider
+            opts = [torch.optim.SGD([w], **SGD_OPTIONS) for w in ws]
+
+            def loss_fn(i):
+                mean, std = states[i].batch_mean, states[i].batch_std
+                return fkf.margin_cross_entropy(xs[i], ws[i], ys[i], shape.head, t=ts[i], batch_mean=mean,
+                                                batch_std=std, backend=backend)  # fmt: skip
+
+        else:
+            raise ValueError(f"provider {provider!r} has no 'optim' mode; use cpu, triton, eager or fused_sgd")
+        counter = iter(range(1 << 62))
+
+        def step():
+            i = next(counter) % copies
+            xs[i].grad = None
+            loss_fn(i).backward()
+            opts[i].step()
+            opts[i].zero_grad()
+
+        return step
 
     @staticmethod
     def _gemm_step(xs, ws, mode, copies):
@@ -242,6 +306,17 @@ class HeadsOp:
         return step
 
 
+def _head_module(name: str):
+    """The head module class whose ``head`` is ``name`` (e.g. "arcface" -> facekernels.ArcFace)."""
+    from .. import heads
+
+    found = [cls for cls in vars(heads).values()
+             if isinstance(cls, type) and issubclass(cls, heads._MarginHead) and getattr(cls, "head", None) == name]
+    if not found:
+        raise ValueError(f"no head module for {name!r}")
+    return found[0]
+
+
 class TripletOp:
     """Triplet loss with in-batch mining on embeddings (B, d) with K samples per identity."""
 
@@ -249,6 +324,9 @@ class TripletOp:
     x_name = "B"
     fused = {"cpu": "cpu", "cuda": "cuda"}
     providers = ("cpu", "cuda", "eager", "compile", "gemm", "pml")
+
+    def supports(self, provider: str, mode: str) -> bool:
+        return mode != "optim"  # no parameters to update
 
     def kernel(self, shape: TripletShape) -> str:
         return f"triplet_{shape.mining}"
