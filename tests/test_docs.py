@@ -129,6 +129,8 @@ def example_names(tmp_path, monkeypatch):
         micro_step=1, checkpoint=checkpoint, path=path, prefix="model", epoch=0, num_gpus=gpus, num_classes=C, k=k,
         embedding_size=D,
     )  # fmt: skip
+    names["loader"] = names["micro_batches"]
+    names["backbone_opt"] = torch.optim.SGD(backbone.parameters(), lr=0.1)
     yield names
     if dist.is_initialized():
         dist.destroy_process_group()
