@@ -8,10 +8,10 @@ wrong, on the newest triton here and on triton 3.6.0 (the GPU machine's) in a su
 The bound (tests/kit.py, the error-ratio rule) comes from the kernels' own arithmetic model, run eagerly: the
 reference in float32 on the rounded inputs, with the gradient of its cosine matrix rounded to bfloat16 (the
 kernels' D, bfloat16 for both input dtypes: kernels/triton/__init__.py) and its dx, dW rounded to the input
-dtype (``_model``, ``kit.RoundCosineGrad``). The kernel's error must be at most K times that model's error, plus
-a floor of one rounding of D at the largest value (bfloat16's unit roundoff u = 2^-8: D's relative rounding is at most u, 2^-9 on
-average). A float16 or bfloat16 eager reference would not do: it rounds the cosines themselves (s = 64 times
-2^-9 in a logit) and its bound would hide the kernels' defects.
+dtype (``_model``, ``kit.RoundCosineGrad``). The kernel's error must be at most K times that model's error,
+plus a floor of one rounding of D at the largest value: bfloat16's unit roundoff u = 2^-8 (D's relative
+rounding is at most u, 2^-9 on average). A float16 or bfloat16 eager reference would not do: it rounds the
+cosines themselves (s = 64 times 2^-9 in a logit), and its bound would hide the kernels' defects.
 
 The default run covers every head of test_heads.py (oracle.HEADS and MORE_CASES) in each dtype once, the
 options rotating over the cases (every margin_grad, reduction, ignore_index value in each dtype);
@@ -255,4 +255,51 @@ def test_float16_keeps_gradients_below_float16s_range(small_tiles):
     _, _, dw_ref, _ = _loss_and_grads("reference", x.double(), w.double(), y, params, None, g=g)
     assert (dw_ref.abs() < 6e-8).float().mean() > 0.5  # the case does exercise the flush
     rel = (dw.double() - dw_ref).norm() / dw_ref.norm()
-    assert rel < 8 * U_D, f"relative error of d weight {rel:.3e}"
+    assert rel < 4 * U_D, f"relative error of d weight {rel:.3e}"  # measured 1.7 u
+
+
+# ------------------------------------------------------------------------------------------ near-parallel
+
+
+def _near_parallel_inputs(dtype, case, batch=37, classes=203, features=40):
+    """Rows nearly parallel to their class (every class with rows: its target cosines near 1), so that the
+    weight gradient's normalisation projection cancels most of D^T X: target cosines 0.9995-0.9998 in float16
+    (angles ~0.02-0.03), 0.96-0.9999 in bfloat16. One class row of w per class (sub-centers: k rows, the first
+    the one the rows are near)."""
+    gen = torch.Generator().manual_seed(11)
+    k = MORE_CASES[case][1].get("k", 1) if case in MORE_CASES else 1
+    w = torch.randn(classes * k, features, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, classes, (batch,), generator=gen)
+    w_hat = w / w.norm(dim=1, keepdim=True)
+    lo, hi = (0.025, 0.03) if dtype == torch.float16 else (0.014, 0.29)
+    spread = lo + (hi - lo) * torch.rand(batch, 1, dtype=torch.float64, generator=gen)
+    noise = torch.randn(batch, features, dtype=torch.float64, generator=gen) / features**0.5
+    x = 3 * (w_hat[y * k] + spread * noise)
+    return x.to(dtype), w.to(dtype), y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["arcface", "subcenter"])
+def test_near_parallel_classes_weight_gradient(dtype, case, small_tiles):
+    # s = 16: the targets keep a visible share of the softmax, and ArcFace's phi' ~ sin(theta + m) / sin(theta)
+    # (~18 here) makes their term dominate the class's gradient. Per class, the rank-1 correction must remove
+    # w_j's direction from the D^T X that the GEMM computed (stored D, float32 sums); otherwise the error is
+    # ~ u / sin(theta) of the result (17 % median per class in float16 before issue 20 item 6).
+    x, w, y = _near_parallel_inputs(dtype, case)
+    head, kw = ("arcface", {}) if case == "arcface" else MORE_CASES[case]
+    params = fk.head_params(head, reduction="none", **dict(kw, s=16.0))
+    cos = torch.nn.functional.cosine_similarity(x.double(), w.double()[y * params.subcenters], dim=1)
+    assert cos.min() > (0.9994 if dtype == torch.float16 else 0.95), cos.min()
+    x, w, y = x.to(DEVICE), w.to(DEVICE), y.to(DEVICE)
+    _, _, dw, g = _loss_and_grads("triton", x, w, y, params, None)
+    _, _, want, _ = _loss_and_grads("reference", x.double(), w.double(), y, params, None, g=g)
+    _, _, low = _model(x, w, y, params, None, True, g, None)
+    rows = torch.unique(y) * params.subcenters  # the classes with rows (their first sub-center)
+    # per class: each row of dW over the norm of the exact one, so that the max error is a per-class relative one
+    scale = want[rows].norm(dim=1, keepdim=True)
+    assert scale.min() > 0
+    per_class = [(a[rows].double() - want[rows]).norm(dim=1) / scale[:, 0] for a in (dw, low)]
+    what = (f"near-parallel dW, median per-class relative error: kernel {per_class[0].median():.2e}, model "
+            f"{per_class[1].median():.2e}")  # fmt: skip
+    kit.assert_error_ratio(dw[rows].double() / scale, low[rows].double() / scale, want[rows] / scale, k=K,
+                           floor=U_D, min_scale=0.0, what=what)  # fmt: skip
