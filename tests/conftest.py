@@ -8,6 +8,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# bfloat16 tl.dot under the interpreter (tests/interpreter_bf16.py); without triton the Triton tests skip
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import interpreter_bf16  # noqa: E402
+
+    try:
+        interpreter_bf16.install()
+    except ImportError:
+        pass
+
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 

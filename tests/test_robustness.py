@@ -21,8 +21,8 @@ from facekernels._extension import is_available as extension_built
 # from conftest) on CPU tensors; CUDA-only backends are covered by gpu-marked tests elsewhere.
 HEAD_BACKENDS = ["reference", "cpu", "triton"]
 TRIPLET_BACKENDS = ["reference", "cpu"]
-# 10,000 steps, an inductor compile of six heads, or bf16 arithmetic are not for the Triton interpreter
-# (Triton's sm_90 compile test is test_gpu_static.py, its bf16/fp16 tests are gpu-marked in test_heads.py)
+# 10,000 steps or an inductor compile of six heads are not for the Triton interpreter (Triton's sm_90 compile
+# test is test_gpu_static.py, its bf16/fp16 tests under the interpreter test_heads_lowp.py)
 CPU_HEAD_BACKENDS = ["reference", "cpu"]
 # the most precise dtype each backend computes in (compared with the float64 oracles)
 HEAD_PRECISE_DTYPE = {"reference": torch.float64, "cpu": torch.float64, "triton": torch.float32}
@@ -91,7 +91,7 @@ def test_one_class_empty_batch_all_ignored(backend):
     assert torch.equal(none, torch.zeros(3))
 
 
-@pytest.mark.parametrize("backend", CPU_HEAD_BACKENDS)  # Triton's interpreter computes bf16 wrongly
+@pytest.mark.parametrize("backend", HEAD_BACKENDS)  # Triton's interpreter: bf16 through tests/interpreter_bf16.py
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_inputs_at_s64_are_finite(backend, dtype):
     x, w = torch.randn(9, 16), torch.randn(11, 16)

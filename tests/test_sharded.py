@@ -96,6 +96,20 @@ SCENARIOS_MORE_TRITON = [
     _scenario(f"triton_{case}_more", case, 11, b_local=3, d=5, steps=2, seed=100 + i, backend="triton")
     for i, case in enumerate(["adaface", "magface", "elastic_arc_plus", "subcenter", "filter_arc"])
 ]
+# world 2 with the Triton kernels in bfloat16 / float16 (the interpreter computes bfloat16 through
+# tests/interpreter_bf16.py): every head kind, CurricularFace and AdaFace over 2 steps, sub-centers, filtering and
+# Partial FC; C = 37 (19 + 18 classes), d = 24. Bounded by the kernels' model (_check), as in test_heads_lowp.py.
+SCENARIOS_LOWP = {
+    dtype: [_scenario(f"triton_{name}_{dtype}", case, 37, b_local=4, d=24, seed=130 + i, dtype=getattr(torch, dtype),
+                      backend="triton", **kw)  # fmt: skip
+            for i, (name, case, kw) in enumerate([
+                ("arcface", "arcface", {}), ("curricular_steps", "curricular", dict(steps=2, skew=0.8)),
+                ("mv_am_none", "mv_am", dict(reduction="none")), ("adaface", "adaface", dict(steps=2)),
+                ("elastic_cos", "elastic_cos_official", {}), ("magface", "magface", {}),
+                ("subcenter", "subcenter", {}), ("filter_arc", "filter_arc", {}),
+                ("arcface_sampled", "arcface", dict(sample_rate=0.3, margin_grad="straight_through"))])]
+    for dtype in ("bfloat16", "float16")
+}  # fmt: skip
 SCENARIOS_MORE_4 = [
     _scenario(f"{case}_more_4", case, 10, b_local=4, skew=0.8, seed=110 + i)
     for i, case in enumerate(["adaface", "magface", "elastic_cos_official", "subcenter"])
@@ -166,6 +180,11 @@ def _worker(rank, world, store, scenarios, out_dir):
         from facekernels.kernels import triton as triton_kernels
 
         triton_kernels.CHUNK_BYTES = 1  # backward chunks of one class tile
+        triton_kernels.POISON_OUTPUTS = True
+        if os.environ.get("TRITON_INTERPRET") == "1":  # a spawned process: conftest.py did not run here
+            import interpreter_bf16
+
+            interpreter_bf16.install()
     group = dist.group.WORLD
     results = {}
     for sc in scenarios:
@@ -302,15 +321,25 @@ def _check(results, scenarios, world):
         sampled = None
         if sc["sample_rate"] < 1.0:
             sampled = [torch.cat([results[r][name][s]["sampled"] for r in range(world)]) for s in range(sc["steps"])]
-        # float32 unless the scenario says; the single-process head of the same kernels ("auto" is "cpu" here)
-        single = "triton" if sc["backend"] == "triton" else "cpu"
-        want32 = _single_process(sc, world, single, sc["dtype"], sampled)
+        # float32 unless the scenario says; the single-process head of the same kernels ("auto" is "cpu" here).
+        # bfloat16 / float16: the kernels' model instead (tests/test_heads_lowp.py): the float32 reference on the
+        # rounded inputs with its cosine gradient rounded to bfloat16, dx and dW rounded to the dtype
+        lowp = sc["dtype"] in (torch.bfloat16, torch.float16)
+        if lowp:
+            with kit.RoundCosineGrad():
+                want32 = _single_process(sc, world, "reference", torch.float32, sampled)
+            for step in want32:
+                step["dx"], step["dw"] = step["dx"].to(sc["dtype"]), step["dw"].to(sc["dtype"])
+        else:
+            single = "triton" if sc["backend"] == "triton" else "cpu"
+            want32 = _single_process(sc, world, single, sc["dtype"], sampled)
         want64 = _single_process(sc, world, "reference", torch.float64, sampled)
         b = sc["b_local"]
         # the floor of the error-ratio rule (kit.logit_floor): the single-process error alone can be small by luck,
         # as the sharded workers (1 thread) and this process (default threads) round the same product differently
         # (CurricularFace dx: 2.4e-6 here, 3.1e-5 under MKL_CBWR=COMPATIBLE, 5e-5 sharded on another machine)
-        floor = kit.logit_floor(_make_head(sc, sc["classes"]).params.s, sc["dtype"])
+        # (low precision: float32's, as the model is the float32 reference)
+        floor32 = kit.logit_floor(_make_head(sc, sc["classes"]).params.s, torch.float32 if lowp else sc["dtype"])
         for step in range(sc["steps"]):
             for rank in range(world):
                 got = results[rank][name][step]
@@ -332,8 +361,11 @@ def _check(results, scenarios, world):
                 for what, value, low, exact in pairs:
                     err, err_low = _max_err(value, exact), _max_err(low, exact)
                     scale = exact.abs().max().item() if exact.numel() else 0.0
-                    assert err <= 4 * err_low + floor * max(scale, 1.0), f"{where} {what}: {err} vs {err_low}"
-                torch.testing.assert_close(got["loss"], want32[step]["loss"], rtol=floor, atol=floor)
+                    # low precision: a floor of one bfloat16 rounding of D (2^-8) at the largest gradient
+                    floor = 2.0**-8 * scale if lowp and what != "loss" else floor32 * max(scale, 1.0)
+                    assert err <= 4 * err_low + floor, f"{where} {what}: {err} vs {err_low}"
+                if not lowp:  # (low precision: the model is the float32 reference, not the same kernels)
+                    torch.testing.assert_close(got["loss"], want32[step]["loss"], rtol=floor32, atol=floor32)
                 if sc["case"] == "curricular":
                     assert abs(got["t"].item() - want32[step]["t"].item()) <= 1e-6, where
                     assert abs(got["t"].item() - want64[step]["t"].item()) <= 1e-6, where
@@ -369,6 +401,8 @@ def _check(results, scenarios, world):
     pytest.param(2, SCENARIOS_MORE_2, id="more-heads-2"),
     pytest.param(4, SCENARIOS_MORE_4, id="more-heads-4"),
     pytest.param(2, SCENARIOS_MORE_TRITON, id="more-heads-triton-2"),
+    pytest.param(2, SCENARIOS_LOWP["bfloat16"], id="triton-2-bfloat16"),
+    pytest.param(2, SCENARIOS_LOWP["float16"], id="triton-2-float16"),
 ])  # fmt: skip
 def test_sharded_heads_match_one_process(world, scenarios, tmp_path):
     _check(_spawn(world, scenarios, tmp_path), scenarios, world)

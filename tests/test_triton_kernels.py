@@ -1,7 +1,7 @@
 """What only the Triton kernels have (facekernels/kernels/triton): their ops' opcheck, the errors when triton or
 a GPU is missing, the skipped weight-gradient GEMM. Their results against the reference: tests/test_heads.py
-(under Triton's interpreter here, float32; bfloat16 / float16 and C = 1M are gpu-marked there); their sm_90
-code: tests/test_gpu_static.py."""
+(under Triton's interpreter here, float32; C = 1M is gpu-marked there) and tests/test_heads_lowp.py (bfloat16 /
+float16); their sm_90 code: tests/test_gpu_static.py."""
 
 import math
 import os

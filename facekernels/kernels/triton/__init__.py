@@ -11,9 +11,10 @@
   (kernels/triton/backward.py says why cuBLAS and not a tl.dot kernel recomputes).
 
 D is bfloat16 for bfloat16 and float16 inputs (float16's 5-bit exponent would flush p * g ~ 1e-9, the typical
-negative-class gradient at C = 1M, to zero; bfloat16 keeps float32's range, and float16 operands are cast to
-bfloat16 for the two GEMMs, one extra pass over the chunk of W), float32 for float32 inputs (GEMMs at torch's
-float32 matmul precision, like the reference).
+negative-class gradient at C = 1M, to zero; bfloat16 keeps float32's range, and float16 operands go to the
+two GEMMs as two bfloat16 parts each, whose sum is exact: four GEMMs, ``_gemm_parts`` says why), float32 for
+float32 inputs (GEMMs at torch's float32 matmul precision, like the reference). The chunk's D^T X and its
+rank-1 correction are summed in float32 and rounded once to W's dtype.
 
 The kernel launches go through ``_launch`` so that tests/test_gpu_static.py can capture the launches the heads
 really make (with meta tensors, at the target shapes) and compile each for sm_90 without a GPU.
@@ -203,6 +204,18 @@ def grad_logits(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, s: float,
     return d, proj.sum(dim=0)
 
 
+def _gemm_parts(a: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """a as backward GEMM operands of ``dtype`` whose sum is a exactly: [a] (no copy) when a has that dtype; for
+    float16, [hi, lo] with hi = bfloat16(a) and lo = bfloat16(a - hi), exact (11 - 8 significant bits), two GEMMs.
+    A float16 operand rounded to bfloat16 alone would be off by 2^-8 in direction, and the normalisation
+    projections (dx: along x_i, dW: along w_j) cancel most of a near-parallel product: an error of ~2^-8 /
+    sin(theta) of the result, where D's own rounding gives 2^-8 of it."""
+    if a.dtype != torch.float16:
+        return [a.to(dtype)]
+    hi = a.to(dtype)
+    return [hi, (a.float() - hi.float()).to(dtype)]
+
+
 def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of D and of the backward GEMMs' operands (module docstring: bfloat16 also for float16)."""
     return torch.float32 if dtype == torch.float32 else torch.bfloat16
@@ -315,15 +328,24 @@ class TritonKernels:
         p = params
         d, correction = _grad_logits_op(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, p.s, int(p.negatives),
                                         p.mv_t, p.cos_bound, p.filter_threshold, p.subcenters)  # fmt: skip
-        x_g, w_g = x.to(d.dtype), w.to(d.dtype)  # no copy unless float16 inputs (module docstring)
-        a = _mm_float32(d, w_g) if need_dx else None
+        a = None
+        if need_dx:
+            w_parts = _gemm_parts(w, d.dtype)
+            a = _mm_float32(d, w_parts[0])
+            for part in w_parts[1:]:
+                a.add_(_mm_float32(d, part))
         dw = None
         if need_dw:
-            # D^T X, then the rank-1 normalisation correction k w (kernels/triton/backward.py), written straight
-            # into the chunk's rows of the weight gradient when the dtypes allow
-            into = dw_out is not None and dw_out.dtype == d.dtype
-            dw = torch.mm(d.t(), x_g, out=dw_out) if into else torch.mm(d.t(), x_g)
-            dw.addcmul_(w_g, correction.unsqueeze(1))
+            # D^T X, then the rank-1 normalisation correction k w (kernels/triton/backward.py), both in float32 and
+            # rounded once to w's dtype: for a class whose rows are nearly parallel to it the correction cancels
+            # most of D^T X, and a bfloat16 D^T X would keep its 2^-8 rounding of the cancelled part. Written
+            # straight into the chunk's rows of the weight gradient when that is float32.
+            into = dw_out is not None and dw_out.dtype == torch.float32
+            x_parts = _gemm_parts(x, d.dtype)
+            dw = _mm_float32(d.t(), x_parts[0], out=dw_out if into else None)
+            for part in x_parts[1:]:
+                dw.add_(_mm_float32(d.t(), part))
+            dw.addcmul_(w, correction.unsqueeze(1))
             if dw_out is not None and not into:
                 dw = dw_out.copy_(dw)
             dw = dw.to(w.dtype)

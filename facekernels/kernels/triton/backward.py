@@ -12,10 +12,17 @@ raw_ij = dots_ij * inv_x_i * inv_w_j:
   dz_ij = g_i (softmax(z_i)_j - [j = y_i]),   softmax(z_i)_j = exp(z_ij - lse_i)
   dc_ij = dz_ij * s * (phi'(c_i) on the target, N'(c_ij) elsewhere) * [-1 < raw_ij < 1]
 The kernel writes D_ij = dc_ij * inv_x_i * inv_w_j (B, chunk) and the per-(row block, class) partial sums of
-k_j = -inv_w_j^2 P_j, P_j = sum_i dc_ij raw_ij. Then, with raw x and w (no normalised copies):
+k_j = -inv_w_j^2 P_j, P_j = sum_i D_ij dots_ij. Then, with raw x and w (no normalised copies):
   A  = D @ W_chunk             = d x_hat / ||x||     (summed over chunks; the algorithm finishes dx)
   dW = D^T @ X + k * W         = (d w_hat - w_hat (w_hat . d w_hat)) / ||w||, since
-       w_hat_j . d w_hat_j = sum_i dc_ij (x_hat_i . w_hat_j) = sum_i dc_ij raw_ij = P_j.
+       w_j . (D^T X)_j = sum_i D_ij (x_i . w_j) = sum_i D_ij dots_ij = P_j, so that w_j . dW_j = 0.
+P is summed from D as stored (rounded to bfloat16 for bfloat16 / float16 inputs), the D that the D^T X GEMM
+reads: w_j . dW_j = 0 then holds for the rounded D too. From the unrounded dc (sum_i dc_ij raw_ij, equal in
+exact arithmetic) it would not: when a class's rows are nearly parallel to it, D^T X is nearly parallel to w_j
+and the correction cancels most of it, so D's rounding (2^-8 relative) left in w_j's direction became an error
+of ~2^-8 / sin(theta) of dW_j (17 % median per class at target cosines 0.9996; issue 20, item 6). With
+dots_ij = raw_ij / (inv_x_i inv_w_j): k_j = -inv_w_j sum_i D_ij raw_ij ||x_i||, from the raw cosines the kernel
+holds (no second tile of dots kept live).
 No atomics: each program owns its (rows, classes) tile of D and of the partial sums (deterministic).
 """
 
@@ -69,15 +76,18 @@ def _grad_logits_kernel(dots_ptr, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, dph
                                       NEGATIVES, FILTER)
     p = tl.exp(z - lse[:, None])
     dc = tl.where(mask, g[:, None] * (p - is_target.to(tl.float32)) * dz_draw, 0.0)
+    norm_x = 1.0 / tl.where(row_mask, inv_x, 1.0)  # ||x_i|| for P from D as stored (D is 0 on padding rows)
     if SUBCENTERS == 1:
-        tl.store(proj_ptr + row_block.to(tl.int64) * stride_p + cols, -inv_w * inv_w * tl.sum(dc * raw, axis=0))
         out = (dc * inv_x[:, None] * inv_w[None, :]).to(d_ptr.dtype.element_ty)
+        stored_raw = out.to(tl.float32) * raw * norm_x[:, None]
+        tl.store(proj_ptr + row_block.to(tl.int64) * stride_p + cols, -inv_w * tl.sum(stored_raw, axis=0))
         tl.store(d_ptr + rows[:, None] * stride_d + cols[None, :], out, mask=row_mask[:, None])
     else:
         for i in range(SUBCENTERS):  # a loop, not unrolled: k up to 64
             sub = cols.to(tl.int64) * SUBCENTERS + i
             inv_w = tl.load(inv_w_ptr + sub, mask=col_mask, other=0.0)
-            dc_i = tl.where(index == i, dc, 0.0)
-            tl.store(proj_ptr + row_block.to(tl.int64) * stride_p + sub, -inv_w * inv_w * tl.sum(dc_i * raw, axis=0))
-            out = (dc_i * inv_x[:, None] * inv_w[None, :]).to(d_ptr.dtype.element_ty)
+            # raw is sub-center i's raw cosine wherever index == i, the only places D_i is not 0
+            out = (tl.where(index == i, dc, 0.0) * inv_x[:, None] * inv_w[None, :]).to(d_ptr.dtype.element_ty)
+            stored_raw = out.to(tl.float32) * raw * norm_x[:, None]
+            tl.store(proj_ptr + row_block.to(tl.int64) * stride_p + sub, -inv_w * tl.sum(stored_raw, axis=0))
             tl.store(d_ptr + rows[:, None] * stride_d + sub[None, :], out, mask=row_mask[:, None])
