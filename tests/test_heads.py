@@ -226,13 +226,17 @@ def test_more_heads_in_eval_mode(backend, case, small_tiles):
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_subcenter_ties_give_the_gradient_to_the_first(backend, small_tiles):
     # every class's sub-centers 1 and 2 are copies of its sub-center 0: exact ties, the first maximum (0) takes
-    # the whole gradient (spec: the first, lowest k), the copies get exactly 0. The inputs are multiples of 1/4
-    # (|entries| < 64, d = 9): every product and partial sum is exact in float32, so the copies' cosines tie in
-    # any GEMM, whatever its blocking or summation order (the forward's tl.dot, the backward's BLAS recompute)
+    # the whole gradient (spec: the first, lowest k), the copies get exactly 0. Every row has 4 entries +-2^e
+    # and 0 elsewhere: its norm 2^(e+1) is a power of two, so raw products, inverse norms, normalised rows and
+    # cosines (multiples of 1/4) are all exact in float32, and the copies tie in any GEMM, whatever its blocking
+    # or summation order, and whether a backend normalises before or after it (tl.dot, BLAS, ATen's kernels)
+    def rows(n):
+        signs = torch.randint(0, 2, (n, 9)).float() * 2 - 1
+        four = torch.rand(n, 9).argsort(dim=1) < 4
+        return signs * four * 2.0 ** torch.randint(0, 4, (n, 1)).float()
+
     dev = _device(backend) if backend != "reference" else "cpu"
-    x, w, y = (a.mul(4).round().div(4) if a.is_floating_point() else a
-               for a in _more_inputs("subcenter", 11, 140, 9, torch.float32))  # fmt: skip
-    w = w.view(140, 3, 9)[:, :1].expand(140, 3, 9).reshape(420, 9).contiguous()
+    x, w, y = rows(11), rows(140).repeat_interleave(3, dim=0), torch.randint(0, 140, (11,))
     *_, dw, _ = _loss_and_grads(backend, x.to(dev), w.to(dev), y.to(dev), fk.head_params("subcenter_arcface"), None)
     dw = dw.view(140, 3, 9)
     assert torch.all(dw[:, 1:] == 0) and dw[:, 0].abs().amax(dim=1).gt(0).all()
