@@ -113,14 +113,16 @@ def test_cpu_float64_matches_torch(kind, commit_path):
 @pytest.mark.parametrize("kind", ["sgd_nesterov", "sgd_dampening", "adamw"])
 def test_cpu_float64_bit_for_bit_when_tiles_coincide(kind, monkeypatch):
     # class tiles of 16 and update chunks of 48 classes: every class sits in the same kernel tile as in the
-    # unfused call, so the gradients agree bit for bit and so must torch's update formulas on them
+    # unfused call, so the gradients agree to the BLAS's rounding of the same tile products (bit for bit on one
+    # machine; another GEMM path, e.g. ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE, differs by a few ulps),
+    # and torch's update formulas must keep them there: 10x tighter than the general float64 test
     monkeypatch.setattr(cpu_kernels, "CLASS_TILE", 16)
     monkeypatch.setattr(fo, "CHUNK_BYTES", D * 8 * 48)
     fused, fused_opt, plain, torch_opt = _pair(kind)
     batches = [_batch(torch.float64) for _ in range(STEPS)]
     _train(fused, fused_opt, batches, True)
     _train(plain, torch_opt, batches, False)
-    _assert_same_state(fused, fused_opt, plain, torch_opt, 0.0)
+    _assert_same_state(fused, fused_opt, plain, torch_opt, 1e-13)
 
 
 def test_subcenters_and_ignored_rows(commit_path):
@@ -150,8 +152,9 @@ def test_triton_float32_matches_torch(kind):
     _train(fused, fused_opt, batches, True)
     _train(plain, torch_opt, batches, False)
     _train(exact, exact_opt, batches, False, dtype=torch.float64)
-    # the same float32 chunks, torch's update on them: rounding apart
-    _assert_same_state(fused, fused_opt, plain, torch_opt, 2e-6)
+    # the same float32 chunks, torch's update on them: rounding apart (the gradients' relative rounding is the
+    # logits' s u, kit.logit_floor: 2.7e-6 was seen against 2e-6 under another GEMM path)
+    _assert_same_state(fused, fused_opt, plain, torch_opt, kit.logit_floor(fused.params.s, torch.float32))
     kit.assert_error_ratio(fused.weight, plain.weight, exact.weight, k=4.0, floor=1e-6, what="weight")
     for key in torch_opt.state[plain.weight]:
         if key != "step":
