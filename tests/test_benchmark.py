@@ -309,6 +309,9 @@ def test_quantiles_match_torch_and_timer_orders_them():
     calls = []
     p50, p20, p80 = measure.time_cpu(lambda: calls.append(1), repeats=7, budget_s=0.0)
     assert 0 < p20 <= p50 <= p80 and len(calls) >= 1 + 5  # one calibration call, at least 5 samples
+    calls.clear()
+    measure.time_cpu(lambda: calls.append(1), repeats=1, budget_s=10.0, once=1.0)  # --repeats caps the samples
+    assert len(calls) == 1
 
 
 def test_rotation_copies():

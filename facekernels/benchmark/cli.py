@@ -70,9 +70,9 @@ def parser() -> argparse.ArgumentParser:
                         "the head's SGD step: torch.optim.SGD after the fused / eager head, and fused_sgd: "
                         "facekernels.optim.SGD inside the backward)")  # fmt: skip
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
-    p.add_argument("--repeats", type=int, default=100, help="CPU: the most timed samples per case")
+    p.add_argument("--repeats", type=int, default=100, help="CPU: the most timed samples per case (1: one sample, for steps of minutes)")
     p.add_argument("--budget", type=float, default=0.5,
-                   help="CPU: seconds of timed samples per case (at least 5 samples)")  # fmt: skip
+                   help="CPU: seconds of timed samples per case (at least 5 samples, or --repeats if fewer)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None,
                    help="CPU: torch threads of the measuring process (default: torch's, one per core); "
                         "1 gives steadier numbers on a machine busy with other work")  # fmt: skip

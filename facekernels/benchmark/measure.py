@@ -62,7 +62,9 @@ def quantiles(samples: list) -> tuple:
 
 
 def time_cpu(step, repeats: int, budget_s: float, min_repeats: int = 5, once: float | None = None) -> tuple:
-    """(p50, p20, p80) milliseconds of an already warmed-up step; ``once``: seconds of one call if known."""
+    """(p50, p20, p80) milliseconds of an already warmed-up step; ``once``: seconds of one call if known. At least
+    ``min_repeats`` samples whatever the budget, but never more than ``repeats`` (``--repeats 1``: one sample, for
+    the scale run's minute-long steps)."""
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -71,7 +73,7 @@ def time_cpu(step, repeats: int, budget_s: float, min_repeats: int = 5, once: fl
             step()
             once = time.perf_counter() - start
         inner = max(1, math.ceil(CPU_SAMPLE_S / max(once, 1e-9)))
-        n = max(min_repeats, min(repeats, int(budget_s / max(once * inner, 1e-9))))
+        n = min(repeats, max(min_repeats, int(budget_s / max(once * inner, 1e-9))))
         samples = []
         for _ in range(n):
             start = time.perf_counter()
@@ -199,7 +201,7 @@ def peak_memory_mib(step, device: torch.device) -> tuple[float, str, float]:
 @dataclass(frozen=True)
 class Settings:
     repeats: int = 100  # the most timed samples per case
-    budget_s: float = 0.5  # time spent sampling per case on CPU (at least 5 samples whatever it costs)
+    budget_s: float = 0.5  # time spent sampling per case on CPU (at least 5 samples, or --repeats if fewer)
     mem_limit_gib: float = 16.0  # CPU: a case estimated above this is recorded as skipped, not run
     measure_memory: bool = True
     threads: int | None = None  # CPU: torch.set_num_threads in the measuring process (None: torch's default)
