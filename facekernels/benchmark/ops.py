@@ -249,10 +249,15 @@ class HeadsOp:
 
             backend = self.fused.get(device.type, "triton")
             heads = []
+            dtype = ws[0].dtype
             for i in range(copies):
-                head = _head_module(shape.head)(shape.features, shape.classes, backend=backend).to(device)
-                head.weight = torch.nn.Parameter(ws[i].detach())  # the drawn weight, not a second copy
-                heads.append(head.to(ws[i].dtype))
+                # the head draws its own weight, normal_(0, 0.01), the distribution of ws[i], which is freed first:
+                # at tens of millions of classes two copies of W (or one on the host beside one on the device)
+                # would halve the largest C that fits (the scale run's question)
+                ws[i] = None
+                with torch.device(device):
+                    head = _head_module(shape.head)(shape.features, shape.classes, backend=backend)
+                heads.append(head.to(dtype))
             ws[:] = []
             opts = [fused_optim.SGD(head, **SGD_OPTIONS) for head in heads]
 
