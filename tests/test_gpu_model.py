@@ -103,3 +103,132 @@ def test_head_step_sees_a_sync_added_to_the_step(head_step, monkeypatch):
     assert len(got.syncs) == len(base.syncs) + 1
     added = [c for c in got.syncs if c.where.startswith("_algorithm.py")]
     assert len(added) == 1 and "margin_cross_entropy" in added[0].where, got.syncs
+
+
+# ---- bench/gpu_model.py: the pieces that could be wrong ---------------------------------------------------
+
+def _model():
+    import importlib.util
+    import os
+    import sys
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_model.py")
+    spec = importlib.util.spec_from_file_location("gpu_model_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+M = _model()
+
+# a loop of 10 trips (0x10 .. 0x50) between a prologue MOV and the EXIT; a NOP and the trailing self-branch
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   FFMA R2, R3, R4, R5 ;
+        /*0020*/                   ISETP.GE.AND P0, PT, R2, RZ, PT ;
+        /*0030*/                   MUFU.EX2 R6, R2 ;
+        /*0040*/                   HGMMA.64x128x16.F32.BF16 R88, gdesc[UR12], R88 ;
+        /*0050*/               @P0 BRA 0x10 ;
+        /*0060*/                   EXIT ;
+        /*0070*/                   BRA 0x70;
+        /*0080*/                   NOP;
+"""
+
+
+def test_issue_cycles_of_a_known_snippet():
+    got = M.issue_cycles(SASS, lambda depth: 10)
+    assert got.loops == [("0x10", "0x50", 1)]
+    assert got.instructions == 1 + 5 * 10 + 1  # MOV, the loop's 5 x 10, EXIT
+    # pipes per warp: MUFU 8 cycles x 10 = 80 beats the issue slot (52) and the ALU (MOV 2 + ISETP 2 x 10)
+    assert got.pipes["xu"] == 80 and got.pipes["alu"] == 22 and got.pipes["fma"] == 10
+    assert got.cycles == 80
+    assert got.epilogue_cycles == 2  # outside the loop: MOV (half rate) and EXIT
+    assert got.hgmma_flops == 10 * 2 * 64 * 128 * 16
+
+
+def test_issue_cycles_counts_half_rate_pipes():
+    # 40 compares and selects in a row: 80 cycles of the ALU, not 40 issue slots
+    sass = "".join(f"/*{16 * i:04x}*/ ISETP.GE.AND P0, PT, R2, RZ, PT ;\n" for i in range(40))
+    assert M.issue_cycles(sass, lambda depth: 1).cycles == 80
+
+
+def test_nested_loops_multiply_their_trips():
+    sass = """
+        /*0000*/ FFMA R2, R3, R4, R5 ;
+        /*0010*/ FFMA R2, R3, R4, R5 ;
+        /*0020*/ @P0 BRA 0x10 ;
+        /*0030*/ FFMA R2, R3, R4, R5 ;
+        /*0040*/ @P1 BRA 0x0 ;
+        /*0050*/ EXIT ;
+    """
+    got = M.issue_cycles(sass, lambda depth: {1: 3, 2: 5}[depth])
+    # outer body: FFMA@0, FFMA@30, BRA@40 (3 x 3); inner: FFMA@10, BRA@20 (3 x 5 x 2); EXIT once
+    assert got.instructions == 9 + 30 + 1
+    assert got.epilogue_cycles == 10
+
+
+def test_cublas_rate_reads_the_cited_points():
+    for flops, rate in M.CUBLAS_POINTS:
+        assert M.cublas_rate(flops) == pytest.approx(rate)
+    rates = [M.cublas_rate(2 * n**3) for n in (512, 1024, 1536, 2048, 4096, 8192, 16384)]
+    assert rates == sorted(rates)
+    assert M.cublas_rate(2 * 2048**3, "tf32") == pytest.approx(677e12 / 2)
+
+
+def test_gemm_with_few_output_tiles_splits_k():
+    # dX = D @ W_chunk at B = 1024, d = 512, K = 8192: 8 x 2 output tiles on 132 SMs
+    _, bound, l2 = M.gemm_time((1, 1024, 512, 8192, 2, 4), 0.0, 0.0)
+    assert "split-K" in bound and l2 > 0
+    _, bound, _ = M.gemm_time((1, 1024, 8192, 512, 2, 4), 0.0, 0.0)
+    assert "split-K" not in bound
+
+
+def _call(kind, touches=(), name="op", phase="backward", **extra):
+    return sm90.Call(kind, name, phase, touches=tuple(touches), **extra)
+
+
+def test_cache_traffic_hits_misses_and_write_back():
+    mb = 1e6
+    calls = [
+        _call("kernel", [(("a",), 10 * mb, True)]),  # A written: resident, dirty, no HBM
+        _call("kernel", [(("a",), 10 * mb, False)]),  # read while resident: L2
+        _call("view"),  # no traffic
+        _call("kernel", [(("w",), 60 * mb, False)]),  # larger than the cache: streams from HBM
+        _call("kernel", [(("b",), 45 * mb, False)]),  # read from HBM; evicts A, which is dirty: written back
+        _call("kernel", [(("a",), 10 * mb, False)]),  # A again: HBM; evicts nothing dirty... B is clean
+    ]
+    got = M.cache_traffic(calls, capacity=50 * mb)
+    assert got[0] == [10 * mb, 0.0]
+    assert got[1] == [10 * mb, 0.0]
+    assert 2 not in got
+    assert got[3] == [60 * mb, 60 * mb]
+    assert got[4] == [45 * mb, 45 * mb + 10 * mb]
+    assert got[5] == [10 * mb, 10 * mb]
+
+
+def test_host_time_sums_the_counted_calls():
+    host = {"kernel": 5e-6, "gemm": 7e-6, "view": 1e-6, "alloc": 2e-6, "host": 0.5e-6, "custom_op": 30e-6,
+            "triton:_k": 20e-6}  # fmt: skip
+    calls = [_call("kernel")] * 3 + [_call("gemm")] * 2 + [_call("view")] * 4 + [_call("alloc")] + \
+            [_call("custom_op")] * 2 + [_call("triton", name="_k")] * 2 + [_call("sync")]  # fmt: skip
+    got = sum(M.host_cost(c, host) for c in calls)
+    launches = 3 + 2 + 2
+    want = 3 * 5e-6 + 2 * 7e-6 + 4 * 1e-6 + 2e-6 + 2 * 30e-6 + 2 * 20e-6 + launches * M.DRIVER_LAUNCH
+    assert got == pytest.approx(want)
+
+
+def test_wall_time_is_host_or_gpu_per_stretch_between_syncs():
+    ct = M.CallTime
+    times = [ct("kernel", "a", "f", gpu=10e-6, host=30e-6), ct("sync", "s", "f", 0.0, 0.0),
+             ct("gemm", "b", "b", gpu=100e-6, host=20e-6), ct("view", "v", "b", 0.0, 5e-6)]  # fmt: skip
+    got = M.wall_time(times)
+    want = 30e-6 + 100e-6 + 2 * M.KERNEL_BOUNDARY + M.SYNC_LATENCY
+    assert got["wall"] == pytest.approx(want) and got["launches"] == 2 and got["syncs"] == 1
+
+
+def test_update_bytes_fused_against_unfused():
+    got = M.update_bytes(10_000_000, 512)
+    n = 10_000_000 * 512
+    assert got["unfused"] == n * 4 * 6  # dW written; dW, W, momentum read; W, momentum written
+    assert got["fused"] == n * 4 * 4  # W, momentum read and written; dW stays in L2

@@ -213,9 +213,12 @@ class Call(NamedTuple):
     args: int = 0
     constexprs: int = 0
     where: str = ""
-    bytes: int = 0  # "kernel": elements of its tensor inputs and outputs (broadcast dims once) x their sizes
+    bytes: int = 0  # "kernel", "gemm": elements of its tensor inputs and outputs (broadcast dims once) x their sizes
     gemm: tuple = ()  # "gemm": (batch, m, n, k, operand bytes, output bytes)
     launch: tuple | None = None  # "triton": the captured (kernel, grid, args, meta)
+    # GPU calls: the memory they touch, ((storage, first element, end), bytes, written) per tensor, for a cache
+    # model (bench/gpu_model.py). A Triton launch writes the tensors allocated for it and not touched before.
+    touches: tuple = ()
 
 
 @dataclass
@@ -283,13 +286,26 @@ class StepCounter(TorchDispatchMode):
         self.on_sync = on_sync
         self.phase = "step"
         self.result = StepCount()
+        self._keep = []  # every tensor seen, so that no storage is freed and its address reused under another
+        self._allocated, self._touched = set(), set()
+
+    def _touch(self, tensor: torch.Tensor, written: bool) -> tuple:
+        self._keep.append(tensor)
+        storage = tensor.untyped_storage()._cdata
+        self._touched.add(storage)
+        start = tensor.storage_offset()
+        end = start + sum((n - 1) * st for n, st in zip(tensor.shape, tensor.stride()) if n) + 1
+        return (storage, start, end), _distinct_bytes(tensor), written
 
     def _add(self, kind, name, **extra):
         self.result.calls.append(Call(kind, name, self.phase, **extra))
 
     def launch(self, launch) -> None:
         kernel, _, args, meta = launch
-        self._add("triton", kernel.fn.__name__, args=len(args), launch=launch,
+        tensors = [a for a in args if isinstance(a, torch.Tensor) and a.numel()]
+        fresh = [a.untyped_storage()._cdata in self._allocated - self._touched for a in tensors]
+        touches = tuple(self._touch(a, new) for a, new in zip(tensors, fresh))
+        self._add("triton", kernel.fn.__name__, args=len(args), launch=launch, touches=touches,
                   constexprs=sum(1 for k in meta if k not in ("num_warps", "num_stages")))  # fmt: skip
 
     def _sync(self, func, args, kwargs):
@@ -348,10 +364,16 @@ class StepCounter(TorchDispatchMode):
         else:
             kind = "kernel"
         extra = {}
+        if kind == "alloc":
+            self._allocated.update(t.untyped_storage()._cdata for t in results)
+        if kind in ("gemm", "kernel"):
+            written = {id(t) for t in results} | {id(t) for t in _tensors(kwargs.get("out"))}
+            read = [t for t in inputs if id(t) not in written or name.endswith("_")]  # in place: read too
+            touched = {id(t): t for t in read + results}.values()
+            extra["touches"] = tuple(self._touch(t, id(t) in written) for t in touched if t.numel())
+            extra["bytes"] = sum(t[1] for t in extra["touches"])
         if kind == "gemm":
             extra["gemm"] = _gemm_shape(name, args, results[0])
-        elif kind == "kernel":
-            extra["bytes"] = sum(_distinct_bytes(t) for t in {id(t): t for t in inputs + results}.values())
         self._add(kind, str(func), **extra)
         return out
 
