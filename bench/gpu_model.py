@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
+import json
 import math
 import os
 import re
@@ -68,7 +70,7 @@ DRIVER_LAUNCH = 2.5e-6  # s of host time per cuLaunchKernel (published: 2-5 us, 
 GPU_MIN_KERNEL = 2e-6  # s: the shortest a kernel takes on the GPU (front end, one wave): assumed
 KERNEL_BOUNDARY = 1e-6  # s per dependent kernel: the drain of one grid and ramp of the next: assumed
 SYNC_LATENCY = 10e-6  # s per host sync (device -> host round trip after the queue drains): assumed
-COMPILE_KERNELS = 24  # torch.compile of the reference: kernels besides the 3 GEMMs (assumed, not traced)
+COMPILE_KERNELS = 35  # torch.compile of the reference: kernels besides the GEMMs, when it cannot be traced here
 
 # SASS opcodes by pipe, cycles per warp instruction on one SM sub-partition (CUDA programming guide, compute
 # capability 9.0 throughputs per SM per clock: 128 -> 1 cycle, 64 -> 2, 32 -> 4, 16 -> 8)
@@ -319,11 +321,11 @@ def cache_traffic(calls, capacity: float = L2_BYTES) -> dict:
 # ---- host: per-call costs measured here -------------------------------------------------------------------
 
 
-def _timed(fn, repeats: int = 2000) -> float:
-    """Seconds per call: the least of 7 batches (the machine is shared: the least is the call's own cost)."""
+def _timed(fn, repeats: int = 300) -> float:
+    """Seconds per call: the least of 25 batches (the machine is shared: the least is the call's own cost)."""
     fn()
     samples = []
-    for _ in range(7):
+    for _ in range(25):
         t0 = time.perf_counter()
         for _ in range(repeats):
             fn()
@@ -369,7 +371,7 @@ def measure_host(launches=()) -> dict:
         compiled = kernel.warmup(*args, grid=grid, **meta)
         # the driver's launcher and module: stubbed (no GPU); a loaded module is what launch_metadata checks
         compiled.module, compiled._run = "stub", (lambda *launch_args: None)
-        out[name] = _timed(lambda: kernel[grid](*args, **meta), repeats=300)
+        out[name] = _timed(lambda: kernel[grid](*args, **meta), repeats=100)
     return out
 
 
@@ -449,19 +451,50 @@ def wall_time(times: list) -> dict:
             "launches": launches, "syncs": syncs}  # fmt: skip
 
 
-def compile_lines(eager: list, batch: int, classes: int, elem: int) -> list:
-    """torch.compile of the reference, ASSUMED (not traced): the eager step's GEMM calls as they are, and its
-    other kernels fused into COMPILE_KERNELS kernels that make 4 passes over the (B, C) logits (write by the
-    logits GEMM is the GEMM's; the fused softmax forward reads them; the backward's fused softmax gradient
-    reads and writes them) plus 5 over the (C, d) weight (normalise: read, write; its backward: read 3)."""
+_INDUCTOR_TRACE = r"""
+import json, torch, torch._inductor.config as config, torch._inductor.metrics as metrics
+import facekernels as fk
+config.fx_graph_cache = False
+torch.manual_seed(0)
+head = fk.CurricularFace(64, 4096, backend="reference").train()
+x, y = torch.randn(64, 64, requires_grad=True), torch.randint(0, 4096, (64,))
+metrics.reset()
+torch.compile(head)(x, y).backward()
+print(json.dumps({"kernels": metrics.generated_kernel_count}))
+"""
+
+
+def inductor_kernels() -> tuple[int, str]:
+    """(kernels, how known) of torch.compile of the reference head's forward + backward: traced by inductor's
+    CPU backend at a small shape (B = 64, C = 4096, d = 64) in a fresh process: its loop nests besides the
+    GEMMs (extern calls), each about one Triton kernel on a GPU. COMPILE_KERNELS when that fails here."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    try:
+        done = subprocess.run([sys.executable, "-c", _INDUCTOR_TRACE], capture_output=True, text=True, env=env,
+                              timeout=900)  # fmt: skip
+        kernels = int(json.loads(done.stdout.strip().splitlines()[-1])["kernels"])
+        return kernels, "traced by inductor (CPU backend, B = 64, C = 4096, d = 64)"
+    except Exception as err:  # noqa: BLE001 - a model's fallback, said in its output
+        return COMPILE_KERNELS, f"ASSUMED (inductor trace failed here: {type(err).__name__})"
+
+
+def compile_lines(eager: list, batch: int, classes: int, elem: int, kernels: int) -> list:
+    """torch.compile of the reference: the eager step's GEMM calls as they are, and ``kernels`` other kernels
+    (inductor's count). Their bytes are ASSUMED: 4 passes over the (B, C) logits at the GEMM dtype (the
+    logits GEMM writes them; the fused softmax forward reads them; the backward's fused softmax gradient reads
+    them and writes its gradient), in two of the kernels; the rest small (GPU_MIN_KERNEL). Host: a launch each
+    from inductor's generated wrapper (DRIVER_LAUNCH + the measured cost of a torch op for its Python)."""
     gemms = [t for t in eager if t.kind == "gemm"]
     bc = batch * classes
     passes = 3 * bc * elem  # beyond the GEMM's own write of the logits
     per = passes / HBM_BW / 2 + GPU_MIN_KERNEL
-    fused = [CallTime("kernel", "compiled (B, C) pass", "forward", per, DRIVER_LAUNCH + 4e-6, "HBM"),
-             CallTime("kernel", "compiled (B, C) pass", "backward", per, DRIVER_LAUNCH + 4e-6, "HBM")]
-    rest = [CallTime("kernel", "compiled small kernel", "step", GPU_MIN_KERNEL, DRIVER_LAUNCH + 4e-6, "launch")
-            for _ in range(COMPILE_KERNELS - 2)]  # fmt: skip
+    host = DRIVER_LAUNCH + (gemms[0].host - DRIVER_LAUNCH if gemms else 4e-6)
+    fused = [CallTime("kernel", "compiled (B, C) pass", "forward", per, host, "HBM", hbm=passes / 2),
+             CallTime("kernel", "compiled (B, C) pass", "backward", per, host, "HBM", hbm=passes / 2)]
+    rest = [CallTime("kernel", "compiled small kernel", "step", GPU_MIN_KERNEL, host, "launch")
+            for _ in range(max(kernels - 2, 0))]  # fmt: skip
     return gemms + fused + rest
 
 
@@ -480,8 +513,12 @@ def model(batch: int, classes: int, features: int, dtype: torch.dtype, head: str
         times = time_calls(count, host, facts, precision, features)
         out[name] = (times, wall_time(times), count)
     elem = dtype.itemsize
-    compiled = compile_lines(out["eager (backend='reference')"][0], batch, classes, elem)
-    out["torch.compile(reference), ASSUMED fusion"] = (compiled, wall_time(compiled), None)
+    if "inductor" not in host:
+        host["inductor"] = inductor_kernels()
+    kernels, how = host["inductor"]
+    compiled = compile_lines(out["eager (backend='reference')"][0], batch, classes, elem, kernels)
+    out[f"torch.compile(reference): {kernels} kernels + GEMMs, {how}; (B, C) bytes assumed"] = (
+        compiled, wall_time(compiled), None)
     return out, host
 
 
@@ -535,6 +572,17 @@ def report(batch: int, classes: int, features: int, dtype: torch.dtype, head: st
         lines.append(f"   wall (estimate) {parts['wall'] * 1e3:.2f} ms = {parts['wall'] / floor:.2f} x the 3-GEMM "
                      f"floor (GPU {parts['gpu'] * 1e3:.2f} ms, host {parts['host'] * 1e3:.2f} ms, "
                      f"{parts['launches']} kernel boundaries, {parts['syncs']} syncs{counted})")  # fmt: skip
+        if count is not None:
+            # the host costs were measured on this machine's CPU (2 shared cores); the GPU machine's host may be
+            # faster, and CUDA graphs replay a captured step with next to no host work
+            for scale, why in ((2.0, "host costs x 2 (a busier host CPU)"), (0.5, "host costs x 0.5 (a faster host CPU)"),
+                               (0.0, "host costs x 0 (a CUDA graph")):  # fmt: skip
+                if scale == 0.0 and parts["syncs"]:
+                    why += f", were the {parts['syncs']} sync(s) gone"
+                why += ")" if scale == 0.0 else ""
+                other = wall_time([dataclasses.replace(t, host=t.host * scale) for t in times if scale or
+                                   t.kind != "sync"])  # fmt: skip
+                lines.append(f"   sensitivity: {why}: {other['wall'] * 1e3:.2f} ms = {other['wall'] / floor:.2f} x")
         lines.append("")
         walls[name] = parts["wall"]
     lines.append(f"3-GEMM floor: 6 B C d = {6 * batch * classes * features / 1e12:.2f} TFLOP at "
@@ -552,7 +600,7 @@ def constants_text(host: dict) -> str:
             f"  driver launch {DRIVER_LAUNCH * 1e6:.1f} us (published), GPU min kernel {GPU_MIN_KERNEL * 1e6:.1f} us, "
             f"kernel boundary {KERNEL_BOUNDARY * 1e6:.1f} us, sync {SYNC_LATENCY * 1e6:.0f} us (assumed)",
             "  host per call, measured on this machine's CPU (+ driver launch for launches): "
-            + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in host.items())]  # fmt: skip
+            + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in host.items() if k != "inductor")]  # fmt: skip
     return "\n".join(rows)
 
 

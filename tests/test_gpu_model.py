@@ -232,3 +232,12 @@ def test_update_bytes_fused_against_unfused():
     n = 10_000_000 * 512
     assert got["unfused"] == n * 4 * 6  # dW written; dW, W, momentum read; W, momentum written
     assert got["fused"] == n * 4 * 4  # W, momentum read and written; dW stays in L2
+
+
+def test_a_gather_touches_what_it_reads_not_its_whole_source():
+    w = torch.empty(100_000, 64, device="meta")
+    rows = torch.zeros(8, dtype=torch.long, device="meta")
+    with sm90.counting() as counter:
+        w.index_select(0, rows)
+    (call,) = counter.result.calls
+    assert call.touches[0][1] == 8 * 64 * 4 and call.bytes < 100_000 * 4

@@ -192,6 +192,8 @@ ALLOC_OPS = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "new
 # Ops whose result size or value the host must read from the device: a sync on CUDA (meta has no data)
 SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
                       "unique_consecutive", "equal"})  # fmt: skip
+# Ops that read rows / elements of their first tensor by index
+GATHER_OPS = frozenset({"index_select", "gather", "embedding", "index", "take", "_unsafe_index"})
 KINDS = ("triton", "gemm", "kernel", "custom_op", "view", "alloc", "host", "sync")
 LAUNCH_KINDS = ("triton", "gemm", "kernel")
 
@@ -371,6 +373,11 @@ class StepCounter(TorchDispatchMode):
             read = [t for t in inputs if id(t) not in written or name.endswith("_")]  # in place: read too
             touched = {id(t): t for t in read + results}.values()
             extra["touches"] = tuple(self._touch(t, id(t) in written) for t in touched if t.numel())
+            if name in GATHER_OPS and results:
+                # a gather reads as many of its source's elements as it writes, not the whole source
+                source = extra["touches"][0]
+                extra["touches"] = ((source[0], min(source[1], _distinct_bytes(results[0])), False),
+                                    *extra["touches"][1:])  # fmt: skip
             extra["bytes"] = sum(t[1] for t in extra["touches"])
         if kind == "gemm":
             extra["gemm"] = _gemm_shape(name, args, results[0])
@@ -454,6 +461,7 @@ def count_step(batch: int = 1024, classes: int = 1_000_000, features: int = 512,
         counter.phase = "backward"
         loss.backward()
     return counter.result
+
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="sm_90 facts of every launch (default), or the calls of one step")
