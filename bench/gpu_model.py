@@ -54,6 +54,7 @@ from facekernels.benchmark import sm90  # noqa: E402
 SMS = 132  # NVIDIA H100 datasheet (SXM5)
 CLOCK = 1.83e9  # Hz: the clock at which the datasheet's 989 TFLOP/s dense bf16 holds (132 SMs x 4096 FLOP/clk)
 TENSOR_PEAK = {"bf16": 989e12, "fp16": 989e12, "tf32": 494.7e12}  # dense FLOP/s, NVIDIA H100 datasheet
+FP32_PEAK = 66.9e12  # FLOP/s without tensor cores (datasheet): cuBLAS float32 GEMMs at torch's default "highest"
 WGMMA_EFF = 0.75  # a Triton wgmma K loop on its own: assumed near cuBLAS's large-shape rate (~790 / 989)
 HBM_BW = 3.35e12 * 0.9  # HBM3 3.35 TB/s (datasheet), ~90 % reachable by streaming kernels
 L2_BW = 7.2e12  # L2 -> SMs: ~5.5 TB/s measured on H100 PCIe (chipsandcheese 2023, 114 SMs at 1.755 GHz) scaled
@@ -181,7 +182,8 @@ def loop_trips(launch, features: int):
 
 
 def cublas_rate(flops: float, precision: str = "bf16") -> float:
-    """FLOP/s of one cuBLAS GEMM of this much work (CUBLAS_POINTS, log-linear between, flat outside)."""
+    """FLOP/s of one cuBLAS GEMM of this much work (CUBLAS_POINTS, log-linear between, flat outside); TF32 at
+    half that; float32 without tensor cores ("highest") at most 80 % of FP32_PEAK."""
     x = math.log(max(flops, 1.0))
     points = [(math.log(f), r) for f, r in CUBLAS_POINTS]
     if x <= points[0][0]:
@@ -193,6 +195,8 @@ def cublas_rate(flops: float, precision: str = "bf16") -> float:
             if x <= x1:
                 rate = r0 + (r1 - r0) * (x - x0) / (x1 - x0)
                 break
+    if precision == "fp32":  # no tensor cores: FP32 pipes at ~80 % (SIMT GEMMs saturate them at modest sizes)
+        return min(rate, 0.8 * FP32_PEAK)
     return rate * (0.5 if precision == "tf32" else 1.0)
 
 
@@ -203,7 +207,8 @@ def gemm_time(gemm: tuple, l2_bytes: float, hbm_bytes: float) -> tuple[float, st
     whose float32 partials are written and read once more (through L2)."""
     batch, m, n, k, elem, out_elem = gemm
     flops = 2.0 * batch * m * n * k
-    precision = "tf32" if elem == 4 else "bf16"
+    # float32 operands: TF32 tensor cores only when torch's float32 matmul precision allows it
+    precision = "bf16" if elem != 4 else "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     tm, tn = CUBLAS_TILE
     tiles = batch * math.ceil(m / tm) * math.ceil(n / tn)
     split = max(1, min(SMS // max(tiles, 1), k // 256)) if tiles < SMS else 1
@@ -632,6 +637,36 @@ def update_text(features: int = 512) -> str:
     return "\n".join(rows)
 
 
+def counted_update_text(batch: int, classes: int, features: int, host: dict) -> str:
+    """Issue 23 as the code does it: one step at bfloat16 embeddings and a float32 head (computed in float32),
+    with facekernels.optim.SGD fused into the backward against torch.optim.SGD on the weight's gradient
+    (momentum 0.9, weight decay 5e-4; sm90.count_step's second step), through the same model."""
+    rows = [f"Counted SGD steps (issue 23), B = {batch}, d = {features}, C = {classes:,}, bfloat16 embeddings, "
+            "float32 head: ESTIMATE"]  # fmt: skip
+    facts = {}
+    for optimizer, what in (("torch-sgd", "unfused: head backward + torch.optim.SGD"),
+                            ("sgd", "fused: facekernels.optim.SGD in the backward")):  # fmt: skip
+        count = sm90.count_step(batch, classes, features, torch.bfloat16, optimizer=optimizer,
+                                weight_dtype=torch.float32)  # fmt: skip
+        for c in count.calls:
+            if c.kind == "triton" and _launch_key(c.launch) not in facts:
+                facts[_launch_key(c.launch)] = compile_facts(c.launch, features)
+        times = time_calls(count, host, facts, "tf32", features)
+        parts = wall_time(times)
+        hbm = sum(t.hbm for t in times)
+        rows.append(f"  {what:46} wall {parts['wall'] * 1e3:7.2f} ms (GPU {parts['gpu'] * 1e3:.2f}, host "
+                    f"{parts['host'] * 1e3:.2f}), HBM {hbm / 1e9:6.1f} GB, {count.launches()} launches, "
+                    f"{len(count.syncs)} syncs")  # fmt: skip
+        for phase in ("update", "step"):
+            part = [t for t in times if t.phase == phase]
+            if part:
+                rows.append(f"    of which {phase:6}: {sum(t.kind in sm90.LAUNCH_KINDS for t in part):5d} launches, "
+                            f"GPU {sum(t.gpu for t in part) * 1e3:.2f} ms, host {sum(t.host for t in part) * 1e3:.2f} "
+                            f"ms, HBM {sum(t.hbm for t in part) / 1e9:.1f} GB (write-backs of earlier calls "
+                            "included)")  # fmt: skip
+    return "\n".join(rows)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1024, 256])
@@ -648,7 +683,8 @@ def main(argv=None):
             text, _, host = report(batch, classes, args.features, dtype, args.head, host)
             print(text + "\n")
     print(constants_text(host) + "\n")
-    print(update_text(args.features))
+    print(update_text(args.features) + "\n")
+    print(counted_update_text(max(args.batch), args.classes[0], args.features, host))
 
 
 if __name__ == "__main__":

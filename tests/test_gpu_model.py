@@ -241,3 +241,23 @@ def test_a_gather_touches_what_it_reads_not_its_whole_source():
         w.index_select(0, rows)
     (call,) = counter.result.calls
     assert call.touches[0][1] == 8 * 64 * 4 and call.bytes < 100_000 * 4
+
+
+def test_float32_gemms_at_highest_precision_run_without_tensor_cores():
+    assert M.cublas_rate(2 * 8192**3, "fp32") == pytest.approx(0.8 * M.FP32_PEAK)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        slow, _, _ = M.gemm_time((1, 4096, 4096, 4096, 4, 4), 0.0, 0.0)
+        torch.set_float32_matmul_precision("high")
+        fast, _, _ = M.gemm_time((1, 4096, 4096, 4096, 4, 4), 0.0, 0.0)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert slow > 3 * fast
+
+
+def test_count_step_tags_the_fused_update():
+    got = sm90.count_step(256, 20_000, 64, torch.float32, optimizer="sgd")
+    assert got.launches("update") > 0 and got.count("kernel", "step") == 0
+    unfused = sm90.count_step(256, 20_000, 64, torch.float32, optimizer="torch-sgd")
+    assert unfused.launches("update") == 0 and unfused.launches("step") > 0

@@ -442,24 +442,50 @@ DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.floa
 
 def count_step(batch: int = 1024, classes: int = 1_000_000, features: int = 512, dtype=torch.bfloat16,
                head: str = "CurricularFace", backend: str = "triton", on_sync: str = "record",
-               **head_kwargs) -> StepCount:  # fmt: skip
+               optimizer: str | None = None, weight_dtype=None, **head_kwargs) -> StepCount:  # fmt: skip
     """The calls of one training step of ``head`` (a facekernels head class name) at this shape: forward
     (phase "forward") and backward of the mean loss (phase "backward"), in training mode, with meta tensors
-    standing for CUDA ones (``counting``). ``backend="reference"`` counts the eager implementation."""
+    standing for CUDA ones (``counting``). ``backend="reference"`` counts the eager implementation.
+
+    ``optimizer="sgd"``: with facekernels.optim.SGD (momentum 0.9, weight decay 5e-4) attached, the update
+    fused into the backward (its calls: phase "update"), and its step() (phase "step"); ``"torch-sgd"``: torch.optim.SGD's step on the
+    weight's gradient, and zero_grad. Either is counted at its second step (the first one creates the
+    momentum). ``weight_dtype``: the head's weight (default ``dtype``; a float32 weight with bfloat16
+    embeddings computes in float32)."""
     import facekernels
 
     if isinstance(dtype, str):
         dtype = DTYPE_NAMES[dtype]
     with torch.device("meta"):
         module = getattr(facekernels, head)(features, classes, backend=backend, **head_kwargs)
-    module = module.to(dtype).train()
+    module = module.to(weight_dtype or dtype).train()
     x = torch.empty(batch, features, dtype=dtype, device="meta", requires_grad=True)
     labels = torch.empty(batch, dtype=torch.long, device="meta")
+    settings = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt = {None: lambda: None, "sgd": lambda: facekernels.optim.SGD(module, **settings),
+           "torch-sgd": lambda: torch.optim.SGD(module.parameters(), **settings)}[optimizer]()  # fmt: skip
     with counting(on_sync) as counter:
-        counter.phase = "forward"
-        loss = module(x, labels)
-        counter.phase = "backward"
-        loss.backward()
+        if optimizer == "sgd":
+            update = opt._update_rows
+
+            def tagged(*args, **kwargs):  # the fused update's calls: phase "update"
+                phase, counter.phase = counter.phase, "update"
+                try:
+                    return update(*args, **kwargs)
+                finally:
+                    counter.phase = phase
+
+            opt._update_rows = tagged
+        for _ in range(2 if opt is not None else 1):
+            counter.result = StepCount()
+            counter.phase = "forward"
+            loss = module(x, labels)
+            counter.phase = "backward"
+            loss.backward()
+            if opt is not None:
+                counter.phase = "step"
+                opt.step()
+                opt.zero_grad()
     return counter.result
 
 
