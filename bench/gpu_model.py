@@ -370,7 +370,7 @@ def measure_host(launches=()) -> dict:
                                                                                                     *scalars))),
     }  # fmt: skip
     for kernel, grid, args, meta in launches:
-        name = f"triton:{kernel.fn.__name__}"
+        name = f"triton:{kernel.fn.__name__} ({len(args)} args + {len(meta)} constexprs / options)"
         if name in out:
             continue
         compiled = kernel.warmup(*args, grid=grid, **meta)
@@ -400,7 +400,8 @@ class CallTime:
 def host_cost(call, host: dict) -> float:
     """Host seconds of one counted call: its kind's measured cost, plus the driver's launch for a GPU launch."""
     if call.kind == "triton":
-        return host.get(f"triton:{call.name}", host["kernel"]) + DRIVER_LAUNCH
+        measured = [v for k, v in host.items() if k.startswith(f"triton:{call.name} ")]
+        return (measured[0] if measured else host["kernel"]) + DRIVER_LAUNCH
     if call.kind == "sync":
         return 0.0
     return host[call.kind] + (DRIVER_LAUNCH if call.kind in ("gemm", "kernel") else 0.0)

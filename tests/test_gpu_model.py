@@ -72,13 +72,13 @@ def head_step():
 
 
 def test_head_step_counts_the_code_as_it_is(head_step):
-    """CurricularFace, B = 1024, d = 512, C = 1M, bf16: every backward chunk makes one _grad_logits_kernel
-    launch and its custom op dispatch, and at least its two GEMMs (dX and dW)."""
+    """CurricularFace, B = 1024, d = 512, C = 1M, bf16: every backward chunk makes one Triton launch (today
+    _grad_logits_kernel), at most one custom op dispatch, and at least its two GEMMs (dX and dW)."""
     chunk = tk.KERNELS.chunk_classes(1024, 1_000_000, torch.bfloat16)
     chunks = -(-1_000_000 // chunk)
     got = head_step
-    assert got.by_name("triton", "backward")["_grad_logits_kernel"] == chunks
-    assert got.by_name("triton", "forward")["_inv_norm_kernel"] == 2
+    assert got.count("triton", "backward") == chunks  # one Triton kernel a chunk
+    assert got.count("triton", "forward") >= 1
     assert got.count("gemm", "backward") >= 2 * chunks
     assert got.launches() == got.launches("forward") + got.launches("backward")
     assert got.count("custom_op") <= chunks + 3
@@ -209,7 +209,7 @@ def test_cache_traffic_hits_misses_and_write_back():
 
 def test_host_time_sums_the_counted_calls():
     host = {"kernel": 5e-6, "gemm": 7e-6, "view": 1e-6, "alloc": 2e-6, "host": 0.5e-6, "custom_op": 30e-6,
-            "triton:_k": 20e-6}  # fmt: skip
+            "triton:_k (3 args + 1 constexprs / options)": 20e-6}  # fmt: skip
     calls = [_call("kernel")] * 3 + [_call("gemm")] * 2 + [_call("view")] * 4 + [_call("alloc")] + \
             [_call("custom_op")] * 2 + [_call("triton", name="_k")] * 2 + [_call("sync")]  # fmt: skip
     got = sum(M.host_cost(c, host) for c in calls)
