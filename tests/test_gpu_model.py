@@ -261,3 +261,14 @@ def test_count_step_tags_the_fused_update():
     assert got.launches("update") > 0 and got.count("kernel", "step") == 0
     unfused = sm90.count_step(256, 20_000, 64, torch.float32, optimizer="torch-sgd")
     assert unfused.launches("update") == 0 and unfused.launches("step") > 0
+
+
+def test_counting_does_not_change_the_step():
+    """The counter holds no reference to the tensors it sees: autograd takes a gradient nobody else holds and
+    copies one that is referenced elsewhere, so a reference would add a copy to the counted step."""
+    x = torch.empty(64, 8, device="meta", requires_grad=True)
+    w = torch.empty(8, 8, device="meta", requires_grad=True)
+    with sm90.counting() as counter:
+        (x @ w).sum().backward()
+    assert "aten.copy_.default" not in counter.result.by_name("kernel"), counter.result.calls
+    assert "aten.clone.default" not in counter.result.by_name("kernel"), counter.result.calls

@@ -288,11 +288,13 @@ class StepCounter(TorchDispatchMode):
         self.on_sync = on_sync
         self.phase = "step"
         self.result = StepCount()
-        self._keep = []  # every tensor seen, so that no storage is freed and its address reused under another
+        # storages (by address) allocated in the step, and touched by a GPU call since. No reference to a tensor
+        # is kept: that would change what the step does (autograd copies a gradient that is referenced elsewhere
+        # instead of taking it). A freed storage's address may come back for a new one, as the CUDA caching
+        # allocator hands a freed block out again: an allocation starts its address afresh.
         self._allocated, self._touched = set(), set()
 
     def _touch(self, tensor: torch.Tensor, written: bool) -> tuple:
-        self._keep.append(tensor)
         storage = tensor.untyped_storage()._cdata
         self._touched.add(storage)
         start = tensor.storage_offset()
@@ -367,7 +369,9 @@ class StepCounter(TorchDispatchMode):
             kind = "kernel"
         extra = {}
         if kind == "alloc":
-            self._allocated.update(t.untyped_storage()._cdata for t in results)
+            for t in results:
+                self._allocated.add(t.untyped_storage()._cdata)
+                self._touched.discard(t.untyped_storage()._cdata)
         if kind in ("gemm", "kernel"):
             written = {id(t) for t in results} | {id(t) for t in _tensors(kwargs.get("out"))}
             read = [t for t in inputs if id(t) not in written or name.endswith("_")]  # in place: read too
