@@ -1,229 +1,691 @@
-"""Roofline model of one forward + backward of a margin-softmax head on an H100 SXM: an ESTIMATE, not a
-measurement (no GPU has timed these kernels yet).
+"""A model of one training step (forward + backward) of a margin-softmax head on an H100 SXM: an ESTIMATE, not a
+measurement (no GPU has timed these kernels). It is a function of the calls the step makes, counted from the
+code as it is (facekernels/benchmark/sm90.py ``count_step``: every Triton launch, cuBLAS GEMM, torch kernel,
+view / allocation, custom_op dispatch and host sync of the step, on meta tensors standing for CUDA ones), so
+that it re-derives its numbers when the code changes, and can disagree with what we expect.
 
-Usage: ``python bench/gpu_model.py [--batch 1024] [--features 512] [--classes 1000000 10000000] [--dtype bf16]
-[--compile]``. With ``--compile`` (a process without TRITON_INTERPRET) each Triton kernel's line also shows its
-sm_90 build facts (registers, spills, the MMA instruction: facekernels/benchmark/sm90.py); a kernel that spills
-or misses wgmma is then modelled at mma.sync speed.
+Usage: ``python bench/gpu_model.py [--batch 1024 256] [--features 512] [--classes 1000000] [--dtype bf16]``
+(a process without TRITON_INTERPRET: each Triton kernel is compiled for sm_90 and its SASS read).
 
-What it counts, per Triton kernel and per cuBLAS call of the fused path, and per pass of eager PyTorch and of
-torch.compile(eager): tensor-core FLOPs, bytes between L2 and the SMs (from the tile sizes the code launches:
-each (row block, class tile) pair streams its two operand tiles over the K = d loop), HBM bytes, and
-exponentials. A kernel's time is the largest of FLOPs / (peak x efficiency), L2 bytes / L2 bandwidth, HBM bytes /
-HBM bandwidth and exponentials / MUFU rate (each resource overlaps the others: a roofline, not a sum).
+GPU time of a call:
+* Triton kernel: the largest of tensor-core time (its HGMMA instructions, read from its SASS, at WGMMA_EFF of
+  the peak), issue time (``issue_cycles``: instructions per warp of its SASS, loops times their trip counts,
+  half-rate pipes counted, x warps / (SMs x 4 schedulers x clock)), L2 traffic and HBM traffic. At one CTA per
+  SM (registers) a warp's epilogue cannot overlap its own MMAs, and no other CTA's run beside it: then the
+  tensor time and the issue time outside the K loop add.
+* cuBLAS GEMM: FLOPs at a shape-dependent rate (``cublas_rate``: public H100 numbers), or its L2 / HBM traffic.
+* other torch kernel: the bytes it touches, from L2 or HBM, at least GPU_MIN_KERNEL.
+Where bytes come from: ``cache_traffic`` runs the step's memory touches through an LRU model of the 50 MB L2:
+a tensor read again before the step has touched L2_BYTES of other data is an L2 hit, otherwise HBM; dirty data
+goes back to HBM when evicted.
 
-The tile configurations and the chunk size are read from the code (facekernels/kernels/triton: the launches
-captured on meta tensors by sm90.capture), not copied here. The hardware figures below are assumptions, each
-with its source; the L2 bandwidth is the least certain, so the total is also printed at 5.5 and 10 TB/s.
+Host time: per kind of call, a cost MEASURED here (``measure_host``: a torch op, a view, an allocation, a
+custom_op dispatch, each Triton kernel's launcher up to the driver with the driver stubbed) plus the published
+CUDA driver cost of a launch (DRIVER_LAUNCH), summed over the step's counted calls. Wall time: per stretch of
+the step between host syncs, the larger of host and GPU time; plus KERNEL_BOUNDARY per dependent kernel (one
+stream: every kernel waits for the one before) and SYNC_LATENCY per sync.
+
+The eager line is the reference backend's step counted the same way. The torch.compile line is NOT traced
+(inductor's GPU kernels cannot be generated without a GPU here): it is the eager step's GEMMs with its other
+kernels assumed fused into COMPILE_KERNELS kernels over 4 (B, C) passes (``compile_lines``).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
+import json
 import math
 import os
+import re
+import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
 from facekernels.benchmark import sm90  # noqa: E402
-from facekernels.kernels import triton as tk  # noqa: E402
 
-# ---- H100 SXM5 (assumptions) -------------------------------------------------------------------------------
+# ---- H100 SXM5 (assumptions, each with its source) ---------------------------------------------------------
+SMS = 132  # NVIDIA H100 datasheet (SXM5)
+CLOCK = 1.83e9  # Hz: the clock at which the datasheet's 989 TFLOP/s dense bf16 holds (132 SMs x 4096 FLOP/clk)
 TENSOR_PEAK = {"bf16": 989e12, "fp16": 989e12, "tf32": 494.7e12}  # dense FLOP/s, NVIDIA H100 datasheet
-CUBLAS_EFFICIENCY = 800 / 989  # a large bf16 GEMM reaches ~800 TFLOP/s (the issue's figure)
-WGMMA_EFFICIENCY = 0.70  # a Triton wgmma main loop with a fused epilogue: assumed, below cuBLAS
-MMA_SYNC_EFFICIENCY = 0.35  # a kernel on mma.sync (or spilling): assumed, about half
-HBM_BW = 3.35e12 * 0.9  # HBM3 3.35 TB/s peak (datasheet), ~90% reachable by streaming kernels
-L2_BW = 7.2e12  # L2 -> SM: ~5.5 TB/s measured on H100 PCIe (chipsandcheese, 2023: 114 SMs, 1.755 GHz)
-#                  scaled to SXM's 132 SMs at 1.98 GHz; uncertain, hence the sensitivity lines
-MUFU_RATE = 16 * 132 * 1.98e9  # ex2 per second: 16 per clock per SM (4 per SM sub-partition)
-GPU_GAP = 2e-6  # per kernel / cuBLAS call on the GPU: the bubble between back-to-back kernels (assumed)
-HOST_OP = 6e-6  # per torch op / launch on the host (eager dispatch + launch, assumed): the host enqueues ahead
-#                 of the GPU, so a step takes max(GPU time, host time)
-CUBLAS_TILE = (256, 256)  # effective operand reuse of cuBLAS on Hopper (128 x 256 tiles, 2-CTA multicast)
+FP32_PEAK = 66.9e12  # FLOP/s without tensor cores (datasheet): cuBLAS float32 GEMMs at torch's default "highest"
+WGMMA_EFF = 0.75  # a Triton wgmma K loop on its own: assumed near cuBLAS's large-shape rate (~790 / 989)
+HBM_BW = 3.35e12 * 0.9  # HBM3 3.35 TB/s (datasheet), ~90 % reachable by streaming kernels
+L2_BW = 7.2e12  # L2 -> SMs: ~5.5 TB/s measured on H100 PCIe (chipsandcheese 2023, 114 SMs at 1.755 GHz) scaled
+#                 to SXM's 132 SMs at 1.98 GHz; the least certain constant
+L2_BYTES = 50e6  # H100 SXM5 L2 (datasheet); as two 25 MB partitions it holds less for one SM: an upper bound
+REGISTERS_PER_SM, SHARED_PER_SM = 65536, 228 * 1024  # sm_90 (CUDA programming guide, compute capability 9.0)
+# cuBLAS bf16 rate by GEMM work (FLOPs): public H100 SXM figures, interpolated in log(FLOPs). 1024^3: ~177,
+# 2048^3: ~677 TFLOP/s (the public numbers the issue's review cites), large shapes: ~790 (the maximum
+# achievable matmul rate of H100 SXM bf16 in S. Bekman's ml-engineering "MAMF finder" tables). tf32: half.
+CUBLAS_POINTS = ((2 * 1024**3, 177e12), (2 * 2048**3, 677e12), (2 * 8192**3, 790e12))
+CUBLAS_TILE = (128, 256)  # a Hopper cuBLAS output tile; fewer tiles than SMs means split-K (an extra pass)
+DRIVER_LAUNCH = 2.5e-6  # s of host time per cuLaunchKernel (published: 2-5 us, NVIDIA's "Getting Started with
+#                         CUDA Graphs" blog, 2019; the low end for a current driver)
+GPU_MIN_KERNEL = 2e-6  # s: the shortest a kernel takes on the GPU (front end, one wave): assumed
+KERNEL_BOUNDARY = 1e-6  # s per dependent kernel: the drain of one grid and ramp of the next: assumed
+SYNC_LATENCY = 10e-6  # s per host sync (device -> host round trip after the queue drains): assumed
+COMPILE_KERNELS = 35  # torch.compile of the reference: kernels besides the GEMMs, when it cannot be traced here
+
+# SASS opcodes by pipe, cycles per warp instruction on one SM sub-partition (CUDA programming guide, compute
+# capability 9.0 throughputs per SM per clock: 128 -> 1 cycle, 64 -> 2, 32 -> 4, 16 -> 8)
+HALF_RATE = ("ISETP", "FSETP", "DSETP", "HSETP2", "SEL", "FSEL", "LOP3", "LOP", "PLOP3", "SHF", "SHL", "SHR",
+             "IADD3", "IADD", "IMNMX", "FMNMX", "LEA", "PRMT", "MOV", "P2R", "R2P", "IABS", "FLO", "POPC", "BMSK",
+             "SGXT", "F2FP", "I2FP", "IMAD", "IMUL", "VIADD", "VIMNMX", "FCHK")  # fmt: skip
+QUARTER_RATE = ("SHFL",)
+EIGHTH_RATE = ("MUFU", "F2F", "F2I", "I2F", "FRND")
+
+
+# ---- SASS: issue cycles ------------------------------------------------------------------------------------
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
+
+
+def parse_sass(sass: str) -> list:
+    """(address, opcode with modifiers, operands) of each instruction of a cuobjdump -sass listing."""
+    return [(int(m.group(1), 16), m.group(3), m.group(4)) for m in _SASS_LINE.finditer(sass)]
+
+
+def sass_loops(instructions) -> list:
+    """(start, end) address ranges of the loops: a branch back to a lower address closes one."""
+    loops = []
+    for address, op, operands in instructions:
+        if op.startswith("BRA"):
+            target = re.search(r"0x([0-9a-f]+)", operands)
+            if target and int(target.group(1), 16) < address:
+                loops.append((int(target.group(1), 16), address))
+    return sorted(set(loops))
+
+
+def _pipe_cycles(op: str) -> tuple[str, int]:
+    base = op.split(".")[0]
+    if base in EIGHTH_RATE:
+        return "xu", 8
+    if base in QUARTER_RATE:
+        return "shfl", 4
+    if base in ("IMAD", "IMUL"):
+        return "fmaheavy", 2
+    if base in HALF_RATE:
+        return "alu", 2
+    if base in ("FFMA", "FMUL", "FADD", "HFMA2", "HMUL2", "HADD2", "FSWZADD"):
+        return "fma", 1
+    return "issue", 1
 
 
 @dataclass
-class Line:
-    name: str
-    flops: float = 0.0
-    precision: str = "bf16"
-    efficiency: float = WGMMA_EFFICIENCY
-    l2_bytes: float = 0.0
-    hbm_bytes: float = 0.0
-    exps: float = 0.0
-    calls: int = 1
-    facts: str = ""
+class Issue:
+    """A kernel's SASS per warp: instructions issued, cycles (the busiest of the issue slot and the pipes),
+    the same outside the innermost loops (the epilogue), and its HGMMA FLOPs per warpgroup."""
 
-    def time(self, l2_bw: float = L2_BW) -> float:
-        t = max(
-            self.flops / (TENSOR_PEAK[self.precision] * self.efficiency) if self.flops else 0.0,
-            self.l2_bytes / l2_bw,
-            self.hbm_bytes / HBM_BW,
-            self.exps / MUFU_RATE,
-        )
-        return max(t, self.calls * GPU_GAP)
-
-    def bound(self, l2_bw: float = L2_BW) -> str:
-        parts = {"tensor": self.flops / (TENSOR_PEAK[self.precision] * self.efficiency) if self.flops else 0.0,
-                 "L2": self.l2_bytes / l2_bw, "HBM": self.hbm_bytes / HBM_BW, "MUFU": self.exps / MUFU_RATE}
-        return max(parts, key=parts.get)
+    instructions: float = 0.0
+    cycles: float = 0.0
+    epilogue_cycles: float = 0.0
+    hgmma_flops: float = 0.0
+    loops: list = field(default_factory=list)
+    pipes: dict = field(default_factory=dict)
 
 
-def _gemm(name, m, n, k, elem, out_elem, calls=1, precision="bf16", resident_in=False, resident_out=False):
-    """One cuBLAS GEMM (m x k) @ (k x n) (or ``calls`` of them adding up to it): operand traffic through L2 at
-    cuBLAS's tile reuse; the (m x k) operand and the output cross HBM unless they are L2-resident chunk
-    buffers (``resident_in`` / ``resident_out``); the (k x n) operand is read from HBM once."""
-    tm, tn = CUBLAS_TILE
-    l2 = (m * k * math.ceil(n / tn) + n * k * math.ceil(m / tm)) * elem + m * n * out_elem
-    hbm = (0 if resident_in else m * k * elem) + n * k * elem + (0 if resident_out else m * n * out_elem)
-    return Line(name, flops=2.0 * m * n * k, precision=precision, efficiency=CUBLAS_EFFICIENCY, l2_bytes=l2,
-                hbm_bytes=hbm, calls=calls)
+def issue_cycles(sass: str, trips) -> Issue:
+    """Cycles per warp of one program: each instruction weighted by the trip counts of the loops around it
+    (``trips(depth)``: iterations of a loop at that nesting depth, 1 = outermost, per iteration of its
+    parent), NOPs and the trailing self-branch left out. A pipe of half rate takes 2 cycles of its sub-
+    partition per warp instruction; the warp's cycles are the most of the issue slot (1 a instruction) and
+    each pipe's."""
+    instructions = parse_sass(sass)
+    loops = sass_loops(instructions)
+    depth_of = {loop: 1 + sum(1 for o in loops if o != loop and o[0] <= loop[0] and loop[1] <= o[1]) for loop in loops}
+    innermost = max(depth_of.values(), default=0)
+    issue, epilogue, pipes, hgmma = 0.0, collections.Counter(), collections.Counter(), 0.0
+    outer_pipes = collections.Counter()
+    for address, op, operands in instructions:
+        if op.startswith("NOP") or (op.startswith("BRA") and f"0x{address:x}" in operands):
+            continue
+        around = [loop for loop in loops if loop[0] <= address <= loop[1]]
+        weight = math.prod(trips(depth_of[loop]) for loop in around)
+        pipe, cycles = _pipe_cycles(op)
+        issue += weight
+        pipes[pipe] += weight * cycles
+        if innermost == 0 or not any(depth_of[loop] == innermost for loop in around):
+            epilogue["issue"] += weight
+            outer_pipes[pipe] += weight * cycles
+        shape = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", op)
+        if shape:
+            m, n, k = (int(v) for v in shape.groups())
+            hgmma += weight * 2 * m * n * k
+    pipes["issue"] = issue
+    outer_pipes["issue"] = epilogue["issue"]
+    return Issue(issue, max(pipes.values(), default=0.0), max(outer_pipes.values(), default=0.0), hgmma,
+                 [(hex(a), hex(b), depth_of[(a, b)]) for a, b in loops], dict(pipes))  # fmt: skip
 
 
-def _tiled(name, launch, rows, classes, features, elem, passes_w_from_hbm=1.0, extra_hbm=0.0, exps=0.0,
-           precision="bf16", calls=1):
-    """A Triton tl.dot kernel over (rows x classes): over its K loop a program streams its BLOCK_B x d tile of x
-    once per class step (BLOCK_C classes, 2 x BLOCK_C when PAIRED) and each BLOCK_C x d tile of W once per
-    row block, all from L2; W comes from HBM about once (row blocks run together), x stays in L2."""
+def loop_trips(launch, features: int):
+    """Trip counts by loop depth of a captured launch: the forward's class steps per program (outer) and its K
+    steps (inner); for another kernel its innermost loops step over d by BLOCK_K, outer loops once."""
     kernel, grid, args, meta = launch
-    bb, bc = meta["BLOCK_B"], meta["BLOCK_C"]
-    step = bc * (2 if meta.get("PAIRED") else 1)
-    l2 = (rows * math.ceil(classes / step) + classes * math.ceil(rows / bb)) * features * elem
-    return Line(name, flops=2.0 * rows * classes * features, precision=precision, l2_bytes=l2,
-                hbm_bytes=passes_w_from_hbm * classes * features * elem + extra_hbm, exps=exps, calls=calls,
-                facts=f"tile {bb} x {bc}{' x 2 paired' if meta.get('PAIRED') else ''} x {meta['BLOCK_K']}, "
-                      f"{meta['num_warps']} warps, {meta['num_stages']} stages")  # fmt: skip
+    k_steps = math.ceil(features / meta["BLOCK_K"]) if "BLOCK_K" in meta else 1
+    if kernel.fn.__name__ == "_lse_partial_kernel":
+        step = meta["BLOCK_C"] * (2 if meta.get("PAIRED") else 1)
+        class_steps = math.ceil(args[11] / step) / grid[1]  # args[11]: the launch's classes; grid[1]: splits
+        return lambda depth: class_steps if depth == 1 else k_steps
+    if kernel.fn.__name__ == "_inv_norm_kernel":
+        return lambda depth: k_steps
+    return lambda depth: k_steps if depth >= 1 else 1
 
 
-def fused_lines(batch, classes, features, dtype):
-    """The fused path as the code launches it: tiles, grids and chunk size from the captured launches."""
-    elem = torch.tensor([], dtype=dtype).element_size()
+# ---- per-call GPU time -------------------------------------------------------------------------------------
+
+
+def cublas_rate(flops: float, precision: str = "bf16") -> float:
+    """FLOP/s of one cuBLAS GEMM of this much work (CUBLAS_POINTS, log-linear between, flat outside); TF32 at
+    half that; float32 without tensor cores ("highest") at most 80 % of FP32_PEAK."""
+    x = math.log(max(flops, 1.0))
+    points = [(math.log(f), r) for f, r in CUBLAS_POINTS]
+    if x <= points[0][0]:
+        rate = points[0][1] * flops / CUBLAS_POINTS[0][0]  # below 1024^3 launch-bound: time ~ constant
+    elif x >= points[-1][0]:
+        rate = points[-1][1]
+    else:
+        for (x0, r0), (x1, r1) in zip(points, points[1:]):
+            if x <= x1:
+                rate = r0 + (r1 - r0) * (x - x0) / (x1 - x0)
+                break
+    if precision == "fp32":  # no tensor cores: FP32 pipes at ~80 % (SIMT GEMMs saturate them at modest sizes)
+        return min(rate, 0.8 * FP32_PEAK)
+    return rate * (0.5 if precision == "tf32" else 1.0)
+
+
+def gemm_time(gemm: tuple, l2_bytes: float, hbm_bytes: float) -> tuple[float, str, float]:
+    """(seconds, bound, L2 bytes) of a cuBLAS call (batch, m, n, k, operand bytes, output bytes): its rate by
+    work (the public rates include cuBLAS's own operand re-reads through L2, so those are not charged again);
+    its compulsory bytes from L2 / HBM (cache_traffic); fewer output tiles (CUBLAS_TILE) than SMs -> split-K,
+    whose float32 partials are written and read once more (through L2)."""
+    batch, m, n, k, elem, out_elem = gemm
+    flops = 2.0 * batch * m * n * k
+    # float32 operands: TF32 tensor cores only when torch's float32 matmul precision allows it
+    precision = "bf16" if elem != 4 else "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    tm, tn = CUBLAS_TILE
+    tiles = batch * math.ceil(m / tm) * math.ceil(n / tn)
+    split = max(1, min(SMS // max(tiles, 1), k // 256)) if tiles < SMS else 1
+    l2 = l2_bytes + 2 * (split - 1) * batch * m * n * 4
+    parts = {"tensor": flops / cublas_rate(flops, precision), "L2": l2 / L2_BW, "HBM": hbm_bytes / HBM_BW}
+    bound = max(parts, key=parts.get)
+    return max(parts[bound], GPU_MIN_KERNEL), bound + (f" split-K {split}" if split > 1 else ""), l2
+
+
+def occupancy(registers: int, threads: int, shared: int) -> int:
+    """CTAs per SM by registers (allocated per warp in units of 256: 8 per thread) and shared memory."""
+    regs = math.ceil(registers / 8) * 8 * threads
+    return max(1, min(REGISTERS_PER_SM // max(regs, 1), SHARED_PER_SM // max(shared, 1), 32))
+
+
+@dataclass
+class KernelFacts:
+    """What the model needs of a compiled Triton launch: its SASS issue, registers and shared memory."""
+
+    issue: Issue
+    registers: int
+    shared: int
+    warps: int
+
+
+def compile_facts(launch, features: int) -> KernelFacts:
+    """Compile a captured launch for sm_90 (sm90.use_h100_target first) and read its SASS."""
+    kernel, grid, args, meta = launch
+    compiled = kernel.warmup(*args, grid=grid, **meta)
+    facts = sm90.cubin_facts(compiled.asm["cubin"])
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([sm90._tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+    return KernelFacts(issue_cycles(sass, loop_trips(launch, features)), facts["registers"],
+                       compiled.metadata.shared, compiled.metadata.num_warps)  # fmt: skip
+
+
+def triton_time(launch, facts: KernelFacts, l2_bytes: float, hbm_bytes: float, precision: str):
+    """(seconds, bound, note) of a Triton launch: max(tensor, issue, L2, HBM), or tensor + epilogue issue at one
+    CTA per SM."""
+    kernel, grid, args, meta = launch
+    programs = math.prod(grid)
+    warps = facts.warps
+    groups = warps / 4  # a warpgroup issues each HGMMA once for its 4 warps
+    flops = facts.issue.hgmma_flops * groups * programs
+    slots = SMS * 4 * CLOCK
+    issue = programs * warps * facts.issue.cycles / slots
+    epilogue = programs * warps * facts.issue.epilogue_cycles / slots
+    tensor = flops / (TENSOR_PEAK[precision] * WGMMA_EFF) if flops else 0.0
+    if flops and "BLOCK_B" in meta and "BLOCK_C" in meta:
+        # operand tiles from L2: per K step a program loads BLOCK_B + BLOCK_C' rows of BLOCK_K for
+        # 2 BLOCK_B BLOCK_C' BLOCK_K FLOPs (BLOCK_C' = 2 BLOCK_C when paired)
+        bb, bc = meta["BLOCK_B"], meta["BLOCK_C"] * (2 if meta.get("PAIRED") else 1)
+        elem = next(a.element_size() for a in args if isinstance(a, torch.Tensor))
+        l2_bytes = max(l2_bytes, flops * elem * (bb + bc) / (2 * bb * bc))
+    ctas = occupancy(facts.registers, warps * 32, facts.shared)
+    parts = {"tensor": tensor, "issue": issue, "L2": l2_bytes / L2_BW, "HBM": hbm_bytes / HBM_BW}
+    if flops and ctas == 1:
+        parts["tensor+epilogue"] = tensor + epilogue
+    bound = max(parts, key=parts.get)
+    note = (f"{facts.issue.instructions:.0f} instr/warp, {facts.registers} regs, {ctas} CTA/SM, "
+            f"{flops / 1e12:.2f} TFLOP")  # fmt: skip
+    return max(parts[bound], GPU_MIN_KERNEL), bound, note, l2_bytes
+
+
+# ---- memory: an LRU model of the L2 ----------------------------------------------------------------------
+
+
+def cache_traffic(calls, capacity: float = L2_BYTES) -> dict:
+    """{call index: (L2 bytes, HBM bytes)} of the step's GPU calls in order: a tensor read while resident is L2
+    traffic, otherwise HBM; a written one becomes resident and dirty (no read from HBM); dirty data evicted is
+    written back to HBM (charged to the call that evicts it, during which it happens); what is still dirty at
+    the end is charged to the last call. A tensor larger than the cache streams through it."""
+    resident = collections.OrderedDict()  # key -> (bytes, dirty)
+    used = 0.0
+    out = {}
+    last = None
+    for i, call in enumerate(calls):
+        if call.kind not in sm90.LAUNCH_KINDS:
+            continue
+        l2 = hbm = 0.0
+        for key, size, written in call.touches:
+            l2 += size
+            if key in resident:
+                old, dirty = resident.pop(key)
+                used -= old
+                resident[key] = (size, dirty or written)
+                used += size
+                continue
+            if written:
+                if size > capacity:
+                    hbm += size  # streams out
+                    continue
+            else:
+                hbm += size
+                if size > capacity:
+                    continue
+            resident[key] = (size, written)
+            used += size
+            while used > capacity:
+                _, (old, dirty) = resident.popitem(last=False)
+                used -= old
+                hbm += old if dirty else 0.0
+        out[i] = [l2, hbm]
+        last = i
+    if last is not None:
+        out[last][1] += sum(size for size, dirty in resident.values() if dirty)
+    return out
+
+
+# ---- host: per-call costs measured here -------------------------------------------------------------------
+
+
+def _timed(fn, repeats: int = 300) -> float:
+    """Seconds per call: the least of 25 batches (the machine is shared: the least is the call's own cost)."""
+    fn()
+    samples = []
+    for _ in range(25):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        samples.append((time.perf_counter() - t0) / repeats)
+    return min(samples)
+
+
+@torch.library.custom_op("fkmodel::noop17", mutates_args=())
+def _noop17(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor, e: torch.Tensor, f: torch.Tensor,
+            g: torch.Tensor, h: torch.Tensor, i: torch.Tensor, j: torch.Tensor, k: torch.Tensor, s: float, n: int,
+            t: float, u: float, v: float, w: int) -> torch.Tensor:  # fmt: skip
+    return a.new_empty(0)
+
+
+def _plain17(a, b, c, d, e, f, g, h, i, j, k, s, n, t, u, v, w):
+    return a.new_empty(0)
+
+
+def measure_host(launches=()) -> dict:
+    """Host seconds per kind of call, measured on this machine's CPU (before DRIVER_LAUNCH is added): a torch
+    op (an add of two 1-element CPU tensors: dispatch, allocation and a trivial kernel), a view (``t()``),
+    an allocation (``torch.empty``), a custom_op dispatch (a 17-argument torch.library.custom_op whose body
+    allocates an empty tensor, minus the same body called directly), and each Triton kernel's launch through
+    its JIT (binding, specialisation key, cache lookup, launch metadata) with the compiled kernel's driver
+    launcher replaced by a stub (sm90.use_h100_target must be active). Not the GPU machine's CPU: the H100's
+    host may be faster."""
+    a, b = torch.ones(1), torch.ones(1)
+    tensors = [torch.ones(4) for _ in range(11)]
+    scalars = (64.0, 2, 0.2, 1.0, math.inf, 1)
+    out = {
+        "kernel": _timed(lambda: torch.add(a, b)),
+        "gemm": _timed(lambda: torch.mm(a.view(1, 1), b.view(1, 1))),
+        "view": _timed(lambda: a.t()),
+        "alloc": _timed(lambda: torch.empty(1)),
+        "host": _timed(lambda: torch.promote_types(torch.float32, torch.bfloat16)),
+        "custom_op": max(0.0, _timed(lambda: _noop17(*tensors, *scalars)) - _timed(lambda: _plain17(*tensors,
+                                                                                                    *scalars))),
+    }  # fmt: skip
+    for kernel, grid, args, meta in launches:
+        name = f"triton:{kernel.fn.__name__} ({len(args)} args + {len(meta)} constexprs / options)"
+        if name in out:
+            continue
+        compiled = kernel.warmup(*args, grid=grid, **meta)
+        # the driver's launcher and module: stubbed (no GPU); a loaded module is what launch_metadata checks
+        compiled.module, compiled._run = "stub", (lambda *launch_args: None)
+        out[name] = _timed(lambda: kernel[grid](*args, **meta), repeats=100)
+    return out
+
+
+# ---- the step ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CallTime:
+    kind: str
+    name: str
+    phase: str
+    gpu: float
+    host: float
+    bound: str = ""
+    l2: float = 0.0
+    hbm: float = 0.0
+    flops: float = 0.0
+    note: str = ""
+
+
+def host_cost(call, host: dict) -> float:
+    """Host seconds of one counted call: its kind's measured cost, plus the driver's launch for a GPU launch."""
+    if call.kind == "triton":
+        measured = [v for k, v in host.items() if k.startswith(f"triton:{call.name} ")]
+        return (measured[0] if measured else host["kernel"]) + DRIVER_LAUNCH
+    if call.kind == "sync":
+        return 0.0
+    return host[call.kind] + (DRIVER_LAUNCH if call.kind in ("gemm", "kernel") else 0.0)
+
+
+def time_calls(count: sm90.StepCount, host: dict, facts: dict, precision: str, features: int) -> list:
+    """A CallTime per counted call."""
+    traffic = cache_traffic(count.calls)
+    out = []
+    for i, call in enumerate(count.calls):
+        l2, hbm = traffic.get(i, (0.0, 0.0))
+        gpu, bound, note, flops = 0.0, "", "", 0.0
+        if call.kind == "gemm":
+            gpu, bound, l2 = gemm_time(call.gemm, l2, hbm)
+            flops = 2.0 * math.prod(call.gemm[:4])
+        elif call.kind == "kernel":
+            parts = {"L2": l2 / L2_BW, "HBM": hbm / HBM_BW}
+            bound = max(parts, key=parts.get)
+            gpu = max(parts[bound], GPU_MIN_KERNEL)
+        elif call.kind == "triton":
+            f = facts[_launch_key(call.launch)]
+            gpu, bound, note, l2 = triton_time(call.launch, f, l2, hbm, precision)
+            flops = f.issue.hgmma_flops * f.warps / 4 * math.prod(call.launch[1])
+        out.append(CallTime(call.kind, call.name, call.phase, gpu, host_cost(call, host), bound, l2, hbm, flops,
+                            note))  # fmt: skip
+    return out
+
+
+def _launch_key(launch) -> tuple:
+    kernel, grid, args, meta = launch
+    return (kernel.fn.__name__, tuple(sorted((k, str(v)) for k, v in meta.items())),
+            tuple((tuple(a.shape), str(a.dtype)) if isinstance(a, torch.Tensor) else type(a).__name__
+                  for a in args))  # fmt: skip
+
+
+def wall_time(times: list) -> dict:
+    """Per stretch between host syncs, max(host, GPU); plus KERNEL_BOUNDARY per launch and SYNC_LATENCY per
+    sync. Returns the parts."""
+    stretches, host, gpu = [], 0.0, 0.0
+    launches = syncs = 0
+    for t in times:
+        if t.kind == "sync":
+            stretches.append((host, gpu))
+            host = gpu = 0.0
+            syncs += 1
+            continue
+        host += t.host
+        gpu += t.gpu
+        launches += t.kind in sm90.LAUNCH_KINDS
+    stretches.append((host, gpu))
+    total = sum(max(h, g) for h, g in stretches) + launches * KERNEL_BOUNDARY + syncs * SYNC_LATENCY
+    return {"wall": total, "host": sum(h for h, _ in stretches), "gpu": sum(g for _, g in stretches),
+            "launches": launches, "syncs": syncs}  # fmt: skip
+
+
+_INDUCTOR_TRACE = r"""
+import json, torch, torch._inductor.config as config, torch._inductor.metrics as metrics
+import facekernels as fk
+config.fx_graph_cache = False
+torch.manual_seed(0)
+head = fk.CurricularFace(64, 4096, backend="reference").train()
+x, y = torch.randn(64, 64, requires_grad=True), torch.randint(0, 4096, (64,))
+metrics.reset()
+torch.compile(head)(x, y).backward()
+print(json.dumps({"kernels": metrics.generated_kernel_count}))
+"""
+
+
+def inductor_kernels() -> tuple[int, str]:
+    """(kernels, how known) of torch.compile of the reference head's forward + backward: traced by inductor's
+    CPU backend at a small shape (B = 64, C = 4096, d = 64) in a fresh process: its loop nests besides the
+    GEMMs (extern calls), each about one Triton kernel on a GPU. COMPILE_KERNELS when that fails here."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    try:
+        done = subprocess.run([sys.executable, "-c", _INDUCTOR_TRACE], capture_output=True, text=True, env=env,
+                              timeout=900)  # fmt: skip
+        kernels = int(json.loads(done.stdout.strip().splitlines()[-1])["kernels"])
+        return kernels, "traced by inductor (CPU backend, B = 64, C = 4096, d = 64)"
+    except Exception as err:  # noqa: BLE001 - a model's fallback, said in its output
+        return COMPILE_KERNELS, f"ASSUMED (inductor trace failed here: {type(err).__name__})"
+
+
+def compile_lines(eager: list, batch: int, classes: int, elem: int, kernels: int) -> list:
+    """torch.compile of the reference: the eager step's GEMM calls as they are, and ``kernels`` other kernels
+    (inductor's count). Their bytes are ASSUMED: 4 passes over the (B, C) logits at the GEMM dtype (the
+    logits GEMM writes them; the fused softmax forward reads them; the backward's fused softmax gradient reads
+    them and writes its gradient), in two of the kernels; the rest small (GPU_MIN_KERNEL). Host: a launch each
+    from inductor's generated wrapper (DRIVER_LAUNCH + the measured cost of a torch op for its Python)."""
+    gemms = [t for t in eager if t.kind == "gemm"]
+    bc = batch * classes
+    passes = 3 * bc * elem  # beyond the GEMM's own write of the logits
+    per = passes / HBM_BW / 2 + GPU_MIN_KERNEL
+    host = DRIVER_LAUNCH + (gemms[0].host - DRIVER_LAUNCH if gemms else 4e-6)
+    fused = [CallTime("kernel", "compiled (B, C) pass", "forward", per, host, "HBM", hbm=passes / 2),
+             CallTime("kernel", "compiled (B, C) pass", "backward", per, host, "HBM", hbm=passes / 2)]
+    rest = [CallTime("kernel", "compiled small kernel", "step", GPU_MIN_KERNEL, host, "launch")
+            for _ in range(max(kernels - 2, 0))]  # fmt: skip
+    return gemms + fused + rest
+
+
+def model(batch: int, classes: int, features: int, dtype: torch.dtype, head: str = "CurricularFace",
+          host: dict | None = None) -> dict:  # fmt: skip
+    """{path: (times, wall parts)} for the fused path, eager reference and (assumed) torch.compile."""
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "tf32"}[dtype]
-    launches = sm90.capture(batch, classes, features, dtype, sm90.Variant(2))
-    forward = next(launch for launch in launches if launch[0].fn.__name__ == "_lse_partial_kernel")
-    chunk = tk.KERNELS.chunk_classes(batch, classes, dtype)
-    chunks = math.ceil(classes / chunk)
-    gemm_elem = tk._gemm_dtype(dtype).itemsize
-    gemm_precision = "bf16" if gemm_elem == 2 else "tf32"
-    bc = batch * classes
-    # the chunk's float32 dots, D and W chunk stay in L2 between the calls that write and read them (their
-    # sizes: CHUNK_BYTES + half that + chunk x d): their traffic is L2 traffic, not HBM
-    lines = [
-        Line("inv_norms (x and W)", hbm_bytes=(batch + classes) * features * elem, calls=2),
-        Line("target cosine, phi, t (torch, O(B d))", hbm_bytes=2 * batch * features * elem, calls=12),
-        _tiled("forward: _lse_partial_kernel", forward, batch, classes, features, elem, exps=bc,
-               precision=precision),  # fmt: skip
-        Line("forward: combine splits, loss (torch)", hbm_bytes=batch * 66 * 8, calls=6),
-        _gemm(f"backward: cuBLAS dots = X @ W_chunk^T (fp32 out) x {chunks}", batch, classes, features, elem, 4,
-              calls=chunks, precision=precision, resident_out=True),
-        Line(f"backward: _grad_logits_kernel, sum of k x {chunks}", l2_bytes=bc * (4 + gemm_elem), exps=bc,
-             calls=2 * chunks,
-             facts=f"elementwise {tk.GRAD_BLOCK_B} x {tk.GRAD_BLOCK_C}, {tk.GRAD_WARPS} warps"),
-        _gemm(f"backward: cuBLAS dX += D @ W_chunk x {chunks}", batch, features, classes, gemm_elem, 4,
-              calls=2 * chunks,
-              precision=gemm_precision, resident_in=True),
-        _gemm(f"backward: cuBLAS dW_chunk = D^T @ X x {chunks}", classes, features, batch, gemm_elem, elem,
-              calls=chunks, precision=gemm_precision, resident_in=True),
-        Line(f"backward: dW rank-1 correction (addcmul_) x {chunks}", l2_bytes=3 * classes * features * elem,
-             hbm_bytes=classes * features * elem, calls=chunks),
-        Line("backward: dx normalisation (torch, O(B d))", hbm_bytes=6 * batch * features * 4, calls=6),
-    ]
-    if dtype == torch.float16:
-        lines.append(Line("backward: X, W chunk cast to bfloat16 for the GEMMs",
-                          l2_bytes=2 * classes * features * elem, calls=2 * chunks))  # fmt: skip
-    return lines, launches
+    fused = sm90.count_step(batch, classes, features, dtype, head)
+    eager = sm90.count_step(batch, classes, features, dtype, head, backend="reference")
+    launches = {_launch_key(c.launch): c.launch for c in fused.calls if c.kind == "triton"}
+    facts = {key: compile_facts(launch, features) for key, launch in launches.items()}
+    if host is None:
+        host = measure_host(launches.values())
+    out = {}
+    for name, count in (("fused (backend='triton')", fused), ("eager (backend='reference')", eager)):
+        times = time_calls(count, host, facts, precision, features)
+        out[name] = (times, wall_time(times), count)
+    elem = dtype.itemsize
+    if "inductor" not in host:
+        host["inductor"] = inductor_kernels()
+    kernels, how = host["inductor"]
+    compiled = compile_lines(out["eager (backend='reference')"][0], batch, classes, elem, kernels)
+    out[f"torch.compile(reference): {kernels} kernels + GEMMs, {how}; (B, C) bytes assumed"] = (
+        compiled, wall_time(compiled), None)
+    return out, host
 
 
-def eager_lines(batch, classes, features, dtype, compiled=False):
-    """Eager PyTorch (facekernels.reference) or torch.compile of it: the three GEMMs at cuBLAS speed plus the
-    passes over the (B, C) logits. Eager: normalised copy of W, and per elementwise op a read and a write of
-    (B, C) (clamp, gather / scatter of the target, scale, log-sum-exp, and their backward: ~16 passes at the
-    logits' dtype, float32 where autocast or the reduction upcasts). torch.compile fuses the elementwise chain:
-    one write by the GEMM, one read by the fused softmax forward, a read and a write in the backward's fused
-    softmax gradient (4 passes)."""
-    elem = torch.tensor([], dtype=dtype).element_size()
-    bc = batch * classes
-    passes = 4 if compiled else 16
-    precision = "tf32" if dtype == torch.float32 else "bf16"
-    prefix = "torch.compile" if compiled else "eager"
-    return [
-        Line(f"{prefix}: normalise W (copy)", hbm_bytes=(2 if compiled else 4) * classes * features * elem, calls=4),
-        _gemm(f"{prefix}: cuBLAS logits = x_hat @ w_hat^T", batch, classes, features, elem, elem, precision=precision),
-        Line(f"{prefix}: {passes} passes over the (B, C) logits", hbm_bytes=passes * bc * elem, exps=2 * bc,
-             calls=passes),
-        _gemm(f"{prefix}: cuBLAS dX = G @ w_hat", batch, features, classes, elem, elem, precision=precision),
-        _gemm(f"{prefix}: cuBLAS dW = G^T @ x_hat", classes, features, batch, elem, elem, precision=precision),
-        Line(f"{prefix}: normalisation backward of W", hbm_bytes=(3 if compiled else 6) * classes * features * elem,
-             calls=3),
-    ]
+def floor_time(batch: int, classes: int, features: int) -> float:
+    """The 3-GEMM floor: 6 B C d FLOPs at cuBLAS's large-shape rate (CUBLAS_POINTS' last)."""
+    return 6.0 * batch * classes * features / CUBLAS_POINTS[-1][1]
 
 
-def _attach_facts(lines, launches):
-    """--compile: the sm_90 facts of each captured Triton launch, and the mma.sync / spill penalty."""
-    sm90.use_h100_target()
-    for launch in launches:
-        facts = sm90.compile_launch(*launch)
-        for line in lines:
-            if facts["kernel"] in line.name:
-                ok = facts["ptx_wgmma"] and not facts["spill_bytes"]
-                line.facts += (f"; sm_90: {facts['registers']} regs, {facts['spill_bytes']} B spilled, "
-                               f"{','.join(facts['sass_mma']) or 'no MMA'}")  # fmt: skip
-                if line.flops and not ok:
-                    line.efficiency = MMA_SYNC_EFFICIENCY
+def summarise(times: list) -> list:
+    """Rows grouped by (phase, kind, name): calls, GPU ms, host ms, bound, TFLOP, L2 GB, HBM GB, a note."""
+    groups = collections.OrderedDict()
+    for t in times:
+        if t.kind in ("view", "alloc", "host"):
+            key = (t.phase, t.kind, "(no launch)")
+        elif t.kind == "kernel" and t.gpu <= GPU_MIN_KERNEL and "(B, C)" not in t.name:
+            key = (t.phase, t.kind, "small torch kernels")
+        else:
+            key = (t.phase, t.kind, t.name)
+        g = groups.setdefault(key, dict(calls=0, gpu=0.0, host=0.0, bounds=collections.Counter(), flops=0.0,
+                                        l2=0.0, hbm=0.0, note=t.note))  # fmt: skip
+        g["calls"] += 1
+        g["gpu"] += t.gpu
+        g["host"] += t.host
+        g["bounds"][t.bound] += 1
+        g["flops"] += t.flops
+        g["l2"] += t.l2
+        g["hbm"] += t.hbm
+    return [(k, g) for k, g in groups.items()]
 
 
-def report(batch, classes, features, dtype, compile_facts=False):
-    fused, launches = fused_lines(batch, classes, features, dtype)
-    if compile_facts:
-        _attach_facts(fused, launches)
-    floor = 6.0 * batch * classes * features / (TENSOR_PEAK["bf16"] * CUBLAS_EFFICIENCY)
-    out = [f"ESTIMATE (roofline model, not measured) — H100 SXM, B = {batch}, d = {features}, C = {classes:,}, "
-           f"{str(dtype).removeprefix('torch.')}", ""]
-    out.append(f"{'kernel / call':58} {'ms':>8} {'bound':>6}  {'TFLOP':>7} {'L2 GB':>7} {'HBM GB':>7}  notes")
-    totals = {}
-    for title, lines in (("fused (backend='triton')", fused),
-                         ("eager PyTorch (backend='reference')", eager_lines(batch, classes, features, dtype)),
-                         ("torch.compile(eager)", eager_lines(batch, classes, features, dtype, compiled=True))):
-        out.append(f"-- {title}")
-        for line in lines:
-            out.append(f"{line.name:58} {line.time() * 1e3:8.3f} {line.bound():>6}  {line.flops / 1e12:7.1f} "
-                       f"{line.l2_bytes / 1e9:7.1f} {line.hbm_bytes / 1e9:7.2f}  {line.facts}")  # fmt: skip
-        total = _total(lines)
-        totals[title] = lines
-        host = sum(line.calls for line in lines) * HOST_OP
-        out.append(f"{'   total (estimate)':58} {total * 1e3:8.3f}   = {total / floor:.2f} x the 3-GEMM floor "
-                   f"(host: {sum(line.calls for line in lines)} calls, {host * 1e3:.2f} ms)")
-    out.append("")
-    out.append(f"3-GEMM floor: 6 B C d = {6 * batch * classes * features / 1e12:.2f} TFLOP at "
-               f"{TENSOR_PEAK['bf16'] * CUBLAS_EFFICIENCY / 1e12:.0f} TFLOP/s = {floor * 1e3:.2f} ms")
-    for bw in (5.5e12, 10e12):
-        t = _total(fused, bw)
-        out.append(f"sensitivity: fused total at L2 {bw / 1e12:.1f} TB/s: {t * 1e3:.2f} ms = {t / floor:.2f} x floor")
-    return "\n".join(out), _total(fused) / floor
+def report(batch: int, classes: int, features: int, dtype: torch.dtype, head: str = "CurricularFace",
+           host: dict | None = None) -> tuple[str, dict, dict]:  # fmt: skip
+    paths, host = model(batch, classes, features, dtype, head, host)
+    floor = floor_time(batch, classes, features)
+    lines = [f"ESTIMATE (model, not measured) - H100 SXM, {head}, B = {batch}, d = {features}, C = {classes:,}, "
+             f"{str(dtype).removeprefix('torch.')}", ""]  # fmt: skip
+    head_row = f"{'phase':9} {'kind':9} {'call':42} {'calls':>6} {'GPU ms':>8} {'host ms':>8} {'TFLOP':>6} " \
+               f"{'L2 GB':>6} {'HBM GB':>7}  bound / notes"
+    walls = {}
+    for name, (times, parts, count) in paths.items():
+        lines += [f"-- {name}", head_row]
+        for (phase, kind, call), g in summarise(times):
+            bound = ", ".join(f"{b or '-'} x{n}" if len(g["bounds"]) > 1 else (b or "-")
+                              for b, n in g["bounds"].most_common(2))  # fmt: skip
+            lines.append(f"{phase:9} {kind:9} {call[:42]:42} {g['calls']:6d} {g['gpu'] * 1e3:8.3f} "
+                         f"{g['host'] * 1e3:8.3f} {g['flops'] / 1e12:6.2f} {g['l2'] / 1e9:6.1f} {g['hbm'] / 1e9:7.2f}"
+                         f"  {bound}{'; ' + g['note'] if g['note'] else ''}")  # fmt: skip
+        counted = "" if count is None else (f"; counted: {count.launches()} launches, {count.count('custom_op')} "
+                                            f"custom_op dispatches, {count.count('view') + count.count('alloc')} "
+                                            f"views / allocations, {len(count.syncs)} host syncs")  # fmt: skip
+        lines.append(f"   wall (estimate) {parts['wall'] * 1e3:.2f} ms = {parts['wall'] / floor:.2f} x the 3-GEMM "
+                     f"floor (GPU {parts['gpu'] * 1e3:.2f} ms, host {parts['host'] * 1e3:.2f} ms, "
+                     f"{parts['launches']} kernel boundaries, {parts['syncs']} syncs{counted})")  # fmt: skip
+        if count is not None:
+            # the host costs were measured on this machine's CPU (2 shared cores); the GPU machine's host may be
+            # faster, and CUDA graphs replay a captured step with next to no host work
+            for scale, why in ((2.0, "host costs x 2 (a busier host CPU)"), (0.5, "host costs x 0.5 (a faster host CPU)"),
+                               (0.0, "host costs x 0 (a CUDA graph")):  # fmt: skip
+                if scale == 0.0 and parts["syncs"]:
+                    why += f", were the {parts['syncs']} sync(s) gone"
+                why += ")" if scale == 0.0 else ""
+                other = wall_time([dataclasses.replace(t, host=t.host * scale) for t in times if scale or
+                                   t.kind != "sync"])  # fmt: skip
+                lines.append(f"   sensitivity: {why}: {other['wall'] * 1e3:.2f} ms = {other['wall'] / floor:.2f} x")
+        lines.append("")
+        walls[name] = parts["wall"]
+    lines.append(f"3-GEMM floor: 6 B C d = {6 * batch * classes * features / 1e12:.2f} TFLOP at "
+                 f"{CUBLAS_POINTS[-1][1] / 1e12:.0f} TFLOP/s = {floor * 1e3:.2f} ms")  # fmt: skip
+    return "\n".join(lines), walls, host
 
 
-def _total(lines, l2_bw=L2_BW):
-    """GPU time of the lines in sequence, or the host's time to enqueue them if that is longer."""
-    return max(sum(line.time(l2_bw) for line in lines), sum(line.calls for line in lines) * HOST_OP)
+def constants_text(host: dict) -> str:
+    rows = ["Constants (H100 SXM5; sources in bench/gpu_model.py):",
+            f"  SMs {SMS}, clock {CLOCK / 1e9:.2f} GHz, tensor peak bf16 {TENSOR_PEAK['bf16'] / 1e12:.0f} TFLOP/s "
+            f"(Triton wgmma at {WGMMA_EFF:.0%}), HBM {HBM_BW / 1e12:.2f} TB/s, L2 {L2_BW / 1e12:.1f} TB/s, "
+            f"L2 {L2_BYTES / 1e6:.0f} MB",
+            "  cuBLAS bf16 by work: " + ", ".join(f"{f / 1e9:.1f} GFLOP -> {r / 1e12:.0f} TFLOP/s"
+                                                   for f, r in CUBLAS_POINTS),
+            f"  driver launch {DRIVER_LAUNCH * 1e6:.1f} us (published), GPU min kernel {GPU_MIN_KERNEL * 1e6:.1f} us, "
+            f"kernel boundary {KERNEL_BOUNDARY * 1e6:.1f} us, sync {SYNC_LATENCY * 1e6:.0f} us (assumed)",
+            "  host per call, measured on this machine's CPU (+ driver launch for launches): "
+            + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in host.items() if k != "inductor")]  # fmt: skip
+    return "\n".join(rows)
+
+
+# ---- issue 23: the fused optimizer's update bytes ---------------------------------------------------------
+
+
+def update_bytes(classes: int, features: int, weight_bytes: int = 4, state_bytes: int = 4) -> dict:
+    """HBM bytes of one SGD-with-momentum update of a (C, d) head, ESTIMATED per element:
+    unfused: the backward writes dW (w), torch.optim.SGD reads dW, W and the momentum and writes W and the
+    momentum (w + w + s + w + s); zero_grad(set_to_none=False) would write dW once more (not counted: torch's
+    default frees it). Fused (facekernels.optim.SGD): the chunk's dW is in L2 (never written to HBM); W and
+    the momentum are read and written (2 w + 2 s): the chunk's W was just read by the chunk's GEMMs, but the
+    update runs after the chunk and the chunk's working set is about the L2, so it is counted as an HBM read."""
+    n = classes * features
+    unfused = n * (weight_bytes + 3 * weight_bytes + 2 * state_bytes)
+    fused = n * (2 * weight_bytes + 2 * state_bytes)
+    return {"unfused": unfused, "fused": fused}
+
+
+def update_text(features: int = 512) -> str:
+    rows = ["Fused optimizer update (issue 23), SGD with momentum, float32 head and momentum: ESTIMATE (HBM bytes "
+            f"at {HBM_BW / 1e12:.2f} TB/s)"]
+    for classes in (1_000_000, 10_000_000):
+        b = update_bytes(classes, features)
+        rows.append(f"  C = {classes:>10,}, d = {features}: unfused {b['unfused'] / 1e9:6.1f} GB "
+                    f"{b['unfused'] / HBM_BW * 1e3:6.2f} ms; fused {b['fused'] / 1e9:6.1f} GB "
+                    f"{b['fused'] / HBM_BW * 1e3:6.2f} ms; saved {(b['unfused'] - b['fused']) / 1e9:.1f} GB "
+                    f"({(b['unfused'] - b['fused']) / HBM_BW * 1e3:.2f} ms)")  # fmt: skip
+    return "\n".join(rows)
+
+
+def counted_update_text(batch: int, classes: int, features: int, host: dict) -> str:
+    """Issue 23 as the code does it: one step at bfloat16 embeddings and a float32 head (computed in float32),
+    with facekernels.optim.SGD fused into the backward against torch.optim.SGD on the weight's gradient
+    (momentum 0.9, weight decay 5e-4; sm90.count_step's second step), through the same model."""
+    rows = [f"Counted SGD steps (issue 23), B = {batch}, d = {features}, C = {classes:,}, bfloat16 embeddings, "
+            "float32 head: ESTIMATE"]  # fmt: skip
+    facts = {}
+    for optimizer, what in (("torch-sgd", "unfused: head backward + torch.optim.SGD"),
+                            ("sgd", "fused: facekernels.optim.SGD in the backward")):  # fmt: skip
+        count = sm90.count_step(batch, classes, features, torch.bfloat16, optimizer=optimizer,
+                                weight_dtype=torch.float32)  # fmt: skip
+        for c in count.calls:
+            if c.kind == "triton" and _launch_key(c.launch) not in facts:
+                facts[_launch_key(c.launch)] = compile_facts(c.launch, features)
+        times = time_calls(count, host, facts, "tf32", features)
+        parts = wall_time(times)
+        hbm = sum(t.hbm for t in times)
+        rows.append(f"  {what:46} wall {parts['wall'] * 1e3:7.2f} ms (GPU {parts['gpu'] * 1e3:.2f}, host "
+                    f"{parts['host'] * 1e3:.2f}), HBM {hbm / 1e9:6.1f} GB, {count.launches()} launches, "
+                    f"{len(count.syncs)} syncs")  # fmt: skip
+        for phase in ("update", "step"):
+            part = [t for t in times if t.phase == phase]
+            if part:
+                rows.append(f"    of which {phase:6}: {sum(t.kind in sm90.LAUNCH_KINDS for t in part):5d} launches, "
+                            f"GPU {sum(t.gpu for t in part) * 1e3:.2f} ms, host {sum(t.host for t in part) * 1e3:.2f} "
+                            f"ms, HBM {sum(t.hbm for t in part) / 1e9:.1f} GB (write-backs of earlier calls "
+                            "included)")  # fmt: skip
+    return "\n".join(rows)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1024, 256])
     parser.add_argument("--features", type=int, default=512)
-    parser.add_argument("--classes", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    parser.add_argument("--compile", action="store_true", help="add the sm_90 build facts of each Triton kernel")
+    parser.add_argument("--classes", type=int, nargs="+", default=[1_000_000])
+    parser.add_argument("--dtype", choices=tuple(sm90.DTYPE_NAMES), default="bf16")
+    parser.add_argument("--head", default="CurricularFace")
     args = parser.parse_args(argv)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    sm90.use_h100_target()
+    dtype = sm90.DTYPE_NAMES[args.dtype]
+    host = None
     for classes in args.classes:
-        text, _ = report(args.batch, classes, args.features, dtype, args.compile)
-        print(text + "\n")
+        for batch in args.batch:
+            text, _, host = report(batch, classes, args.features, dtype, args.head, host)
+            print(text + "\n")
+    print(constants_text(host) + "\n")
+    print(update_text(args.features) + "\n")
+    print(counted_update_text(max(args.batch), args.classes[0], args.features, host))
 
 
 if __name__ == "__main__":

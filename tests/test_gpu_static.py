@@ -47,6 +47,11 @@ def _check(version, launches):
                 failures.append(f"{where}: tl.dot lowers to {f['sass_mma']} (wgmma in PTX: {f['ptx_wgmma']})")
     assert not failures, "\n".join(failures)
     assert any(f["uses_dot"] for f in launches)
+    # float32 is compiled as it runs under torch's default float32 matmul precision, "highest": three TF32
+    # products (tf32x3), the variant with the most live values
+    precisions = {f["constexprs"]["DOT_PRECISION"] for f in launches
+                  if f["dtype"] == "float32" and "DOT_PRECISION" in f["constexprs"]}  # fmt: skip
+    assert precisions == {"tf32x3"}, precisions
 
 
 def _compiler_or_skip():
