@@ -68,6 +68,16 @@ def _online_lse(raw, cols, col_mask, target, phi, tau, t, mv_t, s, bound, filter
 
 
 @triton.jit
+def _beats_target(raw, cols, col_mask, target, target_cos, bound):
+    """Per row, int32: the tile's classes other than the target column (by index: the tile's recomputed target
+    cosine may differ from target_cos by a rounding) whose clamped margin-free cosine beats the target's,
+    not (c <= target_cos): strictly greater or NaN (facekernels/_rowmath.py, beats_target)."""
+    c = clamp_cosine(raw, bound)
+    beats = ((c <= target_cos[:, None]) == 0) & col_mask[None, :] & (cols[None, :] != target[:, None])
+    return tl.sum(beats.to(tl.int32), axis=1)
+
+
+@triton.jit
 def _dot_tile(X, W, rows, row_mask, w_rows, w_mask, D, stride_x, stride_w, BLOCK_B: tl.constexpr,
               BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """x[rows] . w[w_rows] over d: one (BLOCK_B, BLOCK_C) float32 tile of raw dot products."""
@@ -83,12 +93,16 @@ def _dot_tile(X, W, rows, row_mask, w_rows, w_mask, D, stride_x, stride_w, BLOCK
 
 @triton.jit
 def _lse_partial_kernel(X, W, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, tau_ptr, t_ptr,
-                        part_max_ptr, part_sum_ptr,
+                        part_max_ptr, part_sum_ptr, target_cos_ptr, part_rank_ptr,
                         B, C, D, stride_x, stride_w, classes_per_split, n_splits, s, mv_t, bound, filter_threshold,
                         NEGATIVES: tl.constexpr, FILTER: tl.constexpr, SUBCENTERS: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PAIRED: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, RANK: tl.constexpr):
     """Program (row block, class split): online (max, sum exp(z - max)) of its rows over its classes.
+
+    RANK (stats only; the pointers are None otherwise and the kernel is the same as without): also counts, per
+    row, its classes whose margin-free cosine beats the row's target cosine (``_beats_target``), from the same
+    raw cosine tiles, into int32 partials per (row, split) that the host sums.
 
     PAIRED: each step of the class loop takes two BLOCK_C tiles in one pass over d, the x tile of a K step
     feeding both tl.dot, so x crosses L2 once per 2 x BLOCK_C classes (L2 traffic bounds this kernel,
@@ -112,6 +126,10 @@ def _lse_partial_kernel(X, W, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, tau_ptr
         t = tl.load(t_ptr)
     run_max = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_B,), tl.float32)
+    beats = tl.zeros((BLOCK_B,), tl.int32)
+    target_cos = phi
+    if RANK:
+        target_cos = tl.load(target_cos_ptr + rows, mask=row_mask, other=0.0)
     c_begin = (split * classes_per_split).to(tl.int32)
     c_end = tl.minimum(c_begin + classes_per_split, C)
     for c0 in range(c_begin, c_end, (2 if PAIRED else 1) * BLOCK_C):
@@ -151,11 +169,17 @@ def _lse_partial_kernel(X, W, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, tau_ptr
                 raw_a, index = subcenter_max(raw_a, index, acc * inv_x[:, None] * inv_w[None, :], i)
         run_max, run_sum = _online_lse(raw_a, cols_a, mask_a, target, phi, tau, t, mv_t, s, bound, filter_threshold,
                                        run_max, run_sum, NEGATIVES, FILTER)
+        if RANK:
+            beats += _beats_target(raw_a, cols_a, mask_a, target, target_cos, bound)
         if PAIRED:
             inv_w_b = tl.load(inv_w_ptr + cols_b, mask=mask_b, other=0.0)
-            run_max, run_sum = _online_lse(acc_b * inv_x[:, None] * inv_w_b[None, :], cols_b, mask_b, target, phi,
-                                           tau, t, mv_t, s, bound, filter_threshold, run_max, run_sum, NEGATIVES,
-                                           FILTER)
+            raw_b = acc_b * inv_x[:, None] * inv_w_b[None, :]
+            run_max, run_sum = _online_lse(raw_b, cols_b, mask_b, target, phi, tau, t, mv_t, s, bound,
+                                           filter_threshold, run_max, run_sum, NEGATIVES, FILTER)
+            if RANK:
+                beats += _beats_target(raw_b, cols_b, mask_b, target, target_cos, bound)
     out = rows * n_splits + split
     tl.store(part_max_ptr + out, run_max, mask=row_mask)
     tl.store(part_sum_ptr + out, run_sum, mask=row_mask)
+    if RANK:
+        tl.store(part_rank_ptr + out, beats, mask=row_mask)
