@@ -132,13 +132,14 @@ def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int
     has no class. Without sub-centers the classes up to a multiple of 2 x BLOCK_C go to the paired kernel, the
     ragged tail to an unpaired launch (forward.py). With ``target_cos`` (B,) float32, a third output: per row
     the int64 count of w's classes, the target column left out, whose margin-free cosine beats it (the kernel's
-    RANK variant; None without)."""
+    RANK variant, unpaired over every class; None without)."""
     x, w = _aligned_rows(x), _aligned_rows(w)
     (batch, features), k = x.shape, subcenters
     classes = w.shape[0] // k
     cfg = tile_config(batch, x.dtype, k)
     row_blocks = triton.cdiv(batch, cfg.block_b)
-    paired_end = classes // (2 * cfg.block_c) * 2 * cfg.block_c if k == 1 else 0
+    # the RANK variant (stats) runs unpaired: its count beside two accumulators would spill (forward.py)
+    paired_end = classes // (2 * cfg.block_c) * 2 * cfg.block_c if k == 1 and target_cos is None else 0
     empty = torch.full((batch, 1), -math.inf, device=x.device)
     partials = [(empty, empty)]
     rank = None if target_cos is None else torch.zeros(batch, dtype=torch.int64, device=x.device)
