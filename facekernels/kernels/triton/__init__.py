@@ -263,7 +263,8 @@ def _(rows):
 def _margin_lse_op(x: torch.Tensor, w: torch.Tensor, inv_x: torch.Tensor, inv_w: torch.Tensor, target: torch.Tensor,
                    phi: torch.Tensor, tau: torch.Tensor, t: torch.Tensor | None, s: float, negatives: int,
                    mv_t: float, cos_bound: float, filter_threshold: float, subcenters: int,
-                   target_cos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+                   target_cos: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     # rank: empty without target_cos (an op's output is a tensor)
     lse, row_max, rank = margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t, cos_bound,
                                     filter_threshold, subcenters, target_cos)  # fmt: skip
