@@ -152,7 +152,8 @@ Rows<acc_t> make_rows(const at::Tensor& x, const at::Tensor& inv_x, const at::Te
 // rank_cos: null, or the rows' target cosines; then the third output counts, per row, the classes other than
 // the target column (left out by index: its recomputed cosine may differ from rank_cos by a rounding) whose
 // clamped margin-free cosine c beats it: !(c <= rank_cos), strictly greater or NaN (facekernels/_rowmath.py,
-// beats_target). Without it the op computes nothing of the kind and returns an empty third output.
+// beats_target; one compare per class through rank_threshold). Without it the op computes nothing of the kind
+// and returns an empty third output.
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_impl(const at::Tensor& x, const at::Tensor& w,
                                                         const Rows<at::opmath_type<scalar_t>>& rows,
@@ -189,12 +190,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_impl(const at::Tensor& x, con
         const acc_t tau = rows.tau[i];
         const int64_t target = rows.target[i] - j0;
         if (rank_cos != nullptr) {  // before the raw cosines are overwritten by the logits
-          const acc_t target_cos = rank_cos[i];
+          const acc_t threshold = rank_threshold(rank_cos[i], bound);
+          auto class_raw = [&](int64_t j) { return k == 1 ? zi[j] : subcenter_max(zi + j * k, k).raw; };
           int64_t beats = 0;
-          for (int64_t j = 0; j < n; ++j) {
-            const acc_t c = clamp_cosine(k == 1 ? zi[j] : subcenter_max(zi + j * k, k).raw, bound);
-            beats += !(c <= target_cos) && j != target;
+          if (k == 1) {
+#pragma omp simd reduction(+ : beats)
+            for (int64_t j = 0; j < n; ++j) beats += !(zi[j] <= threshold);
+          } else {
+            for (int64_t j = 0; j < n; ++j) beats += !(class_raw(j) <= threshold);
           }
+          // the target column is left out by index (its recomputed cosine may beat rank_cos by a rounding)
+          if (target >= 0 && target < n) beats -= !(class_raw(target) <= threshold);
           run_rank[tid * batch + i] += beats;
         }
         for (int64_t j = 0; j < n; ++j) {
