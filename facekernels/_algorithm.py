@@ -67,9 +67,11 @@ class HeadKernels(Protocol):
     def inv_norms(self, rows: torch.Tensor) -> torch.Tensor:
         """1 / max(||row||, eps) per row, overflow-safe, NaN for a NaN row."""
 
-    def lse(self, x, w, inv_x, inv_w, target, phi, tau, t, params: HeadParams):
-        """Per-row (log-sum-exp, max) of the logits over w's classes (the target column, if in w, holds
-        s phi)."""
+    def lse(self, x, w, inv_x, inv_w, target, phi, tau, t, params: HeadParams, target_cos=None):
+        """Per-row (log-sum-exp, max, rank) of the logits over w's classes (the target column, if in w, holds
+        s phi). rank: None unless ``target_cos`` (the rows' target cosines) is given, then int64, the number of
+        w's classes other than the target column whose margin-free cosine beats it (``_rowmath.target_rank``),
+        counted in the same pass."""
 
     def backward_chunk(self, g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, params: HeadParams,
                        need_dx: bool, need_dw: bool, dw_out: torch.Tensor | None,
@@ -121,13 +123,18 @@ torch.compile cannot trace) instead of returning a silent 0.
 
     @staticmethod
     def forward(x, w, x_all, inv_x, inv_w, target, target_rows, norm_rows, t, valid, params, kernels, group,
-                update, update_rows):  # fmt: skip
+                update, update_rows, rank_cos):  # fmt: skip
         # x_all: the global batch (sharded), None when it is x itself; target_rows: (phi, phi', tau) stacked, as
         # phi and tau may be one tensor (torch.compile traces no tensor passed twice); norm_rows: None, or for
-        # margins that depend on n = ||x|| (MagFace) the row term, d phi / dn and d(row term) / dn stacked
+        # margins that depend on n = ||x|| (MagFace) the row term, d phi / dn and d(row term) / dn stacked;
+        # rank_cos: None, or (stats) the target cosines whose margin-free rank the forward counts
         x_all = x if x_all is None else x_all
         phi, _, tau = target_rows
-        lse, row_max = kernels.lse(x_all, w, inv_x, inv_w, target, phi, tau, t, params)
+        lse, row_max, rank = kernels.lse(x_all, w, inv_x, inv_w, target, phi, tau, t, params, rank_cos)
+        if rank is None:
+            rank = target.new_empty(0)  # an output must be a tensor: empty when the stats are not asked for
+        elif group is not None:
+            dist.all_reduce(rank, group=group)  # each rank counted its own classes: the sum counts them all
         if group is not None:
             # global lse = M + log sum_r exp(lse_r - M), M = max_r lse_r (every shard has >= 1 class: finite);
             # the logits' row max rides along in the same MAX all-reduce
@@ -141,7 +148,7 @@ torch.compile cannot trace) instead of returning a silent 0.
         rows = lse - params.s * phi
         if norm_rows is not None:
             rows = rows + norm_rows[0]
-        return torch.where(valid, rows, 0), lse, row_max
+        return torch.where(valid, rows, 0), lse, row_max, rank
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -151,11 +158,11 @@ torch.compile cannot trace) instead of returning a silent 0.
         ctx.params, ctx.kernels, ctx.batch_local = params, kernels, x.shape[0]
         ctx.group_ref = None if group is None else weakref.ref(group)  # the graph may outlive the group
         # a fused optimizer (or None) and the weight's rows that w holds (Partial FC's sampled rows; None: all)
-        ctx.update, ctx.update_rows = inputs[13:]
-        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.update, ctx.update_rows = inputs[13:15]
+        ctx.mark_non_differentiable(*output[1:])
 
     @staticmethod
-    def backward(ctx, grad_rows, grad_lse, grad_max):
+    def backward(ctx, grad_rows, grad_lse, grad_max, grad_rank):
         with torch.no_grad():
             dx, dw = _HeadRows._gradients(ctx, grad_rows)
         # create_graph=True: first order works, second order raises. (torch.func transforms run backward with
@@ -163,7 +170,7 @@ torch.compile cannot trace) instead of returning a silent 0.
         if torch.is_grad_enabled() and not torch._C._functorch.is_functorch_wrapped_tensor(grad_rows):
             x_all, w = ctx.saved_tensors[:2]
             dx, dw = (None if g is None else _no_second_derivative(g, a) for g, a in ((dx, x_all), (dw, w)))
-        return (dx, dw) + (None,) * 13
+        return (dx, dw) + (None,) * 14
 
     @staticmethod
     def _gradients(ctx, grad_rows):
@@ -250,9 +257,10 @@ def margin_cross_entropy(
     [class_start, class_start + C_l); ``sampler(labels, valid)``, given the global batch's labels, returns
     Partial FC's sorted sampled rows of the shard. ``t`` (CurricularFace) is updated in place when
     ``training``. Returns the loss of the (global) batch, the same on every rank; float32 (float64 for float64
-    inputs). With ``stats``: (loss, HeadStats) of the (global) batch, from the fused pass (target cosine, and
-    the logits' row max that the forward computes anyway). ``update``: a fused optimizer (facekernels/optim.py)
-    that updates ``weight`` in the backward instead of a weight gradient."""
+    inputs). With ``stats``: (loss, HeadStats) of the (global) batch, from the fused pass (target cosine, the
+    logits' row max that the forward computes anyway, and the target's margin-free rank, which the forward counts
+    only then: summed over the ranks when sharded; over the sampled classes with a sampler). ``update``: a fused
+    optimizer (facekernels/optim.py) that updates ``weight`` in the backward instead of a weight gradient."""
     p = params
     dtype = kernels.compute_dtype(embeddings, weight)
     x, w = embeddings.to(dtype), weight.to(dtype)
@@ -306,8 +314,8 @@ def margin_cross_entropy(
         # which may run before this backward (gradient accumulation)
         t_used = t.detach().clone()
     target_rows = torch.stack([phi, dphi, tau])
-    rows, _, row_max = _HeadRows.apply(x, w, None if group is None else x_all, inv_x, inv_w, target_col,
-                                       target_rows, norm_rows, t_used, valid, p, kernels, group, update,
-                                       sampled_rows)  # fmt: skip
+    rows, _, row_max, rank = _HeadRows.apply(x, w, None if group is None else x_all, inv_x, inv_w, target_col,
+                                             target_rows, norm_rows, t_used, valid, p, kernels, group, update,
+                                             sampled_rows, c if stats else None)  # fmt: skip
     loss = reduce_row_losses(rows.to(acc_dtype(dtype)), valid, p.reduction)
-    return (loss, head_stats(c, p.s * phi, row_max, valid)) if stats else loss
+    return (loss, head_stats(c, p.s * phi, row_max, valid, rank)) if stats else loss

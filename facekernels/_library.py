@@ -15,14 +15,16 @@ LIBRARY = torch.library.Library("facekernels", "DEF")
 
 # 1 / max(||row||, eps) per row, squares summed in float64
 LIBRARY.define("inv_norms(Tensor rows) -> Tensor")
-# Per-row (log-sum-exp, max) over the classes of `weight` of the logits z_ij = s N(c_ij), z_i,target = s phi_i;
+# Per-row (log-sum-exp, max, rank) over the classes of `weight` of the logits z_ij = s N(c_ij), z_i,target = s phi_i;
 # target_i outside [0, C) means no target column in this weight (csrc/cpu/margin_ce.cpp). Every cosine is
 # clamped to [-cos_bound, cos_bound]; a negative above filter_threshold gets the logit 0 (inf: off); a class has
-# `subcenters` consecutive rows of weight, its cosine their max.
+# `subcenters` consecutive rows of weight, its cosine their max. rank (int64): with rank_cos (the rows' target
+# cosines), the count of non-target classes whose margin-free cosine beats it (_rowmath.beats_target); without,
+# an empty tensor and no counting.
 LIBRARY.define(
     "margin_lse(Tensor embeddings, Tensor weight, Tensor inv_x, Tensor inv_w, Tensor target, Tensor phi, "
     "Tensor tau, Tensor? t, float s, int negatives, float mv_t, float cos_bound, float filter_threshold, "
-    "int subcenters, int class_tile=0) -> (Tensor, Tensor)"
+    "int subcenters, int class_tile=0, Tensor? rank_cos=None) -> (Tensor, Tensor, Tensor)"
 )
 # (A, d weight) of sum_i grad_rows_i (lse_i - s phi_i), A = d x_hat / max(||x||, eps) (the caller finishes the
 # embeddings' normalisation backward); a gradient not asked for is an empty tensor
@@ -56,9 +58,9 @@ def _(rows):
 
 @torch.library.register_fake("facekernels::margin_lse")
 def _(embeddings, weight, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t, cos_bound, filter_threshold,
-      subcenters, class_tile=0):  # fmt: skip
+      subcenters, class_tile=0, rank_cos=None):  # fmt: skip
     row = embeddings.new_empty(embeddings.shape[0], dtype=_acc(embeddings))
-    return row, row.clone()
+    return row, row.clone(), target.new_empty(embeddings.shape[0] if rank_cos is not None else 0)
 
 
 @torch.library.register_fake("facekernels::margin_backward")

@@ -321,12 +321,45 @@ class HeadStats(NamedTuple):
     target_cosine: torch.Tensor  # cos(theta_y), the target class's cosine; 0 on ignored rows
     correct: torch.Tensor  # bool: the target's logit (margin included) is the row's largest (top-1); False on
     #                        ignored rows
+    rank: torch.Tensor  # int64: how many other classes have a margin-free cosine above the target's; -1 on
+    #                     ignored rows (target_rank says which cosines and how ties and NaN count)
+
+    def topk(self, k: int) -> torch.Tensor:
+        """bool per row: the target is among the k classes of highest margin-free cosine (rank < k), as the
+        official CurricularFace trainer's Prec@k (``accuracy(original_logits, labels, topk=(1, 5))``, its
+        logits s cos theta before the margin) counts it, ties in the target's favour; False on ignored rows.
+        ``topk(1).float().mean()`` is Prec@1 over all rows (divide by the valid rows' count to leave ignored
+        rows out)."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1; got {k!r}")
+        return (self.rank >= 0) & (self.rank < k)
 
 
-def head_stats(target_cos, target_z, row_max, valid) -> HeadStats:
-    """HeadStats from the target cosines, the target logits s*phi and the rows' largest logits. The target logit
-    is one of the logits its row's max runs over, so it wins exactly when it equals the max (a tie counts)."""
-    return HeadStats(torch.where(valid, target_cos, 0).detach(), (valid & (target_z >= row_max)).detach())
+def beats_target(cos: torch.Tensor, target_cos: torch.Tensor) -> torch.Tensor:
+    """bool, elementwise: a class of cosine ``cos`` outranks a target of cosine ``target_cos`` (broadcast):
+    strictly greater (a tie does not beat the target), or NaN on either side (torch.topk ranks NaN above every
+    number, so a NaN row is never top-k). ``not (cos <= target_cos)``: the one rule of every backend's rank
+    (the kernels write the same comparison)."""
+    return ~(cos <= target_cos)
+
+
+def target_rank(cos: torch.Tensor, target_cos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,) int64: how many classes of the (B, C) margin-free cosines ``cos`` (clamped, each class's max over
+    its sub-centers: the cosines the logits are built from, before any margin or reweighting) beat_target the
+    row's target cosine; the target column (``target``, -1: not in cos) is left out by index, not by value (its
+    recomputed cosine may differ from target_cos by a rounding). The eager reference's; the fused kernels count
+    the same per tile and never hold ``cos``."""
+    beats = beats_target(cos, target_cos.to(cos.dtype).unsqueeze(1))
+    own = torch.arange(cos.shape[1], device=cos.device) == target.unsqueeze(1)
+    return (beats & ~own).sum(dim=1)
+
+
+def head_stats(target_cos, target_z, row_max, valid, rank) -> HeadStats:
+    """HeadStats from the target cosines, the target logits s*phi, the rows' largest logits and the targets'
+    margin-free ranks. The target logit is one of the logits its row's max runs over, so it wins exactly when it
+    equals the max (a tie counts)."""
+    return HeadStats(torch.where(valid, target_cos, 0).detach(), (valid & (target_z >= row_max)).detach(),
+                     torch.where(valid, rank, -1).detach())  # fmt: skip
 
 
 def reduce_row_losses(row_loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:

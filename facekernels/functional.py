@@ -83,8 +83,9 @@ def margin_cross_entropy(
         backend: "auto" (compiled CPU kernels for CPU tensors, Triton for CUDA tensors), "cpu", "triton" or
             "reference".
         return_stats: also return a ``HeadStats`` of detached per-row tensors, from the fused pass at O(B)
-            memory: ``target_cosine`` (the target class's cosine) and ``correct`` (the target's logit is the
-            row's largest: top-1 accuracy without the logits); ignored rows 0 and False.
+            memory: ``target_cosine`` (the target class's cosine), ``correct`` (the target's logit, margin
+            included, is the row's largest) and ``rank`` (int64: the classes whose margin-free cosine beats the
+            target's; ``topk(k)`` = rank < k, the official trainers' Prec@k); ignored rows 0, False and -1.
         **margins: the head's constructor arguments (s, m, easy_margin, fallback, m1, m2, m3, is_am, momentum, h,
             t_alpha, eps, l_a, u_a, l_m, u_m, lambda_g, kind, std, plus, k, interclass_filtering_threshold), each
             defaulting to the published value.

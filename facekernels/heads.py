@@ -121,7 +121,8 @@ class _MarginHead(nn.Module):
     def __init__(self, in_features, num_classes, *, reduction, ignore_index, margin_grad, backend, process_group,
                  sample_rate, sample_seed, **margins):  # fmt: skip
         super().__init__()
-        # forward returns (loss, HeadStats) when True: per-row target cosine and top-1 correctness (monitoring)
+        # forward returns (loss, HeadStats) when True: per-row target cosine, top-1 correctness and the target's
+        # margin-free rank (monitoring)
         self.return_stats = False
         V.check_int("in_features", in_features, minimum=1)
         V.check_int("num_classes", num_classes, minimum=1)
@@ -286,8 +287,9 @@ class _MarginHead(nn.Module):
 
         Returns:
             The loss: a 0-dim tensor, or the (B,) row losses with reduction="none"; float32 (float64 for
-            float64 inputs). With ``head.return_stats = True``: (loss, HeadStats), the per-row target cosine
-            and top-1 correctness of the batch (of the global batch when sharded), computed in the fused pass
+            float64 inputs). With ``head.return_stats = True``: (loss, HeadStats), the per-row target cosine,
+            top-1 correctness and margin-free rank (``stats.topk(k)``: Prec@k as official trainers log it) of
+            the batch (of the global batch when sharded), computed in the fused pass
             (``facekernels.functional.margin_cross_entropy``, return_stats).
         """
         stats = bool(self.return_stats)

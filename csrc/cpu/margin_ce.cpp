@@ -149,10 +149,16 @@ Rows<acc_t> make_rows(const at::Tensor& x, const at::Tensor& inv_x, const at::Te
   return r;
 }
 
+// rank_cos: null, or the rows' target cosines; then the third output counts, per row, the classes other than
+// the target column (left out by index: its recomputed cosine may differ from rank_cos by a rounding) whose
+// clamped margin-free cosine c beats it: !(c <= rank_cos), strictly greater or NaN (facekernels/_rowmath.py,
+// beats_target; one compare per class through rank_threshold). Without it the op computes nothing of the kind
+// and returns an empty third output.
 template <typename scalar_t>
-std::tuple<at::Tensor, at::Tensor> lse_impl(const at::Tensor& x, const at::Tensor& w,
-                                            const Rows<at::opmath_type<scalar_t>>& rows,
-                    double t_value, const NegativeMath& p, int64_t tile, int64_t k) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_impl(const at::Tensor& x, const at::Tensor& w,
+                                                        const Rows<at::opmath_type<scalar_t>>& rows,
+                                                        double t_value, const NegativeMath& p, int64_t tile,
+                                                        int64_t k, const at::opmath_type<scalar_t>* rank_cos) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = x.size(0), d = x.size(1), num_classes = w.size(0) / k;
   const auto opts = x.options().dtype(acc_dtype(x.scalar_type()));
@@ -162,6 +168,7 @@ std::tuple<at::Tensor, at::Tensor> lse_impl(const at::Tensor& x, const at::Tenso
   const at::Tensor block_slots = at::empty({threads, batch, tile * k}, opts);
   // per-thread online log-sum-exp partials of every row, merged below
   std::vector<acc_t> run_max(threads * batch, -acc_t(kInf)), run_sum(threads * batch, acc_t(0));
+  std::vector<int64_t> run_rank(rank_cos != nullptr ? threads * batch : 0, 0);  // per-thread counts, summed below
   const scalar_t* wp = w.data_ptr<scalar_t>();
   const acc_t s = acc_t(p.s), t = acc_t(t_value), bound = acc_t(p.bound);
 
@@ -181,11 +188,25 @@ std::tuple<at::Tensor, at::Tensor> lse_impl(const at::Tensor& x, const at::Tenso
       for (int64_t i = 0; i < batch; ++i) {
         acc_t* zi = bp + i * n * k;
         const acc_t tau = rows.tau[i];
+        const int64_t target = rows.target[i] - j0;
+        if (rank_cos != nullptr) {  // before the raw cosines are overwritten by the logits
+          const acc_t threshold = rank_threshold(rank_cos[i], bound);
+          auto class_raw = [&](int64_t j) { return k == 1 ? zi[j] : subcenter_max(zi + j * k, k).raw; };
+          int64_t beats = 0;
+          if (k == 1) {
+#pragma omp simd reduction(+ : beats)
+            for (int64_t j = 0; j < n; ++j) beats += !(zi[j] <= threshold);
+          } else {
+            for (int64_t j = 0; j < n; ++j) beats += !(class_raw(j) <= threshold);
+          }
+          // the target column is left out by index (its recomputed cosine may beat rank_cos by a rounding)
+          if (target >= 0 && target < n) beats -= !(class_raw(target) <= threshold);
+          run_rank[tid * batch + i] += beats;
+        }
         for (int64_t j = 0; j < n; ++j) {
           const acc_t raw = k == 1 ? zi[j] : subcenter_max(zi + j * k, k).raw;
           zi[j] = s * negative_logit(clamp_cosine(raw, bound), tau, t, p).value;
         }
-        const int64_t target = rows.target[i] - j0;
         if (target >= 0 && target < n) zi[target] = s * rows.phi[i];
         acc_t m = -acc_t(kInf);
         for (int64_t j = 0; j < n; ++j) m = max_keep_nan(m, zi[j]);
@@ -223,7 +244,10 @@ std::tuple<at::Tensor, at::Tensor> lse_impl(const at::Tensor& x, const at::Tenso
     }
     lp[i] = m + std::log(sum);  // NaN when any partial is NaN (max_keep_nan)
   }
-  return {lse, row_max};
+  at::Tensor rank = at::zeros({rank_cos != nullptr ? batch : 0}, opts.dtype(at::kLong));
+  int64_t* rp = rank.data_ptr<int64_t>();
+  for (int64_t q = 0; q < static_cast<int64_t>(run_rank.size()); ++q) rp[q % batch] += run_rank[q];
+  return {lse, row_max, rank};
 }
 
 template <typename scalar_t>
@@ -325,24 +349,28 @@ NegativeMath negative_math(double s, int64_t negatives, double mv_t, double cos_
   return NegativeMath{s, mv_t, static_cast<Negatives>(negatives), cos_bound, filter};
 }
 
-std::tuple<at::Tensor, at::Tensor> margin_lse_cpu(const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& inv_x,
-                          const at::Tensor& inv_w, const at::Tensor& target, const at::Tensor& phi,
-                          const at::Tensor& tau, const c10::optional<at::Tensor>& t, double s, int64_t negatives,
-                          double mv_t, double cos_bound, double filter_threshold, int64_t subcenters,
-                          int64_t class_tile) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_lse_cpu(
+    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& inv_x, const at::Tensor& inv_w,
+    const at::Tensor& target, const at::Tensor& phi, const at::Tensor& tau, const c10::optional<at::Tensor>& t,
+    double s, int64_t negatives, double mv_t, double cos_bound, double filter_threshold, int64_t subcenters,
+    int64_t class_tile, const c10::optional<at::Tensor>& rank_cos) {
   check_head_args(embeddings, weight, inv_x, inv_w, target, phi, tau, t, s, negatives, cos_bound, subcenters,
                   class_tile);
+  const bool rank = rank_cos.has_value() && rank_cos->defined();
+  if (rank) check_row_tensor(*rank_cos, "rank_cos", embeddings.size(0), acc_dtype(embeddings.scalar_type()));
   at::NoGradGuard no_grad;
   const auto x = embeddings.contiguous(), w = weight.contiguous();
   const auto ix = inv_x.contiguous(), iw = inv_w.contiguous(), y = target.contiguous(), ph = phi.contiguous(),
              ta = tau.contiguous();
   const int64_t tile = resolve_class_tile(class_tile, x.size(0), w.size(0) / subcenters, subcenters);
-  std::tuple<at::Tensor, at::Tensor> out;
+  const at::Tensor rc = rank ? rank_cos->contiguous() : at::Tensor();
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "margin_lse_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto rows = make_rows<acc_t>(x, ix, iw, y, ph, at::Tensor(), ta);
     out = lse_impl<scalar_t>(x, w, rows, read_t(t, negatives),
-                             negative_math(s, negatives, mv_t, cos_bound, filter_threshold), tile, subcenters);
+                             negative_math(s, negatives, mv_t, cos_bound, filter_threshold), tile, subcenters,
+                             rank ? rc.data_ptr<acc_t>() : nullptr);
   });
   return out;
 }

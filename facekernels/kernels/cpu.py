@@ -36,10 +36,12 @@ class CpuKernels:
     def inv_norms(self, rows: torch.Tensor) -> torch.Tensor:
         return self.ops.inv_norms(rows)
 
-    def lse(self, x, w, inv_x, inv_w, target, phi, tau, t, params: HeadParams):
-        return self.ops.margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, params.s, int(params.negatives),
-                                   params.mv_t, params.cos_bound, params.filter_threshold, params.subcenters,
-                                   CLASS_TILE)  # fmt: skip
+    def lse(self, x, w, inv_x, inv_w, target, phi, tau, t, params: HeadParams, target_cos=None):
+        lse, row_max, rank = self.ops.margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, params.s,
+                                                 int(params.negatives), params.mv_t, params.cos_bound,
+                                                 params.filter_threshold, params.subcenters, CLASS_TILE,
+                                                 target_cos)  # fmt: skip
+        return lse, row_max, (rank if target_cos is not None else None)
 
     def backward_chunk(self, g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, params: HeadParams,
                        need_dx: bool, need_dw: bool, dw_out: torch.Tensor | None):  # fmt: skip

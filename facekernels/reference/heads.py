@@ -25,6 +25,7 @@ from .._rowmath import (
     row_margins,
     row_norms,
     target_logit,
+    target_rank,
     update_t_,
 )
 
@@ -43,7 +44,7 @@ def margin_cross_entropy(
 ):
     """Loss of one head, computed in the promoted dtype of (embeddings, weight); returned as float32
     (float64 for float64 inputs). Updates ``t`` (and ``state``'s AdaFace statistics) in place when the head
-    uses it and ``training``. With ``stats``: (loss, HeadStats) read off the logits matrix."""
+    uses it and ``training``. With ``stats``: (loss, HeadStats) read off the logits and cosine matrices."""
     p = params
     dtype = torch.promote_types(embeddings.dtype, weight.dtype)
     valid = labels != p.ignore_index
@@ -90,4 +91,6 @@ def margin_cross_entropy(
     loss = reduce_row_losses(row_loss.to(acc_dtype(dtype)), valid, p.reduction)
     if not stats:
         return loss
-    return loss, head_stats(c_target, logits.gather(1, safe_labels).squeeze(1), logits.amax(dim=1), valid)
+    # the margin-free rank from the cosine matrix itself: the clamped class cosines, before margin and reweighting
+    rank = target_rank(cos.detach(), c_target.detach(), safe_labels.squeeze(1))
+    return loss, head_stats(c_target, logits.gather(1, safe_labels).squeeze(1), logits.amax(dim=1), valid, rank)

@@ -77,6 +77,16 @@ FK_HOST_DEVICE SubcenterMax<T> subcenter_max(const T* raw, int64_t k) {
   return best;
 }
 
+// The target's margin-free rank (HeadStats.rank, facekernels/_rowmath.py beats_target): class j beats a target
+// of clamped cosine tc in [-b, b] when !(clamp(raw_j, -b, b) <= tc): raw_j or tc NaN, or raw_j > tc with tc < b
+// (no clamped cosine exceeds tc = b). That is !(raw_j <= threshold) with threshold = tc below b, +inf at b,
+// -inf for a NaN tc: one compare per class and no clamp (the Triton kernel's _rank_threshold is the same).
+template <typename T>
+FK_HOST_DEVICE T rank_threshold(T target_cos, T b) {
+  if (target_cos != target_cos) return -std::numeric_limits<T>::infinity();
+  return target_cos < b ? target_cos : std::numeric_limits<T>::infinity();
+}
+
 // max(a, b) that returns NaN when either is NaN. std::max(m, NaN) is m, so a running max over logits
 // would drop a NaN logit and a merge of partial log-sum-exps would skip the partial that holds it.
 template <typename T>

@@ -100,7 +100,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _empty(shape, dtype, device) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype, device=device)
     if POISON_OUTPUTS:
-        out.fill_(float("nan"))
+        out.fill_(float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min)
     return out
 
 
@@ -127,18 +127,22 @@ def inv_norms(rows: torch.Tensor) -> torch.Tensor:
 
 
 def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int, mv_t: float, cos_bound: float,
-               filter_threshold: float, subcenters: int):  # fmt: skip
+               filter_threshold: float, subcenters: int, target_cos=None):  # fmt: skip
     """(log-sum-exp, max) (B,) float32 of the logits over w's classes (``subcenters`` rows of w each); -inf when w
     has no class. Without sub-centers the classes up to a multiple of 2 x BLOCK_C go to the paired kernel, the
-    ragged tail to an unpaired launch (forward.py)."""
+    ragged tail to an unpaired launch (forward.py). With ``target_cos`` (B,) float32, a third output: per row
+    the int64 count of w's classes, the target column left out, whose margin-free cosine beats it (the kernel's
+    RANK variant, unpaired over every class; None without)."""
     x, w = _aligned_rows(x), _aligned_rows(w)
     (batch, features), k = x.shape, subcenters
     classes = w.shape[0] // k
     cfg = tile_config(batch, x.dtype, k)
     row_blocks = triton.cdiv(batch, cfg.block_b)
-    paired_end = classes // (2 * cfg.block_c) * 2 * cfg.block_c if k == 1 else 0
+    # the RANK variant (stats) runs unpaired: its count beside two accumulators would spill (forward.py)
+    paired_end = classes // (2 * cfg.block_c) * 2 * cfg.block_c if k == 1 and target_cos is None else 0
     empty = torch.full((batch, 1), -math.inf, device=x.device)
     partials = [(empty, empty)]
+    rank = None if target_cos is None else torch.zeros(batch, dtype=torch.int64, device=x.device)
     for c0, c1, paired in ((0, paired_end, True), (paired_end, classes, False)):
         if c1 == c0 or batch == 0:
             continue
@@ -152,15 +156,18 @@ def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int
         splits = triton.cdiv(c1 - c0, per_split)
         part_max = _empty((batch, splits), torch.float32, x.device)
         part_sum = _empty((batch, splits), torch.float32, x.device)
+        part_rank = None if rank is None else _empty((batch, splits), torch.int32, x.device)
         _launch(_lse_partial_kernel, (row_blocks, splits), x, w[c0 * k : c1 * k], inv_x, inv_w[c0 * k : c1 * k],
-                target - c0, phi, tau, t, part_max, part_sum, batch, c1 - c0, features, x.stride(0), w.stride(0),
-                per_split, splits, s, mv_t, cos_bound, filter_threshold, NEGATIVES=negatives,
-                FILTER=filter_threshold != math.inf, SUBCENTERS=k, BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c,
-                BLOCK_K=cfg.block_k, PAIRED=paired, DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)  # fmt: skip
+                target - c0, phi, tau, t, part_max, part_sum, target_cos, part_rank, batch, c1 - c0, features,
+                x.stride(0), w.stride(0), per_split, splits, s, mv_t, cos_bound, filter_threshold,
+                NEGATIVES=negatives, FILTER=filter_threshold != math.inf, SUBCENTERS=k, BLOCK_B=cfg.block_b,
+                BLOCK_C=cfg.block_c, BLOCK_K=cfg.block_k, PAIRED=paired, DOT_PRECISION=_dot_precision(x.dtype),
+                RANK=rank is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
         partials.append((part_max + torch.log(part_sum), part_max))
+        if rank is not None:
+            rank += part_rank.sum(dim=1, dtype=torch.int64)  # int32 per split (< 2^31 classes), int64 summed
     lse_parts, max_parts = (torch.cat(parts, dim=1) for parts in zip(*partials))
-    return combine_lse(lse_parts, dim=1), max_parts.amax(dim=1)
+    return combine_lse(lse_parts, dim=1), max_parts.amax(dim=1), rank
 
 
 # The backward epilogue's tile: elementwise (no tl.dot), 32 x 128 values over 4 warps (32 a thread; 64 spill),
@@ -255,16 +262,20 @@ def _(rows):
 @torch.library.custom_op("facekernels::triton_margin_lse", mutates_args=())
 def _margin_lse_op(x: torch.Tensor, w: torch.Tensor, inv_x: torch.Tensor, inv_w: torch.Tensor, target: torch.Tensor,
                    phi: torch.Tensor, tau: torch.Tensor, t: torch.Tensor | None, s: float, negatives: int,
-                   mv_t: float, cos_bound: float, filter_threshold: float,
-                   subcenters: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    return margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t, cos_bound, filter_threshold,
-                      subcenters)  # fmt: skip
+                   mv_t: float, cos_bound: float, filter_threshold: float, subcenters: int,
+                   target_cos: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    # rank: empty without target_cos (an op's output is a tensor)
+    lse, row_max, rank = margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t, cos_bound,
+                                    filter_threshold, subcenters, target_cos)  # fmt: skip
+    return lse, row_max, target.new_empty(0) if rank is None else rank
 
 
 @_margin_lse_op.register_fake
-def _(x, w, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t, cos_bound, filter_threshold, subcenters):
+def _(x, w, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t, cos_bound, filter_threshold, subcenters,
+      target_cos=None):  # fmt: skip
     row = x.new_empty(x.shape[0], dtype=torch.float32)
-    return row, row.clone()
+    return row, row.clone(), target.new_empty(x.shape[0] if target_cos is not None else 0)
 
 
 @torch.library.custom_op("facekernels::triton_grad_logits", mutates_args=())
@@ -318,10 +329,11 @@ class TritonKernels:
     def inv_norms(self, rows: torch.Tensor) -> torch.Tensor:
         return _inv_norms_op(rows)
 
-    def lse(self, x, w, inv_x, inv_w, target, phi, tau, t, params: HeadParams):
+    def lse(self, x, w, inv_x, inv_w, target, phi, tau, t, params: HeadParams, target_cos=None):
         p = params
-        return _margin_lse_op(x, w, inv_x, inv_w, target, phi, tau, t, p.s, int(p.negatives), p.mv_t, p.cos_bound,
-                              p.filter_threshold, p.subcenters)  # fmt: skip
+        lse, row_max, rank = _margin_lse_op(x, w, inv_x, inv_w, target, phi, tau, t, p.s, int(p.negatives), p.mv_t,
+                                            p.cos_bound, p.filter_threshold, p.subcenters, target_cos)  # fmt: skip
+        return lse, row_max, (rank if target_cos is not None else None)
 
     def backward_chunk(self, g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, params: HeadParams,
                        need_dx: bool, need_dw: bool, dw_out: torch.Tensor | None):  # fmt: skip

@@ -68,6 +68,25 @@ def _online_lse(raw, cols, col_mask, target, phi, tau, t, mv_t, s, bound, filter
 
 
 @triton.jit
+def _rank_threshold(target_cos, bound):
+    """Per row, the raw-cosine threshold of _beats_target: a class beats a target of (clamped) cosine tc when
+    not (clamp(raw) <= tc), i.e. (tc in [-bound, bound]) when raw is NaN, or tc is NaN, or raw > tc with tc < bound
+    (at tc = bound no clamped cosine exceeds it). So: not (raw <= threshold) with threshold tc below the bound,
+    +inf at it, -inf for a NaN tc: one compare per class, no clamp in the tile (registers: PAIRED)."""
+    return tl.where(target_cos != target_cos, float("-inf"), tl.where(target_cos < bound, target_cos, float("inf")))
+
+
+@triton.jit
+def _beats_target(raw, cols, col_mask, target, threshold):
+    """Per row, int32: the tile's classes other than the target column (by index: the tile's recomputed target
+    cosine may differ from the target's by a rounding) whose clamped margin-free cosine beats the target's,
+    not (c <= target_cos): strictly greater or NaN (facekernels/_rowmath.py, beats_target), through the row's
+    _rank_threshold."""
+    beats = ((raw <= threshold[:, None]) == 0) & col_mask[None, :] & (cols[None, :] != target[:, None])
+    return tl.sum(beats.to(tl.int32), axis=1)
+
+
+@triton.jit
 def _dot_tile(X, W, rows, row_mask, w_rows, w_mask, D, stride_x, stride_w, BLOCK_B: tl.constexpr,
               BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """x[rows] . w[w_rows] over d: one (BLOCK_B, BLOCK_C) float32 tile of raw dot products."""
@@ -83,12 +102,18 @@ def _dot_tile(X, W, rows, row_mask, w_rows, w_mask, D, stride_x, stride_w, BLOCK
 
 @triton.jit
 def _lse_partial_kernel(X, W, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, tau_ptr, t_ptr,
-                        part_max_ptr, part_sum_ptr,
+                        part_max_ptr, part_sum_ptr, target_cos_ptr, part_rank_ptr,
                         B, C, D, stride_x, stride_w, classes_per_split, n_splits, s, mv_t, bound, filter_threshold,
                         NEGATIVES: tl.constexpr, FILTER: tl.constexpr, SUBCENTERS: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PAIRED: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, RANK: tl.constexpr):
     """Program (row block, class split): online (max, sum exp(z - max)) of its rows over its classes.
+
+    RANK (stats only; the pointers are None otherwise and the kernel is the same as without): also counts, per
+    row, its classes whose margin-free cosine beats the row's target cosine (``_beats_target``), from the same
+    raw cosine tiles, into int32 partials per (row, split) that the host sums. Unpaired only: the count beside
+    two accumulators spills at 128 x 128 tiles (sm_90: 184 to 520 bytes however it is ordered), while one
+    accumulator and its count fit (tests/test_stats_rank.py compiles it).
 
     PAIRED: each step of the class loop takes two BLOCK_C tiles in one pass over d, the x tile of a K step
     feeding both tl.dot, so x crosses L2 once per 2 x BLOCK_C classes (L2 traffic bounds this kernel,
@@ -100,6 +125,7 @@ def _lse_partial_kernel(X, W, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, tau_ptr
     SUBCENTERS > 1 (unpaired): class j has the rows j k .. j k + k - 1 of W; its raw cosine is their max, one
     tl.dot tile per sub-center folded into a running max.
     """
+    tl.static_assert(not (PAIRED and RANK), "the RANK variant runs unpaired (registers)")
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     split = tl.program_id(1).to(tl.int64)
     row_mask = rows < B
@@ -112,6 +138,10 @@ def _lse_partial_kernel(X, W, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, tau_ptr
         t = tl.load(t_ptr)
     run_max = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_B,), tl.float32)
+    beats = tl.zeros((BLOCK_B,), tl.int32)
+    threshold = phi
+    if RANK:
+        threshold = _rank_threshold(tl.load(target_cos_ptr + rows, mask=row_mask, other=0.0), bound)
     c_begin = (split * classes_per_split).to(tl.int32)
     c_end = tl.minimum(c_begin + classes_per_split, C)
     for c0 in range(c_begin, c_end, (2 if PAIRED else 1) * BLOCK_C):
@@ -149,13 +179,17 @@ def _lse_partial_kernel(X, W, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, tau_ptr
                                 BLOCK_K, DOT_PRECISION)
                 inv_w = tl.load(inv_w_ptr + w_rows, mask=mask_a, other=0.0)
                 raw_a, index = subcenter_max(raw_a, index, acc * inv_x[:, None] * inv_w[None, :], i)
+        if RANK:
+            beats += _beats_target(raw_a, cols_a, mask_a, target, threshold)
         run_max, run_sum = _online_lse(raw_a, cols_a, mask_a, target, phi, tau, t, mv_t, s, bound, filter_threshold,
                                        run_max, run_sum, NEGATIVES, FILTER)
         if PAIRED:
             inv_w_b = tl.load(inv_w_ptr + cols_b, mask=mask_b, other=0.0)
             run_max, run_sum = _online_lse(acc_b * inv_x[:, None] * inv_w_b[None, :], cols_b, mask_b, target, phi,
                                            tau, t, mv_t, s, bound, filter_threshold, run_max, run_sum, NEGATIVES,
-                                           FILTER)
+                                           FILTER)  # fmt: skip
     out = rows * n_splits + split
     tl.store(part_max_ptr + out, run_max, mask=row_mask)
     tl.store(part_sum_ptr + out, run_sum, mask=row_mask)
+    if RANK:
+        tl.store(part_rank_ptr + out, beats, mask=row_mask)
