@@ -34,7 +34,7 @@ def _reference_triplet():
 
 
 def _compiled_triplet():
-    from .ops.triplet import triplet_margin_loss
+    from .kernels.triplet import triplet_margin_loss
 
     return triplet_margin_loss
 

@@ -126,7 +126,7 @@ def head_params(
         params = head_params(head, reduction=reduction, ignore_index=ignore_index, margin_grad=margin_grad, **margins)
         return with_fallback(params, fallback, head=head, easy_margin=margins.get("easy_margin", False))
     V.check_choice("head", head, HEAD_NAMES)
-    V.check_head_options(reduction, ignore_index, margin_grad, "auto")
+    V.check_head_options(reduction, ignore_index, margin_grad)
     unknown = set(margins) - set(HEAD_DEFAULTS[head])
     if unknown:
         raise TypeError(

@@ -95,7 +95,7 @@ def margin_cross_entropy(
     """
     V.check_bool("training", training)
     V.check_bool("return_stats", return_stats)
-    V.check_choice("backend", backend, ("auto", "triton", "cpu", "reference"))
+    V.check_backend("heads", backend)
     if head == "mv_softmax" and t is not None:
         margins["t"] = t
     elif head != "curricular" and t is not None:

@@ -125,7 +125,7 @@ class _MarginHead(nn.Module):
         self.return_stats = False
         V.check_int("in_features", in_features, minimum=1)
         V.check_int("num_classes", num_classes, minimum=1)
-        V.check_choice("backend", backend, ("auto", "triton", "cpu", "reference"))
+        V.check_backend("heads", backend)
         self.in_features = int(in_features)
         self.num_classes = int(num_classes)
         self.margins = margins
@@ -170,7 +170,7 @@ class _MarginHead(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        V.check_choice("backend", value, ("auto", "triton", "cpu", "reference"))
+        V.check_backend("heads", value)
         if self.__dict__.get("_process_group") is not None:
             from .sharded import check_sharded_backend
 

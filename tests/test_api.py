@@ -57,6 +57,24 @@ def test_unavailable_backends_raise_not_fall_back():
         fk.TripletMarginLoss(backend="cuda")(x, y)
 
 
+def test_one_backend_vocabulary_names_the_other_losss_gpu_backend():
+    # each name is one implementation (facekernels._params.BACKENDS); the heads' GPU kernels are "triton", the
+    # triplet loss's "cuda": either loss, given the other's name, says which name it uses
+    x, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    for make in (lambda: fk.ArcFace(4, 3, backend="cuda"), lambda: fkf.margin_cross_entropy(
+            x, torch.randn(3, 4), y, backend="cuda")):  # fmt: skip
+        with pytest.raises(ValueError, match="backend='cuda' is not a backend of the heads; its GPU kernels are "
+                                             "backend='triton'"):  # fmt: skip
+            make()
+    with pytest.raises(ValueError, match="backend='triton' is not a backend of the triplet loss; its GPU kernels "
+                                         "are backend='cuda'"):  # fmt: skip
+        fk.TripletMarginLoss(backend="triton")
+    head = fk.ArcFace(4, 3, backend="reference")
+    with pytest.raises(ValueError, match="its GPU kernels are backend='triton'"):
+        head.backend = "cuda"
+    assert head.backend == "reference"
+
+
 # (callable, exception, words the message must contain)
 BAD_CONSTRUCTORS = [
     (lambda: fk.ArcFace(0, 10), ValueError, "in_features"),

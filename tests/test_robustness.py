@@ -510,7 +510,7 @@ def test_every_registered_op_has_an_opcheck_test():
     # without one (each opcheck call must name the overload, torch.ops.facekernels.<op>.<overload>)
     import facekernels.kernels.cpu  # noqa: F401
     import facekernels.kernels.triton  # noqa: F401
-    import facekernels.ops.triplet  # noqa: F401
+    import facekernels.kernels.triplet  # noqa: F401
 
     assert extension_built()
     ops = [n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("facekernels::")]

@@ -1,4 +1,4 @@
-"""The fused triplet loss (backends "cpu" and "cuda", facekernels/ops/triplet.py on the ops of
+"""The fused triplet loss (backends "cpu" and "cuda", facekernels/kernels/triplet.py on the ops of
 csrc/cpu/triplet.cpp and csrc/cuda/triplet.cu) against the eager reference and the brute-force oracle,
 degenerate batches, ties, the memory contract, the direct ops, and pytorch-metric-learning."""
 
@@ -445,7 +445,7 @@ def test_ops_reject_bad_arguments():
 
 @pytest.mark.parametrize("mining", MODES)
 def test_ops_opcheck(mining):
-    import facekernels.ops.triplet  # noqa: F401  (importing it registers the shape functions)
+    import facekernels.kernels.triplet  # noqa: F401  (importing it registers the shape functions)
 
     e, y = kit.triplet_inputs(10, 3, 6, dtype=torch.float32)
     args = (e, y, mining, "euclidean", 0.2, False)
@@ -530,7 +530,7 @@ def test_backend_function_compiles_fullgraph(reduction):
     # the backend function itself (facekernels.functional's backend lookup imports modules, which dynamo
     # does not trace): the ops' shape functions, including the data-dependent T of reduction="none"
     from facekernels._params import TripletParams
-    from facekernels.ops.triplet import triplet_margin_loss
+    from facekernels.kernels.triplet import triplet_margin_loss
 
     params = TripletParams(margin=0.3, mining="semihard", distance="euclidean", reduction=reduction)
     e, y = kit.triplet_inputs(12, 3, features=6, dtype=torch.float32)

@@ -86,7 +86,7 @@ class _ClassificationLoss(nn.Module):
         super().__init__()
         V.check_int("num_classes", num_classes, minimum=1)
         V.check_int("embedding_size", embedding_size, minimum=1)
-        V.check_choice("backend", backend, ("auto", "triton", "cpu", "reference"))
+        V.check_backend("heads", backend)
         self.reduction = _reduction(reducer)
         _check_distance(distance, self.distances)
         for name, value in (("weight_regularizer", weight_regularizer),
