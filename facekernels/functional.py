@@ -7,30 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from . import _algorithm
 from . import _validate as V
-from ._backends import head_kernels, triplet_backend
+from ._backends import head_loss, triplet_backend
 from ._head_params import head_params
-from ._params import HeadParams, TripletParams
+from ._params import TripletParams
 from ._rowmath import MarginState
-
-
-def _margin_cross_entropy(embeddings, weight, labels, params: HeadParams, t, training: bool, backend: str,
-                          stats: bool = False, state: MarginState | None = None, update=None):  # fmt: skip
-    labels = V.check_head_inputs(embeddings, weight, labels, params.ignore_index, params.subcenters)
-    if params.uses_t:
-        V.check_t_buffer(t, embeddings)
-    V.check_margin_state(params, state, embeddings)
-    kernels = head_kernels(backend, embeddings.device)
-    if kernels is None:
-        if update is not None:
-            raise ValueError("a fused optimizer (facekernels.optim) needs a fused backend: the head's backend is "
-                             "'reference' here; use backend='auto', 'cpu' or 'triton'")  # fmt: skip
-        from .reference.heads import margin_cross_entropy as reference_loss
-
-        return reference_loss(embeddings, weight, labels, params, t, training, stats, state)
-    return _algorithm.margin_cross_entropy(embeddings, weight, labels, params, t, training, kernels, stats=stats,
-                                           state=state, update=update)  # fmt: skip
 
 
 def margin_cross_entropy(
@@ -106,7 +87,7 @@ def margin_cross_entropy(
     state = None
     if any(a is not None for a in (batch_mean, batch_std, generator, row_margins)):
         state = MarginState(batch_mean, batch_std, generator, row_margins)
-    return _margin_cross_entropy(embeddings, weight, labels, params, t, training, backend, return_stats, state)
+    return head_loss(embeddings, weight, labels, params, t, training, backend, return_stats, state)
 
 
 def triplet_margin_loss(

@@ -19,9 +19,9 @@ from torch import nn
 
 from . import _validate as V
 from ._algorithm import live_group
+from ._backends import head_loss
 from ._head_params import head_params
 from ._rowmath import MarginState
-from .functional import _margin_cross_entropy
 
 
 def _fixed(name: str, why: str) -> property:
@@ -262,9 +262,9 @@ class _MarginHead(nn.Module):
     def _state(self) -> MarginState | None:
         return None
 
-    def _updates_t(self) -> bool:
-        # the `training` the backends get: it switches CurricularFace's t update, AdaFace's statistics update and
-        # ElasticFace's draws, and nothing else
+    def _is_training_step(self) -> bool:
+        # whether this forward is a training step, the `training` the backends get: it updates the head's running
+        # state (CurricularFace's t, AdaFace's statistics) and draws ElasticFace's margins, and nothing else
         return self.training
 
     def _apply(self, fn, *args, **kwargs):
@@ -298,14 +298,13 @@ class _MarginHead(nn.Module):
             from .sharded import sharded_margin_cross_entropy
 
             return sharded_margin_cross_entropy(
-                embeddings, self.weight, labels, self.params, self._t(), self._updates_t(), group=self.process_group,
+                embeddings, self.weight, labels, self.params, self._t(), self._is_training_step(), group=self.process_group,
                 num_classes=self.num_classes, class_start=self.class_start, backend=self.backend,
                 sample_rate=self.sample_rate, generator=self.sample_generator, stats=stats, state=self._state(),
                 config={"head": type(self).__name__, **self.margins}, update=update,
             )  # fmt: skip
-        return _margin_cross_entropy(embeddings, self.weight, labels, self.params, t=self._t(),
-                                     training=self._updates_t(), backend=self.backend, stats=stats,
-                                     state=self._state(), update=update)  # fmt: skip
+        return head_loss(embeddings, self.weight, labels, self.params, t=self._t(), training=self._is_training_step(),
+                         backend=self.backend, stats=stats, state=self._state(), update=update)  # fmt: skip
 
     def extra_repr(self) -> str:
         p = self.params
@@ -582,7 +581,7 @@ class CurricularFace(_MarginHead):
         V.check_bool("update_t", value)
         self._update_t = value
 
-    def _updates_t(self) -> bool:
+    def _is_training_step(self) -> bool:
         return self.training and self.update_t
 
     @contextlib.contextmanager

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from facekernels import _extension
+from facekernels._backends import head_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,7 +117,7 @@ def test_missing_extension_gives_the_build_hint():
 _RSS_SCRIPT = r"""
 import sys, torch
 import facekernels as fk
-from facekernels import functional as fkf
+from facekernels._backends import head_loss
 
 def status_kib(field):
     with open("/proc/self/status") as f:
@@ -130,7 +131,7 @@ w = torch.randn(classes, features, requires_grad=True)
 y = torch.randint(0, classes, (batch,))
 t = torch.zeros(())
 params = fk.head_params("curricular")
-fn = lambda *a: fkf._margin_cross_entropy(*a, backend)
+fn = lambda *a: head_loss(*a, backend)
 fn(x[:2], w[:50], y[:2] % 50, params, t, True).backward()  # load the extension, warm the allocator
 x.grad = w.grad = None
 # VmHWM, not ru_maxrss: a child inherits its parent's ru_maxrss; clear_refs 5 resets VmHWM to VmRSS

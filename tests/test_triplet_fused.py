@@ -530,13 +530,13 @@ def test_backend_function_compiles_fullgraph(reduction):
     # the backend function itself (facekernels.functional's backend lookup imports modules, which dynamo
     # does not trace): the ops' shape functions, including the data-dependent T of reduction="none"
     from facekernels._params import TripletParams
-    from facekernels.kernels.triplet import triplet_margin_loss
+    from facekernels.kernels.triplet import fused_triplet_margin_loss
 
     params = TripletParams(margin=0.3, mining="semihard", distance="euclidean", reduction=reduction)
     e, y = kit.triplet_inputs(12, 3, features=6, dtype=torch.float32)
 
     def loss(e):
-        out = triplet_margin_loss(e, y, params)
+        out = fused_triplet_margin_loss(e, y, params)
         return out[0].sum() if reduction == "none" else out
 
     eager = e.clone().requires_grad_()

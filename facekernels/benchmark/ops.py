@@ -232,7 +232,7 @@ class HeadsOp:
 
             return _make_step(loss_fn, grads, mode, copies)
         if provider == "compile":
-            compiled = _compile(ref_heads.margin_cross_entropy, mode)
+            compiled = _compile(ref_heads.eager_margin_cross_entropy, mode)
 
             def loss_fn(i):
                 return compiled(xs[i], ws[i], ys[i], params, ts[i], True, False, states[i])
@@ -393,7 +393,7 @@ class TripletOp:
             return _make_step(loss_fn, grads, mode, copies)
         if provider == "compile":
             params = TripletParams(TRIPLET_MARGIN, shape.mining, "squared_euclidean", True, False, "mean")
-            compiled = _compile(ref_triplet.triplet_margin_loss, mode)
+            compiled = _compile(ref_triplet.eager_triplet_margin_loss, mode)
 
             def loss_fn(i):
                 return compiled(es[i], ys[i], params)

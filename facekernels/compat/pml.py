@@ -36,7 +36,7 @@ from torch import nn
 
 from .. import _validate as V
 from .._head_params import head_params
-from ..functional import _margin_cross_entropy
+from .._backends import head_loss
 
 # Labels outside [0, C) raise in pytorch-metric-learning (its one-hot mask indexes with them): no label value
 # is an ignore label here, so the heads' ignore_index is set to one no int64 label can take by mistake.
@@ -146,8 +146,8 @@ class _ClassificationLoss(nn.Module):
         if isinstance(labels, torch.Tensor) and isinstance(embeddings, torch.Tensor):
             if labels.device != embeddings.device:
                 labels = labels.to(embeddings.device)
-        result = _margin_cross_entropy(embeddings, self.W.t(), labels, self._params(), t=None, training=self.training,
-                                       backend=self.backend, stats=self.collect_stats)  # fmt: skip
+        result = head_loss(embeddings, self.W.t(), labels, self._params(), t=None, training=self.training,
+                           backend=self.backend, stats=self.collect_stats)  # fmt: skip
         if not self.collect_stats:
             return result
         loss, stats = result
