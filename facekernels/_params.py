@@ -74,8 +74,6 @@ class Negatives(enum.IntEnum):
     CURRICULAR = 2  # c (t + c), t the running buffer (not differentiated)
 
 
-HEAD_NAMES = ("norm_softmax", "arcface", "cosface", "combined", "mv_softmax", "curricular", "adaface", "magface",
-              "elastic_arcface", "elastic_cosface", "subcenter_arcface")  # fmt: skip
 ELASTIC_PLUS = (False, True, "official")
 
 

@@ -5,11 +5,13 @@ Semantics: docs/heads.md and docs/triplet.md.
 
 from __future__ import annotations
 
+import textwrap
+
 import torch
 
 from . import _validate as V
 from ._backends import head_loss, triplet_backend
-from ._head_params import head_params
+from ._head_params import SPECS, head_params
 from ._params import TripletParams
 from ._rowmath import MarginState
 
@@ -43,8 +45,7 @@ def margin_cross_entropy(
         weight: (C, d) class weights, one row per class, on the device of ``embeddings`` ("subcenter_arcface":
             (C k, d), row j k + i the sub-center i of class j).
         labels: (B,) int64 (or int32) class ids in [0, C), or ignore_index.
-        head: "norm_softmax", "arcface", "cosface", "combined", "mv_softmax", "curricular", "adaface", "magface",
-            "elastic_arcface", "elastic_cosface" or "subcenter_arcface".
+        head: one of HEADS.
         t: MV-Softmax's fixed t (a float, instead of the ``t`` margin argument), or CurricularFace's buffer (a
             0-dim float32 tensor on the device of ``embeddings``; required), updated in place when
             ``training``. Other heads: None.
@@ -88,6 +89,12 @@ def margin_cross_entropy(
     if any(a is not None for a in (batch_mean, batch_std, generator, row_margins)):
         state = MarginState(batch_mean, batch_std, generator, row_margins)
     return head_loss(embeddings, weight, labels, params, t, training, backend, return_stats, state)
+
+
+# the names of the registry's heads, written into the docstring (a head registered later is taken too)
+margin_cross_entropy.__doc__ = margin_cross_entropy.__doc__.replace("one of HEADS.", textwrap.fill(
+    f"the head's registered name: {', '.join(map(repr, SPECS))} (facekernels/_head_params.py).",
+    width=108, subsequent_indent=" " * 12).lstrip())  # fmt: skip
 
 
 def triplet_margin_loss(

@@ -7,14 +7,18 @@ import facekernels as fk
 from facekernels import functional as fkf
 from facekernels._backends import head_kernels
 
-HEADS = [fk.NormSoftmax, fk.ArcFace, fk.CosFace, fk.CombinedMargin, fk.MVSoftmax, fk.CurricularFace]
+HEADS = list(fk.heads.HEAD_CLASSES.values())  # every head of the registry
 
 
-@pytest.mark.parametrize("cls", HEADS)
-def test_head_owns_a_normal_weight_and_returns_the_loss(cls):
+@pytest.mark.parametrize("cls", HEADS, ids=lambda c: c.__name__)
+def test_head_owns_its_weight_and_returns_the_loss(cls):
     head = cls(130, 301, backend="reference")
-    assert isinstance(head.weight, torch.nn.Parameter) and head.weight.shape == (301, 130)
-    assert abs(head.weight.std().item() - 0.01) < 1e-3 and abs(head.weight.mean().item()) < 1e-3
+    k = head.params.subcenters
+    assert isinstance(head.weight, torch.nn.Parameter) and head.weight.shape == (301 * k, 130)
+    if cls.unit_norm_init:
+        assert torch.allclose(head.weight.norm(dim=1), torch.ones(301 * k))
+    else:
+        assert abs(head.weight.std().item() - 0.01) < 1e-3 and abs(head.weight.mean().item()) < 1e-3
     x, y = torch.randn(7, 130), torch.randint(0, 301, (7,))
     loss = head(x, y)
     assert loss.dim() == 0 and loss.dtype == torch.float32 and torch.isfinite(loss)

@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from .._params import HEAD_NAMES, MINING_MODES
+from .._head_params import head_names
+from .._params import MINING_MODES
 from . import gpu_suite, measure
 from .ops import DTYPES, MODES, OPS, HeadShape, TripletShape
 from .runner import _loadavg, can_plot, load_warning, sweep, write_outputs
@@ -54,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
                         "alone; pml: pytorch-metric-learning, triplet only); default: the device's fused "
                         "backend, eager, compile, gemm (and pml for triplet); a provider that is not an op's is "
                         "ignored for that op")  # fmt: skip
-    p.add_argument("--heads", nargs="+", choices=HEAD_NAMES, default=["arcface"])
+    p.add_argument("--heads", nargs="+", choices=head_names(), default=["arcface"])  # the registry's heads
     p.add_argument("--batch", type=int, default=256, help="heads: B")
     p.add_argument("--features", type=int, default=512, help="d (heads and triplet)")
     p.add_argument("--classes", type=int, nargs="+", default=[10_000, 30_000, 100_000], help="heads: C values")

@@ -35,7 +35,8 @@ from .._backends import BackendUnavailableError
 from .._extension import ExtensionUnavailableError
 from .._params import TripletParams
 from .._rowmath import MarginState
-from ..heads import head_params
+from .._head_params import SPECS, head_params
+from ..heads import module_class
 from ..reference import heads as ref_heads
 from ..reference import triplet as ref_triplet
 
@@ -212,10 +213,11 @@ class HeadsOp:
         ws = [torch.randn(self._rows(shape), d, device=device, dtype=dtype).mul_(0.01).requires_grad_()
               for _ in range(copies)]  # fmt: skip
         ys = [torch.randint(0, c, (b,), device=device) for _ in range(copies)]
-        ts = [torch.zeros((), device=device) if params.uses_t else None for _ in range(copies)]
-        # AdaFace's statistics (the module's initial values); ElasticFace draws from the default generator
-        states = [MarginState(torch.full((), 20.0, device=device), torch.full((), 100.0, device=device))
-                  if shape.head == "adaface" else MarginState() for _ in range(copies)]  # fmt: skip
+        # the head's running state as its module starts it (CurricularFace's t, AdaFace's statistics: the
+        # registry's); ElasticFace draws from the default generator
+        initial = [SPECS[shape.head].initial_state(device) for _ in range(copies)]
+        ts = [state.pop("t", None) for state in initial]
+        states = [MarginState(**state) for state in initial]
         grads = [[x, w] for x, w in zip(xs, ws)]
 
         if mode == "optim":
@@ -250,7 +252,7 @@ class HeadsOp:
             backend = self.fused.get(device.type, "triton")
             heads = []
             for i in range(copies):
-                head = _head_module(shape.head)(shape.features, shape.classes, backend=backend).to(device)
+                head = module_class(shape.head)(shape.features, shape.classes, backend=backend).to(device)
                 head.weight = torch.nn.Parameter(ws[i].detach())  # the drawn weight, not a second copy
                 heads.append(head.to(ws[i].dtype))
             ws[:] = []
@@ -304,17 +306,6 @@ class HeadsOp:
             g.t() @ x_hat
 
         return step
-
-
-def _head_module(name: str):
-    """The head module class whose ``head`` is ``name`` (e.g. "arcface" -> facekernels.ArcFace)."""
-    from .. import heads
-
-    found = [cls for cls in vars(heads).values()
-             if isinstance(cls, type) and issubclass(cls, heads._MarginHead) and getattr(cls, "head", None) == name]
-    if not found:
-        raise ValueError(f"no head module for {name!r}")
-    return found[0]
 
 
 class TripletOp:

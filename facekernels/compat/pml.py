@@ -77,7 +77,7 @@ def _check_distance(distance, allowed: tuple[str, ...]) -> None:
 class _ClassificationLoss(nn.Module):
     """The part shared by the losses: W, the options pytorch-metric-learning's base classes take, forward."""
 
-    head: str  # facekernels head (HEAD_DEFAULTS key)
+    head: str  # a registered head's name (facekernels/_head_params.py)
     distances: tuple[str, ...] = ("CosineSimilarity",)
 
     def __init__(self, num_classes, embedding_size, rows_per_class: int = 1, *, backend="auto", reducer=None,
