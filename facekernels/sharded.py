@@ -214,6 +214,6 @@ def sharded_margin_cross_entropy(
                                     num_local=weight.shape[0] // params.subcenters, sample_rate=sample_rate,
                                     generator=generator)  # fmt: skip
     return _algorithm.fused_head_loss(embeddings, weight, labels, params, t, training, kernels, group=group,
-                                           class_start=class_start, sampler=sampler, stats=stats, state=state,
-                                           update=update)  # fmt: skip
+                                      class_start=class_start, sampler=sampler, stats=stats, state=state,
+                                      update=update)  # fmt: skip
 

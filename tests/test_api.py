@@ -180,6 +180,7 @@ def test_triplet_bad_inputs():
         fkf.triplet_margin_loss(torch.randn(4, 3), torch.randn(4), backend="reference")
 
 
+@pytest.mark.slow
 def test_heads_compile_fullgraph_with_the_reference_backend():
     # dispatch and validation must not break the graph (no importlib, no host-side label check)
     head = fk.CurricularFace(16, 37, backend="reference")

@@ -150,6 +150,7 @@ def _peak_rss_delta_mib(backend):
     return float(out.stdout.split()[-1])
 
 
+@pytest.mark.slow
 def test_no_batch_by_classes_buffer_peak_rss():
     # (B, C) float32 here is 512 * 100000 * 4 B = 195 MiB, while everything the fused op may allocate (blocks
     # of (B, 1024) per thread, w tiles, x_hat, dW: 3 MiB) stays far below 49 MiB: any materialised
@@ -173,6 +174,7 @@ __global__ void head_math_kernel(const float* c, float* out, facekernels::Negati
 """
 
 
+@pytest.mark.slow
 def test_head_math_header_compiles_with_plain_nvcc(tmp_path):
     # the header is for CUDA kernels too: no torch include, every function __host__ __device__
     import shutil

@@ -103,9 +103,9 @@ def kit_acc(dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", oracle.HEADS)
-@pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("ignore_index", [None, -100, 3])
+@pytest.mark.parametrize("margin_grad", kit.fast_first("exact", "straight_through"))
+@pytest.mark.parametrize("reduction", kit.fast_first("mean", "sum", "none"))
+@pytest.mark.parametrize("ignore_index", kit.fast_first(3, None, -100))
 def test_matches_reference(backend, case, margin_grad, reduction, ignore_index, small_tiles):
     # C = 300: three Triton backward chunks (the last ragged) and two forward splits; 38 CPU tiles
     options = dict(margin_grad=margin_grad, reduction=reduction)
@@ -192,8 +192,8 @@ def _check_more(backend, x, w, y, case, training=True, **options):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(MORE_CASES))
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("ignore_index", [None, 3])
+@pytest.mark.parametrize("reduction", kit.fast_first("mean", "none"))
+@pytest.mark.parametrize("ignore_index", kit.fast_first(3, None))
 def test_more_heads_match_reference(backend, case, reduction, ignore_index, small_tiles):
     # C = 150 classes: two Triton backward chunks (k = 3: four, the last ragged) and two forward splits
     options = dict(reduction=reduction, margin_grad="exact" if reduction == "mean" else "straight_through")
@@ -268,6 +268,7 @@ def test_more_heads_nan_in_nan_out(backend, small_tiles):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["adaface", "magface", "subcenter", "filter_arc"])
 @pytest.mark.parametrize("shape", [(1, 1, 5), (0, 13, 4), (70, 200, 33), (33, 130, 130)])
+@pytest.mark.slow
 def test_more_heads_odd_shapes(backend, case, shape):
     # default tiles and chunks; B = 70 takes Triton's 128-row tiles; B = 1 leaves AdaFace's std as it is
     dev = _device(backend)
@@ -278,6 +279,7 @@ def test_more_heads_odd_shapes(backend, case, shape):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["arcface", "combined_general", "mv_arc", "curricular"])
 @pytest.mark.parametrize("shape", [(1, 1, 5), (0, 13, 4), (7, 1025, 3), (70, 200, 33), (33, 130, 130)])
+@pytest.mark.slow
 def test_odd_shapes(backend, case, shape):
     # default tiles and chunks; B = 70 takes Triton's 128-row tiles, B = 1 and d = 3 the smallest
     x, w, y = kit.head_inputs(*shape, dtype=_dtype(backend))
@@ -527,6 +529,7 @@ class _RecordSizes(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow
 def test_no_batch_by_classes_tensor(backend, small_tiles):
     # with the small chunks of the fixture, a Triton backward chunk is (B, 128): any (B, C) tensor, in forward
     # or backward, shows among the shapes the ops return (the same recorder sees the reference's logits)
@@ -589,6 +592,7 @@ def test_bad_inputs_same_errors_as_reference(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("module", ["adaface", "magface", "elastic", "subcenter", "filter"])
+@pytest.mark.slow
 def test_more_heads_torch_compile_fullgraph(backend, module, small_tiles):
     dev = _device(backend)
     make = {
@@ -616,6 +620,7 @@ def test_more_heads_torch_compile_fullgraph(backend, module, small_tiles):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow
 def test_torch_compile_fullgraph(backend, small_tiles):
     # aot_eager on CPU: Dynamo + AOTAutograd trace forward and backward in one graph, no C++ codegen
     dev = _device(backend)

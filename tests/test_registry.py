@@ -83,6 +83,16 @@ def test_docs_heads_md_tables_agree_with_the_registry(spec):
         assert value == spec.defaults[name], f"docs/heads.md: {spec.class_name} {name}={value}"
 
 
+def test_every_registered_head_is_in_the_conformance_matrices():
+    # tests/test_heads.py runs every backend against the reference over oracle.HEAD_CASES and MORE_CASES (and
+    # test_reference_heads / test_heads_more the reference against the independent oracles): a head registered
+    # without a case there would have no conformance test
+    from test_heads import MORE_CASES
+
+    covered = {head for head, _ in oracle.HEAD_CASES.values()} | {head for head, _ in MORE_CASES.values()}
+    assert set(SPECS) <= covered, f"heads without a conformance case: {sorted(set(SPECS) - covered)}"
+
+
 def test_registering_an_existing_name_or_an_undocumented_argument_raises():
     cosface = SPECS["cosface"]
     with pytest.raises(ValueError, match="already registered"):
