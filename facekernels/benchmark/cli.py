@@ -19,7 +19,7 @@ from .._head_params import head_names
 from .._params import MINING_MODES
 from . import gpu_suite, measure
 from .ops import DTYPES, MODES, OPS, HeadShape, TripletShape
-from .runner import _loadavg, can_plot, load_warning, sweep, write_outputs
+from .runner import can_plot, load_average, load_warning, sweep, write_outputs
 
 DEFAULT_OUT = "facekernels-bench-out"
 
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     warning = load_warning()
     if warning:
         print(warning, file=sys.stderr)
-    start, load_at_start = time.perf_counter(), _loadavg()
+    start, load_at_start = time.perf_counter(), load_average()
     torch.manual_seed(0)
     rows = sweep(build_cases(args, device), device, settings, in_process=args.in_process,
                  timeout_s=args.timeout, progress=not args.no_progress)  # fmt: skip

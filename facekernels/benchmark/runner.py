@@ -70,12 +70,12 @@ def write_outputs(rows: list, out: str, command: str, device: torch.device, elap
         f.write(f"command: {command}\ncommit: {env['facekernels_commit']}\ndevice: {env['device']}\n"
                 f"torch: {env['torch_version']}\ntriton: {env['triton_version'] or '-'}\n"
                 f"python: {sys.version.split()[0]}\nstarted: {env['timestamp']}\n"
-                f"load average (1, 5, 15 min) at the start: {load_at_start or '-'}; at the end: {_loadavg()}\n"
+                f"load average (1, 5, 15 min) at the start: {load_at_start or '-'}; at the end: {load_average()}\n"
                 f"wall time: {elapsed_s:.0f} s\n")  # fmt: skip
     return table
 
 
-def _loadavg() -> str:
+def load_average() -> str:
     try:
         return ", ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
