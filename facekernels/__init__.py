@@ -10,40 +10,19 @@ from ._extension import ExtensionUnavailableError
 from ._params import HeadParams, TripletParams
 from ._rowmath import HeadStats
 from ._validate import set_label_checks
-from .heads import (
-    AdaFace,
-    ArcFace,
-    CombinedMargin,
-    CosFace,
-    CurricularFace,
-    ElasticArcFace,
-    ElasticCosFace,
-    MagFace,
-    MVSoftmax,
-    NormSoftmax,
-    SubCenterArcFace,
-    head_params,
-)
+from .heads import HEAD_CLASSES, head_params
 from .triplet import TripletMarginLoss
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdaFace",
-    "ArcFace",
+globals().update(HEAD_CLASSES)  # one nn.Module per head of the registry (facekernels/_head_params.py)
+
+__all__ = sorted([
+    *HEAD_CLASSES,
     "BackendUnavailableError",
-    "CombinedMargin",
-    "CosFace",
-    "CurricularFace",
-    "ElasticArcFace",
-    "ElasticCosFace",
     "ExtensionUnavailableError",
     "HeadParams",
     "HeadStats",
-    "MVSoftmax",
-    "MagFace",
-    "NormSoftmax",
-    "SubCenterArcFace",
     "TripletMarginLoss",
     "TripletParams",
     "convert",
@@ -52,4 +31,4 @@ __all__ = [
     "optim",
     "reference",
     "set_label_checks",
-]
+])

@@ -236,7 +236,7 @@ torch.compile cannot trace) instead of returning a silent 0.
         return dx, dw
 
 
-def margin_cross_entropy(
+def fused_head_loss(
     embeddings: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,

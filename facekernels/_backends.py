@@ -1,4 +1,5 @@
-"""Backend selection: which implementation computes a head or a triplet loss.
+"""Backend selection: which implementation computes a head or a triplet loss, and ``head_loss``, one head's
+loss on the backend selected (the eager reference or the one fused algorithm on that backend's kernels).
 
 Each backend lives in its own module and is imported only when first asked for, so ``import facekernels``
 needs neither the compiled extension nor Triton. There is no silent fallback: a backend that cannot run
@@ -9,7 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from . import _algorithm
+from . import _validate as V
 from ._errors import BackendUnavailableError
+from ._params import HeadParams
+from ._rowmath import MarginState
 
 
 # The loaders import a backend with an import statement (which torch.compile can trace, unlike importlib):
@@ -28,15 +33,15 @@ def _triton_kernels():
 
 
 def _reference_triplet():
-    from .reference.triplet import triplet_margin_loss
+    from .reference.triplet import eager_triplet_margin_loss
 
-    return triplet_margin_loss
+    return eager_triplet_margin_loss
 
 
 def _compiled_triplet():
-    from .ops.triplet import triplet_margin_loss
+    from .kernels.triplet import fused_triplet_margin_loss
 
-    return triplet_margin_loss
+    return fused_triplet_margin_loss
 
 
 _HEAD_KERNELS = {"reference": lambda: None, "cpu": _cpu_kernels, "triton": _triton_kernels}
@@ -80,3 +85,24 @@ def triplet_backend(backend: str, device: torch.device):
     if name == "cpu" and device.type != "cpu":
         raise BackendUnavailableError(f"backend='cpu' needs CPU tensors; got {device.type} tensors")
     return _load(_TRIPLET_IMPLS, "the triplet loss", name)
+
+
+def head_loss(embeddings, weight, labels, params: HeadParams, t, training: bool, backend: str, stats: bool = False,
+              state: MarginState | None = None, update=None):  # fmt: skip
+    """The loss of one head on one device, on ``backend``: the inputs checked, then the eager reference
+    (reference/heads.py) or the one fused algorithm (_algorithm.py) on the backend's kernels. What the modules,
+    the functional form and the compat layers call; the class-sharded mode is sharded.py's."""
+    labels = V.check_head_inputs(embeddings, weight, labels, params.ignore_index, params.subcenters)
+    if params.uses_t:
+        V.check_t_buffer(t, embeddings)
+    V.check_margin_state(params, state, embeddings)
+    kernels = head_kernels(backend, embeddings.device)
+    if kernels is None:
+        if update is not None:
+            raise ValueError("a fused optimizer (facekernels.optim) needs a fused backend: the head's backend is "
+                             "'reference' here; use backend='auto', 'cpu' or 'triton'")  # fmt: skip
+        from .reference.heads import eager_margin_cross_entropy
+
+        return eager_margin_cross_entropy(embeddings, weight, labels, params, t, training, stats, state)
+    return _algorithm.fused_head_loss(embeddings, weight, labels, params, t, training, kernels, stats=stats,
+                                     state=state, update=update)  # fmt: skip

@@ -5,7 +5,7 @@ can come out at different distances from an anchor, and G need not be symmetric.
 semi-hard choice (d_an > d_ap) or a hard-mining tie (the lowest index). Every backend therefore reads the
 entry of (i, j) at (r_i, r_j), r_i the lowest index of a row equal to row i, and from the upper triangle only
 (G[min, max]). Equal rows then have bitwise equal distances to every row, and distance exactly 0 to each other,
-whatever the GEMM: the reference and ops.triplet here, the C++ and CUDA kernels in pair_distance
+whatever the GEMM: the reference and kernels/triplet.py here, the C++ and CUDA kernels in pair_distance
 (csrc/include/facekernels/triplet_select.h) from the same representatives.
 """
 

@@ -74,8 +74,6 @@ class Negatives(enum.IntEnum):
     CURRICULAR = 2  # c (t + c), t the running buffer (not differentiated)
 
 
-HEAD_NAMES = ("norm_softmax", "arcface", "cosface", "combined", "mv_softmax", "curricular", "adaface", "magface",
-              "elastic_arcface", "elastic_cosface", "subcenter_arcface")  # fmt: skip
 ELASTIC_PLUS = (False, True, "official")
 
 
@@ -118,7 +116,18 @@ class ElasticMargins:
     angular: bool
 REDUCTIONS = ("mean", "sum", "none")
 MARGIN_GRADS = ("exact", "straight_through")
-HEAD_BACKENDS = ("auto", "triton", "cpu", "reference")
+# The one vocabulary of backends: each name is one implementation, and each loss offers the ones it has. The
+# heads' GPU kernels are Triton ("triton", which also runs CPU tensors under TRITON_INTERPRET=1), the triplet
+# loss's are compiled CUDA ("cuda"); a name of the other loss is refused with a message naming the right one
+# (_validate.check_backend).
+BACKENDS = {
+    "auto": ("heads", "triplet"),  # the fused backend of the inputs' device (facekernels/_backends.py)
+    "triton": ("heads",),
+    "cuda": ("triplet",),
+    "cpu": ("heads", "triplet"),  # the compiled C++ ops on CPU tensors
+    "reference": ("heads", "triplet"),  # eager PyTorch (facekernels/reference/): the oracle
+}
+HEAD_BACKENDS = tuple(name for name, losses in BACKENDS.items() if "heads" in losses)
 
 
 @dataclass(frozen=True)
@@ -161,7 +170,7 @@ class HeadParams:
 MINING_MODES = ("semihard", "hard", "all")
 DISTANCES = ("squared_euclidean", "euclidean", "cosine")
 TRIPLET_REDUCTIONS = ("mean", "mean_nonzero", "sum", "none")
-TRIPLET_BACKENDS = ("auto", "cuda", "cpu", "reference")
+TRIPLET_BACKENDS = tuple(name for name, losses in BACKENDS.items() if "triplet" in losses)
 
 
 @dataclass(frozen=True)

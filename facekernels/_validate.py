@@ -12,6 +12,7 @@ import numbers
 import torch
 
 from ._params import (
+    BACKENDS,
     DISTANCES,
     HEAD_BACKENDS,
     MARGIN_GRADS,
@@ -111,11 +112,24 @@ MAX_M1 = 10.0
 MAX_MV_T = 10.0
 
 
-def check_head_options(reduction: str, ignore_index: int, margin_grad: str, backend: str) -> None:
+def check_head_options(reduction: str, ignore_index: int, margin_grad: str) -> None:
     check_choice("reduction", reduction, REDUCTIONS)
     check_int64("ignore_index", ignore_index)
     check_choice("margin_grad", margin_grad, MARGIN_GRADS)
-    check_choice("backend", backend, HEAD_BACKENDS)
+
+
+_GPU_BACKEND = {"heads": "triton", "triplet": "cuda"}
+
+
+def check_backend(loss: str, backend) -> None:
+    """``backend`` is one of ``loss``'s ("heads" or "triplet"); a backend of the other loss is refused with the
+    name this one uses for the same device (the one vocabulary: _params.BACKENDS)."""
+    choices = HEAD_BACKENDS if loss == "heads" else TRIPLET_BACKENDS
+    if isinstance(backend, str) and backend in BACKENDS and backend not in choices:
+        what = "the triplet loss" if loss == "triplet" else "the heads"
+        raise ValueError(f"backend={backend!r} is not a backend of {what}; its GPU kernels are "
+                         f"backend={_GPU_BACKEND[loss]!r} (one of {_fmt_choices(choices)})")  # fmt: skip
+    check_choice("backend", backend, choices)
 
 
 def check_triplet_options(margin, mining, distance, normalize, soft, reduction, backend) -> None:
@@ -125,7 +139,7 @@ def check_triplet_options(margin, mining, distance, normalize, soft, reduction, 
     check_bool("normalize", normalize)
     check_bool("soft", soft)
     check_choice("reduction", reduction, TRIPLET_REDUCTIONS)
-    check_choice("backend", backend, TRIPLET_BACKENDS)
+    check_backend("triplet", backend)
 
 
 def _check_dense(name: str, x) -> None:

@@ -5,32 +5,15 @@ Semantics: docs/heads.md and docs/triplet.md.
 
 from __future__ import annotations
 
+import textwrap
+
 import torch
 
-from . import _algorithm
 from . import _validate as V
-from ._backends import head_kernels, triplet_backend
-from ._head_params import head_params
-from ._params import HeadParams, TripletParams
+from ._backends import head_loss, triplet_backend
+from ._head_params import SPECS, head_params
+from ._params import TripletParams
 from ._rowmath import MarginState
-
-
-def _margin_cross_entropy(embeddings, weight, labels, params: HeadParams, t, training: bool, backend: str,
-                          stats: bool = False, state: MarginState | None = None, update=None):  # fmt: skip
-    labels = V.check_head_inputs(embeddings, weight, labels, params.ignore_index, params.subcenters)
-    if params.uses_t:
-        V.check_t_buffer(t, embeddings)
-    V.check_margin_state(params, state, embeddings)
-    kernels = head_kernels(backend, embeddings.device)
-    if kernels is None:
-        if update is not None:
-            raise ValueError("a fused optimizer (facekernels.optim) needs a fused backend: the head's backend is "
-                             "'reference' here; use backend='auto', 'cpu' or 'triton'")  # fmt: skip
-        from .reference.heads import margin_cross_entropy as reference_loss
-
-        return reference_loss(embeddings, weight, labels, params, t, training, stats, state)
-    return _algorithm.margin_cross_entropy(embeddings, weight, labels, params, t, training, kernels, stats=stats,
-                                           state=state, update=update)  # fmt: skip
 
 
 def margin_cross_entropy(
@@ -62,8 +45,7 @@ def margin_cross_entropy(
         weight: (C, d) class weights, one row per class, on the device of ``embeddings`` ("subcenter_arcface":
             (C k, d), row j k + i the sub-center i of class j).
         labels: (B,) int64 (or int32) class ids in [0, C), or ignore_index.
-        head: "norm_softmax", "arcface", "cosface", "combined", "mv_softmax", "curricular", "adaface", "magface",
-            "elastic_arcface", "elastic_cosface" or "subcenter_arcface".
+        head: one of HEADS.
         t: MV-Softmax's fixed t (a float, instead of the ``t`` margin argument), or CurricularFace's buffer (a
             0-dim float32 tensor on the device of ``embeddings``; required), updated in place when
             ``training``. Other heads: None.
@@ -96,7 +78,7 @@ def margin_cross_entropy(
     """
     V.check_bool("training", training)
     V.check_bool("return_stats", return_stats)
-    V.check_choice("backend", backend, ("auto", "triton", "cpu", "reference"))
+    V.check_backend("heads", backend)
     if head == "mv_softmax" and t is not None:
         margins["t"] = t
     elif head != "curricular" and t is not None:
@@ -107,7 +89,13 @@ def margin_cross_entropy(
     state = None
     if any(a is not None for a in (batch_mean, batch_std, generator, row_margins)):
         state = MarginState(batch_mean, batch_std, generator, row_margins)
-    return _margin_cross_entropy(embeddings, weight, labels, params, t, training, backend, return_stats, state)
+    return head_loss(embeddings, weight, labels, params, t, training, backend, return_stats, state)
+
+
+# the names of the registry's heads, written into the docstring (a head registered later is taken too)
+margin_cross_entropy.__doc__ = margin_cross_entropy.__doc__.replace("one of HEADS.", textwrap.fill(
+    f"the head's registered name: {', '.join(map(repr, SPECS))} (facekernels/_head_params.py).",
+    width=108, subsequent_indent=" " * 12).lstrip())  # fmt: skip
 
 
 def triplet_margin_loss(

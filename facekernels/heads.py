@@ -19,9 +19,9 @@ from torch import nn
 
 from . import _validate as V
 from ._algorithm import live_group
-from ._head_params import head_params
+from ._backends import head_loss
+from ._head_params import SPECS, HeadSpec, head_params
 from ._rowmath import MarginState
-from .functional import _margin_cross_entropy
 
 
 def _fixed(name: str, why: str) -> property:
@@ -93,7 +93,8 @@ _NOT_MARGINS = frozenset({"self", "in_features", "num_classes", "reduction", "ig
 
 
 class _MarginHead(nn.Module):
-    head: str  # key of HEAD_DEFAULTS
+    spec: HeadSpec  # the head's declaration in the registry (facekernels/_head_params.py)
+    head: str  # spec.name
     presets: dict = {}  # name -> constructor arguments that reproduce that trainer's head (see like())
     unit_norm_init = False  # reset_parameters: unit-norm rows (AdaFace, MagFace official) instead of N(0, 0.01)
     float32_buffers: tuple = ()  # running statistics kept float32 by .half() / .to(dtype) (see _apply)
@@ -126,7 +127,7 @@ class _MarginHead(nn.Module):
         self.return_stats = False
         V.check_int("in_features", in_features, minimum=1)
         V.check_int("num_classes", num_classes, minimum=1)
-        V.check_choice("backend", backend, ("auto", "triton", "cpu", "reference"))
+        V.check_backend("heads", backend)
         self.in_features = int(in_features)
         self.num_classes = int(num_classes)
         self.margins = margins
@@ -153,6 +154,8 @@ class _MarginHead(nn.Module):
         # sub-centers: k rows per class, class j's rows j k .. j k + k - 1 (a shard keeps a class's rows together)
         self.weight = nn.Parameter(torch.empty(self.num_local * self.params.subcenters, self.in_features))
         self.reset_parameters()
+        for name, value in self.spec.initial_state().items():  # the running state that training steps update
+            self.register_buffer(name, value)
 
     def _rebuild(self, **changes) -> None:
         """Rebuild ``params`` with some options or margins changed (validated: a bad value raises and changes
@@ -171,7 +174,7 @@ class _MarginHead(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        V.check_choice("backend", value, ("auto", "triton", "cpu", "reference"))
+        V.check_backend("heads", value)
         if self.__dict__.get("_process_group") is not None:
             from .sharded import check_sharded_backend
 
@@ -261,11 +264,13 @@ class _MarginHead(nn.Module):
         return None
 
     def _state(self) -> MarginState | None:
-        return None
+        # the state's tensors other than t (which the backends take on its own): AdaFace's statistics
+        tensors = {name: getattr(self, name) for name in self.spec.state if name != "t"}
+        return MarginState(**tensors) if tensors else None
 
-    def _updates_t(self) -> bool:
-        # the `training` the backends get: it switches CurricularFace's t update, AdaFace's statistics update and
-        # ElasticFace's draws, and nothing else
+    def _is_training_step(self) -> bool:
+        # whether this forward is a training step, the `training` the backends get: it updates the head's running
+        # state (CurricularFace's t, AdaFace's statistics) and draws ElasticFace's margins, and nothing else
         return self.training
 
     def _apply(self, fn, *args, **kwargs):
@@ -300,14 +305,13 @@ class _MarginHead(nn.Module):
             from .sharded import sharded_margin_cross_entropy
 
             return sharded_margin_cross_entropy(
-                embeddings, self.weight, labels, self.params, self._t(), self._updates_t(), group=self.process_group,
+                embeddings, self.weight, labels, self.params, self._t(), self._is_training_step(), group=self.process_group,
                 num_classes=self.num_classes, class_start=self.class_start, backend=self.backend,
                 sample_rate=self.sample_rate, generator=self.sample_generator, stats=stats, state=self._state(),
                 config={"head": type(self).__name__, **self.margins}, update=update,
             )  # fmt: skip
-        return _margin_cross_entropy(embeddings, self.weight, labels, self.params, t=self._t(),
-                                     training=self._updates_t(), backend=self.backend, stats=stats,
-                                     state=self._state(), update=update)  # fmt: skip
+        return head_loss(embeddings, self.weight, labels, self.params, t=self._t(), training=self._is_training_step(),
+                         backend=self.backend, stats=stats, state=self._state(), update=update)  # fmt: skip
 
     def extra_repr(self) -> str:
         p = self.params
@@ -355,7 +359,7 @@ _COMMON = """
     Attributes:
         weight: the class weights, a Parameter of shape (num_classes, in_features) ((num_classes * k,
             in_features) for SubCenterArcFace; num_local classes when sharded), initialised by
-            ``reset_parameters``: normal_(0, 0.01), or unit-norm rows for AdaFace and MagFace.
+            ``reset_parameters``: {init}.
         params: the HeadParams the backends compute with.
         Every constructor argument above is an attribute. The hyper-parameters (s, m, ...), reduction,
         ignore_index, margin_grad, backend, sample_rate and return_stats may be set after construction: validated
@@ -368,207 +372,12 @@ _COMMON = """
 """
 
 
-def _options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate, sample_seed):
-    return dict(reduction=reduction, ignore_index=ignore_index, margin_grad=margin_grad, backend=backend,
-                process_group=process_group, sample_rate=sample_rate, sample_seed=sample_seed)  # fmt: skip
+class _TBufferHead(_MarginHead):
+    """A head with a running ``t`` that training steps update (CurricularFace), and ``update_t`` / ``frozen_t``
+    to hold it during gradient accumulation."""
 
-
-class NormSoftmax(_MarginHead):
-    __doc__ = (
-        """NormFace: the cross-entropy of the logits s * cos(theta), no margin.
-
-    Args:"""
-        + _SIZES
-        + """
-        s: scale of the logits."""
-        + _FILTER
-        + _COMMON
-    )
-
-    head = "norm_softmax"
-
-    def __init__(self, in_features, num_classes, s=64.0, *, interclass_filtering_threshold=0.0, reduction="mean",
-                 ignore_index=-100, margin_grad="exact", backend="auto",
-                 process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
-        """Build the head; the arguments are described in the class docstring."""
-        super().__init__(in_features, num_classes, s=s,
-                         interclass_filtering_threshold=interclass_filtering_threshold,
-                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
-                                     sample_seed))  # fmt: skip
-
-
-class ArcFace(_MarginHead):
-    __doc__ = (
-        """ArcFace (additive angular margin): the target logit s * cos(theta + m), the others s * cos(theta).
-
-    Args:"""
-        + _SIZES
-        + """
-        s: scale of the logits.
-        m: angular margin in radians, in [0, pi).
-        easy_margin: the classic option: the target logit is s * cos(theta) wherever cos(theta) <= 0 (the same
-            as fallback="easy_margin")."""
-        + _FALLBACK
-        + _FILTER
-        + _COMMON
-    )
-
-    head = "arcface"
-    presets = {
-        # arcface_torch (CombinedMarginLoss(64, 1, 0.5, 0) or ArcFace): cos(theta + m) as is, straight-through
-        "insightface": dict(s=64.0, m=0.5, fallback="none", margin_grad="straight_through"),
-        "curricularface": dict(s=64.0, m=0.5, fallback="monotonic"),  # head/metrics.py ArcFace
-        "tface": dict(s=64.0, m=0.5, fallback="monotonic"),  # torchkit/head/localfc/arcface.py
-        "facexzoo": dict(s=32.0, m=0.35, fallback="facexzoo"),  # head/ArcFace.py defaults (margin_am = 0)
-        "pytorch-metric-learning": dict(s=64.0, m=math.radians(28.6), fallback="monotonic"),  # margin in degrees
-    }
-
-    def __init__(self, in_features, num_classes, s=64.0, m=0.5, easy_margin=False, *, fallback=None,
-                 interclass_filtering_threshold=0.0, reduction="mean", ignore_index=-100, margin_grad="exact",
-                 backend="auto", process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
-        """Build the head; the arguments are described in the class docstring."""
-        super().__init__(in_features, num_classes, s=s, m=m, easy_margin=easy_margin, fallback=fallback,
-                         interclass_filtering_threshold=interclass_filtering_threshold,
-                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
-                                    sample_seed))  # fmt: skip
-
-
-class CosFace(_MarginHead):
-    __doc__ = (
-        """CosFace / AM-Softmax (additive cosine margin): the target logit s * (cos(theta) - m).
-
-    Args:"""
-        + _SIZES
-        + """
-        s: scale of the logits.
-        m: cosine margin, >= 0."""
-        + _FILTER
-        + _COMMON
-    )
-
-    head = "cosface"
-    presets = {
-        "insightface": dict(s=64.0, m=0.4),  # CombinedMarginLoss(64, 1, 0, 0.4) / CosFace(m=0.40)
-        "facexzoo": dict(s=32.0, m=0.35),  # head/AM_Softmax.py defaults
-        "pytorch-metric-learning": dict(s=64.0, m=0.35),  # CosFaceLoss defaults
-    }
-
-    def __init__(self, in_features, num_classes, s=64.0, m=0.35, *, interclass_filtering_threshold=0.0,
-                 reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
-                 process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
-        """Build the head; the arguments are described in the class docstring."""
-        super().__init__(in_features, num_classes, s=s, m=m,
-                         interclass_filtering_threshold=interclass_filtering_threshold,
-                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
-                                     sample_seed))  # fmt: skip
-
-
-class CombinedMargin(_MarginHead):
-    __doc__ = (
-        """insightface's combined margin: the target logit s * (cos(m1 * theta + m2) - m3).
-
-    m1 = 1, m3 = 0 is ArcFace (with its fallback); m1 = 1, m2 = 0 is CosFace.
-
-    Args:"""
-        + _SIZES
-        + """
-        s: scale of the logits.
-        m1: multiplicative angular margin, > 0.
-        m2: additive angular margin in radians, in [0, pi).
-        m3: additive cosine margin, >= 0."""
-        + _FALLBACK
-        + """ Only when m1 = 1 and m3 = 0."""
-        + _FILTER
-        + _COMMON
-    )
-
-    head = "combined"
-    presets = {
-        # arcface_torch's CombinedMarginLoss in its ArcFace mode: no fallback, straight-through margin gradient
-        "insightface": dict(s=64.0, m1=1.0, m2=0.5, m3=0.0, fallback="none", margin_grad="straight_through"),
-    }
-
-    def __init__(self, in_features, num_classes, s=64.0, m1=1.0, m2=0.5, m3=0.0, *, fallback=None,
-                 interclass_filtering_threshold=0.0, reduction="mean", ignore_index=-100, margin_grad="exact",
-                 backend="auto", process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
-        """Build the head; the arguments are described in the class docstring."""
-        super().__init__(in_features, num_classes, s=s, m1=m1, m2=m2, m3=m3, fallback=fallback,
-                         interclass_filtering_threshold=interclass_filtering_threshold,
-                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
-                                    sample_seed))  # fmt: skip
-
-
-class MVSoftmax(_MarginHead):
-    __doc__ = (
-        """MV-Softmax (FaceX-Zoo): a margin on the target and the hard negatives reweighted to (t + 1) c + t.
-
-    A class j is a hard negative when its cosine exceeds the target's margin-modified cosine (c - m for the AM
-    variant, cos(theta + m) for the Arc one).
-
-    Args:"""
-        + _SIZES
-        + """
-        s: scale of the logits.
-        m: the margin: cosine margin (is_am=True; the target is c - m where c > m, else c) or angular margin in
-            radians (is_am=False; the target is cos(theta + m) where c > 0, else c).
-        t: weight of the hard negatives, >= 0 (FaceX-Zoo's mv_weight is t + 1: its default 1.12 is t = 0.12).
-        is_am: the AM (additive cosine) variant; False: the Arc variant."""
-        + _FALLBACK
-        + """ Only the Arc variant."""
-        + _COMMON
-    )
-
-    head = "mv_softmax"
-    presets = {"facexzoo": dict(s=32.0, m=0.35, t=0.12, is_am=True)}  # mv_weight = 1.12 = t + 1; is_am=False: Arc
-
-    def __init__(self, in_features, num_classes, s=32.0, m=0.35, t=0.2, is_am=True, *, fallback=None,
-                 reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
-                 process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
-        """Build the head; the arguments are described in the class docstring."""
-        super().__init__(in_features, num_classes, s=s, m=m, t=t, is_am=is_am, fallback=fallback,
-                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
-                                    sample_seed))  # fmt: skip
-
-
-class CurricularFace(_MarginHead):
-    __doc__ = (
-        """CurricularFace: the ArcFace target and the hard negatives reweighted to c (t + c), t adaptive.
-
-    A class j is a hard negative when its cosine exceeds cos(theta + m) of the target (before any fallback).
-    ``t`` is a buffer (0-dim float32, saved in state_dict), initially 0, updated in training mode before the
-    negatives are formed: t <- momentum * mean(target cosines) + (1 - momentum) * t, over the rows not
-    ignored (the global batch when sharded); read but not updated in eval mode. Under gradient accumulation,
-    ``frozen_t`` updates it once per optimizer step.
-
-    Args:"""
-        + _SIZES
-        + """
-        s: scale of the logits.
-        m: angular margin in radians, in [0, pi).
-        momentum: the EMA weight of t's update, in [0, 1] (official 0.01; TFace 0.1)."""
-        + _FALLBACK
-        + _COMMON
-        + """
-    Further attributes: ``t`` (the buffer) and ``update_t`` (default True: whether training forwards update t).
-"""
-    )
-
-    head = "curricular"
-    float32_buffers = ("t",)
-    presets = {
-        "curricularface": dict(s=64.0, m=0.5, momentum=0.01),  # the official head/metrics.py
-        "facexzoo": dict(s=64.0, m=0.5, momentum=0.01),  # head/CurricularFace.py, a copy of the official one
-        "tface": dict(s=64.0, m=0.5, momentum=0.1),  # torchkit/head/localfc/curricularface.py: alpha = 0.1
-    }
-
-    def __init__(self, in_features, num_classes, s=64.0, m=0.5, momentum=0.01, *, fallback=None,
-                 reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
-                 process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
-        """Build the head; the arguments are described in the class docstring."""
-        super().__init__(in_features, num_classes, s=s, m=m, momentum=momentum, fallback=fallback,
-                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
-                                    sample_seed))  # fmt: skip
-        self.register_buffer("t", torch.zeros((), dtype=torch.float32))
+    def __init__(self, in_features, num_classes, **kwargs):
+        super().__init__(in_features, num_classes, **kwargs)
         self.update_t = True
 
     def _t(self):
@@ -584,7 +393,7 @@ class CurricularFace(_MarginHead):
         V.check_bool("update_t", value)
         self._update_t = value
 
-    def _updates_t(self) -> bool:
+    def _is_training_step(self) -> bool:
         return self.training and self.update_t
 
     @contextlib.contextmanager
@@ -609,95 +418,6 @@ class CurricularFace(_MarginHead):
             yield self
         finally:
             self.update_t = previous
-
-
-
-class AdaFace(_MarginHead):
-    __doc__ = (
-        """AdaFace (Kim, Jain, Liu, CVPR 2022): margins adapted to each embedding's norm, a proxy of image quality.
-
-    With n_i = clip(||x_i||, 0.001, 100) (not differentiated) and the running statistics of n,
-    z_i = clip(h (n_i - batch_mean) / (batch_std + eps), -1, 1); the target logit is
-    s * (cos(clip(theta_i - m z_i, eps, pi - eps)) - m (1 + z_i)), every other logit s * cos(theta) with every
-    cosine clamped to [-1 + eps, 1 - eps]. In training the statistics are updated first from the batch's
-    norms (the global batch when sharded; the rows not ignored; std not with fewer than 2 rows):
-    batch_mean <- t_alpha mean(n) + (1 - t_alpha) batch_mean, batch_std alike with the unbiased std. In eval
-    mode they are read only. ``forward`` takes the embeddings unnormalised (the official head takes x / ||x||
-    and ||x||); the gradient reaches them through x / ||x|| only. ``weight`` starts as unit-norm rows, as in the
-    official code. Official: mk-minchul/AdaFace head.py (docs/heads.md says what differs).
-
-    Args:"""
-        + _SIZES
-        + """
-        s: scale of the logits.
-        m: the margin, in [0, pi / 2].
-        h: the concentration of z (official 0.333).
-        t_alpha: the statistics' EMA weight, in [0, 1] (the published training's 0.01; head.py's default 1.0:
-            this batch's statistics only).
-        eps: the cosine clamp, the angle clip and the std's offset, in (0, 0.5)."""
-        + _COMMON
-        + """
-    Further attributes: the buffers ``batch_mean`` (initially 20) and ``batch_std`` (initially 100), 0-dim
-    float32, saved in state_dict and kept float32 by ``.half()`` / ``.to(dtype)``.
-"""
-    )
-
-    head = "adaface"
-    unit_norm_init = True
-    float32_buffers = ("batch_mean", "batch_std")
-
-    def __init__(self, in_features, num_classes, s=64.0, m=0.4, h=0.333, t_alpha=0.01, eps=1e-3, *,
-                 reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
-                 process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
-        """Build the head; the arguments are described in the class docstring."""
-        super().__init__(in_features, num_classes, s=s, m=m, h=h, t_alpha=t_alpha, eps=eps,
-                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
-                                    sample_seed))  # fmt: skip
-        self.register_buffer("batch_mean", torch.full((), 20.0))
-        self.register_buffer("batch_std", torch.full((), 100.0))
-
-    def _state(self) -> MarginState:
-        return MarginState(self.batch_mean, self.batch_std)
-
-
-class MagFace(_MarginHead):
-    __doc__ = (
-        """MagFace (Meng et al., CVPR 2021): a margin that grows with the embedding's norm, and a regulariser.
-
-    With a_i = clamp(||x_i||, l_a, u_a) (differentiated) and m_i = l_m + (u_m - l_m) (a_i - l_a) / (u_a - l_a),
-    the target logit is s * cos(theta_i + m_i) (kind "arc"; easy_margin: s * cos(theta_i) wherever
-    cos(theta_i) <= 0; otherwise ArcFace's monotonic fallback) or s * (cos(theta_i) - m_i) (kind "cos"), and each
-    row's loss gains lambda_g * (a_i / u_a^2 + 1 / a_i). The gradient reaches ||x_i|| through both (a radial term;
-    none outside [l_a, u_a], as in the official code). ``weight`` starts as unit-norm rows, as in the official
-    code. Official: IrvingMeng/MagFace models/magface.py with run/trainer.py's loss.
-
-    Args:"""
-        + _SIZES
-        + """
-        s: scale of the logits.
-        l_a: lower bound of the norm, > 0.
-        u_a: upper bound of the norm, > l_a.
-        l_m: the margin at ||x|| <= l_a.
-        u_m: the margin at ||x|| >= u_a, >= l_m.
-        lambda_g: weight of the regulariser g(a) = a / u_a^2 + 1 / a, >= 0 (the training scripts' 35; the
-            trainer's check wants lambda_g >= s k u_a^2 l_a^2 / (u_a^2 - l_a^2), k = (u_m - l_m) / (u_a - l_a)).
-        easy_margin: kind "arc": cos(theta) wherever cos(theta) <= 0 (MagLinear's default, the published
-            training); False: ArcFace's monotonic fallback c - sin(pi - m_i) m_i where theta + m_i > pi.
-        kind: "arc" (additive angular margin) or "cos" (additive cosine margin: magface_dist.py)."""
-        + _COMMON
-    )
-
-    head = "magface"
-    unit_norm_init = True
-
-    def __init__(self, in_features, num_classes, s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0,
-                 easy_margin=True, kind="arc", *, reduction="mean", ignore_index=-100, margin_grad="exact",
-                 backend="auto", process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
-        """Build the head; the arguments are described in the class docstring."""
-        super().__init__(in_features, num_classes, s=s, l_a=l_a, u_a=u_a, l_m=l_m, u_m=u_m, lambda_g=lambda_g,
-                         easy_margin=easy_margin, kind=kind,
-                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
-                                    sample_seed))  # fmt: skip
 
 
 class _GeneratorState(nn.Module):
@@ -765,99 +485,74 @@ class _ElasticHead(_MarginHead):
         return MarginState(generator=self.margin_generator.generator)
 
 
-_ELASTIC = """
-        std: the standard deviation of the margins drawn, in [0, 1].
-        plus: ElasticFace+: False (margins in row order), True (paired by rank: the k-th largest target cosine
-            gets the k-th smallest margin; ties to the lower row) or "official" (the published code's assignment,
-            a permutation close to random: docs/heads.md).
-        generator: a torch.Generator for the draws (its state is saved in state_dict() as
-            ``margin_generator._extra_state``); None: the default generator of the embeddings' device, as the
-            official code. When sharded every rank uses the first rank's draws."""
+# ------------------------------------------------------------------------------ the classes, from the registry
+
+# every head's keyword-only options after its own (handled by _MarginHead), with their defaults
+_OPTIONS = dict(reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto", process_group=None,
+                sample_rate=1.0, sample_seed=None)  # fmt: skip
 
 
-class ElasticArcFace(_ElasticHead):
-    __doc__ = (
-        """ElasticArcFace (Boutros et al., CVPR-W 2022): ArcFace with each row's margin drawn from N(m, std^2).
-
-    In training every row of the batch gets its own margin (one float32 draw per row, in row order; the
-    official torch.normal draw when no row is ignored), the target logit s * cos(theta_i + m_i); in eval every
-    row gets m (nothing drawn: a deterministic validation loss). Official: fdbtrs/ElasticFace utils/losses.py.
-
-    Args:"""
-        + _SIZES
-        + """
-        s: scale of the logits.
-        m: the margins' mean, in [0, pi)."""
-        + _ELASTIC
-        + _FALLBACK
-        + """ The official code has none ("none")."""
-        + _COMMON
+def head_signature(spec: HeadSpec) -> inspect.Signature:
+    """The constructor's signature: (in_features, num_classes, the published defaults[, generator], *, fallback,
+    interclass_filtering_threshold where the head takes them, reduction, ..., sample_seed)."""
+    P = inspect.Parameter
+    positional = {"self": P.empty, "in_features": P.empty, "num_classes": P.empty, **spec.defaults,
+                  **({"generator": None} if spec.generator else {})}  # fmt: skip
+    return inspect.Signature(
+        [P(name, P.POSITIONAL_OR_KEYWORD, default=v) for name, v in positional.items()]
+        + [P(name, P.KEYWORD_ONLY, default=v) for name, v in {**spec.head_options(), **_OPTIONS}.items()]
     )
 
-    head = "elastic_arcface"
 
-    def __init__(self, in_features, num_classes, s=64.0, m=0.5, std=0.05, plus=False, generator=None, *,
-                 fallback=None, reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
-                 process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
-        """Build the head; the arguments are described in the class docstring."""
-        super().__init__(in_features, num_classes, s=s, m=m, std=std, plus=plus, fallback=fallback,
-                         generator=generator,
-                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
-                                    sample_seed))  # fmt: skip
-
-
-class ElasticCosFace(_ElasticHead):
-    __doc__ = (
-        """ElasticCosFace (Boutros et al., CVPR-W 2022): CosFace with each row's margin drawn from N(m, std^2).
-
-    As ElasticArcFace, with the target logit s * (cos(theta_i) - m_i).
-
-    Args:"""
-        + _SIZES
-        + """
-        s: scale of the logits.
-        m: the margins' mean, >= 0."""
-        + _ELASTIC
-        + _COMMON
-    )
-
-    head = "elastic_cosface"
-
-    def __init__(self, in_features, num_classes, s=64.0, m=0.35, std=0.05, plus=False, generator=None, *,
-                 reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
-                 process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
-        """Build the head; the arguments are described in the class docstring."""
-        super().__init__(in_features, num_classes, s=s, m=m, std=std, plus=plus, generator=generator,
-                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
-                                    sample_seed))  # fmt: skip
+def head_docstring(spec: HeadSpec) -> str:
+    """The class docstring: the spec's summary and argument docs, then the arguments every head takes."""
+    args = "".join(f"\n        {name}: {text}" for name, text in spec.arg_docs.items())
+    init = ("uniform_(-1, 1), each row then scaled to norm 1 (it starts as unit-norm rows)" if spec.unit_norm_init
+            else "normal_(0, 0.01)")  # fmt: skip
+    return (
+        spec.summary + "\n\n    Args:" + _SIZES + args
+        + ("" if spec.fallback_note is None else _FALLBACK + spec.fallback_note)
+        + (_FILTER if spec.filtering else "")
+        + _COMMON.format(init=init) + spec.notes
+    )  # fmt: skip
 
 
-class SubCenterArcFace(_MarginHead):
-    __doc__ = (
-        """Sub-center ArcFace (Deng et al., ECCV 2020): k sub-centers per class, the class cosine their max.
+def head_class(spec: HeadSpec) -> type:
+    """The nn.Module of a registered head: its signature, docstring, presets, initialisation and state are
+    the spec's. (Every head's class is built here, the built-in ones at import.)"""
+    base = _TBufferHead if "t" in spec.state else _ElasticHead if spec.generator else _MarginHead
+    signature = head_signature(spec)
 
-    ``weight`` is (num_classes * k, in_features), class-major: row j * k + i is sub-center i of class j (the
-    official MXNet layout). Everything else is ArcFace on the class cosines; the gradient of a class goes to its
-    (first) maximising sub-center only. The paper's second stage (dropping non-dominant sub-centers) is offline.
+    def __init__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        del arguments["self"]
+        base.__init__(self, **arguments)
 
-    Args:"""
-        + _SIZES
-        + """
-        s: scale of the logits.
-        m: angular margin in radians, in [0, pi).
-        k: sub-centers per class, in [1, 64] (the paper's 3).
-        easy_margin: as ArcFace's."""
-        + _FALLBACK
-        + """ The official code has none ("none")."""
-        + _COMMON
-    )
+    __init__.__signature__ = signature
+    __init__.__doc__ = "Build the head; the arguments are described in the class docstring."
+    __init__.__qualname__ = f"{spec.class_name}.__init__"
+    namespace = dict(__init__=__init__, __doc__=head_docstring(spec), __module__=__name__, __qualname__=spec.class_name,
+                     spec=spec, head=spec.name, presets=dict(spec.presets), unit_norm_init=spec.unit_norm_init,
+                     float32_buffers=tuple(spec.state))  # fmt: skip
+    return type(spec.class_name, (base,), namespace)
 
-    head = "subcenter_arcface"
 
-    def __init__(self, in_features, num_classes, s=64.0, m=0.5, k=3, easy_margin=False, *, fallback=None,
-                 reduction="mean", ignore_index=-100, margin_grad="exact", backend="auto",
-                 process_group=None, sample_rate=1.0, sample_seed=None):  # fmt: skip
-        """Build the head; the arguments are described in the class docstring."""
-        super().__init__(in_features, num_classes, s=s, m=m, k=k, easy_margin=easy_margin, fallback=fallback,
-                         **_options(reduction, ignore_index, margin_grad, backend, process_group, sample_rate,
-                                    sample_seed))  # fmt: skip
+_CLASSES: dict = {}  # name -> class, built once per spec
+
+
+def module_class(name: str) -> type:
+    """The nn.Module class of the registered head ``name`` (e.g. "arcface" -> facekernels.ArcFace)."""
+    spec = SPECS.get(name)
+    if spec is None:
+        raise ValueError(f"no registered head {name!r}; registered: {', '.join(SPECS)}")
+    if name not in _CLASSES or _CLASSES[name].spec is not spec:
+        _CLASSES[name] = head_class(spec)
+    return _CLASSES[name]
+
+
+HEAD_CLASSES = {spec.class_name: module_class(name) for name, spec in SPECS.items()}  # the built-in heads
+globals().update(HEAD_CLASSES)
+__all__ = [*HEAD_CLASSES, "HEAD_CLASSES", "head_class", "head_params", "module_class"]
+

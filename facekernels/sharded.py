@@ -213,7 +213,7 @@ def sharded_margin_cross_entropy(
         sampler = functools.partial(sample_classes, class_start=class_start,
                                     num_local=weight.shape[0] // params.subcenters, sample_rate=sample_rate,
                                     generator=generator)  # fmt: skip
-    return _algorithm.margin_cross_entropy(embeddings, weight, labels, params, t, training, kernels, group=group,
-                                           class_start=class_start, sampler=sampler, stats=stats, state=state,
-                                           update=update)  # fmt: skip
+    return _algorithm.fused_head_loss(embeddings, weight, labels, params, t, training, kernels, group=group,
+                                      class_start=class_start, sampler=sampler, stats=stats, state=state,
+                                      update=update)  # fmt: skip
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -130,3 +131,10 @@ def assert_close(got, want, *, rtol, atol, what="value", equal_nan=False, show=5
     if count > show:
         lines.append(f"  ... and {count - show} more")
     raise AssertionError("\n".join(lines))
+
+
+def fast_first(*values) -> list:
+    """Parametrize values of which the first runs in the fast lane (``pytest -m "not slow"``) and the others are
+    marked slow: a large grid keeps one point per test in the edit-test loop and runs whole in the full suite."""
+    return [values[0], *(pytest.param(v, marks=pytest.mark.slow) for v in values[1:])]
+

@@ -7,14 +7,18 @@ import facekernels as fk
 from facekernels import functional as fkf
 from facekernels._backends import head_kernels
 
-HEADS = [fk.NormSoftmax, fk.ArcFace, fk.CosFace, fk.CombinedMargin, fk.MVSoftmax, fk.CurricularFace]
+HEADS = list(fk.heads.HEAD_CLASSES.values())  # every head of the registry
 
 
-@pytest.mark.parametrize("cls", HEADS)
-def test_head_owns_a_normal_weight_and_returns_the_loss(cls):
+@pytest.mark.parametrize("cls", HEADS, ids=lambda c: c.__name__)
+def test_head_owns_its_weight_and_returns_the_loss(cls):
     head = cls(130, 301, backend="reference")
-    assert isinstance(head.weight, torch.nn.Parameter) and head.weight.shape == (301, 130)
-    assert abs(head.weight.std().item() - 0.01) < 1e-3 and abs(head.weight.mean().item()) < 1e-3
+    k = head.params.subcenters
+    assert isinstance(head.weight, torch.nn.Parameter) and head.weight.shape == (301 * k, 130)
+    if cls.unit_norm_init:
+        assert torch.allclose(head.weight.norm(dim=1), torch.ones(301 * k))
+    else:
+        assert abs(head.weight.std().item() - 0.01) < 1e-3 and abs(head.weight.mean().item()) < 1e-3
     x, y = torch.randn(7, 130), torch.randint(0, 301, (7,))
     loss = head(x, y)
     assert loss.dim() == 0 and loss.dtype == torch.float32 and torch.isfinite(loss)
@@ -55,6 +59,24 @@ def test_unavailable_backends_raise_not_fall_back():
         head_kernels("auto", torch.device("meta"))
     with pytest.raises(fk.BackendUnavailableError, match="CUDA tensors"):
         fk.TripletMarginLoss(backend="cuda")(x, y)
+
+
+def test_one_backend_vocabulary_names_the_other_losss_gpu_backend():
+    # each name is one implementation (facekernels._params.BACKENDS); the heads' GPU kernels are "triton", the
+    # triplet loss's "cuda": either loss, given the other's name, says which name it uses
+    x, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    for make in (lambda: fk.ArcFace(4, 3, backend="cuda"), lambda: fkf.margin_cross_entropy(
+            x, torch.randn(3, 4), y, backend="cuda")):  # fmt: skip
+        with pytest.raises(ValueError, match="backend='cuda' is not a backend of the heads; its GPU kernels are "
+                                             "backend='triton'"):  # fmt: skip
+            make()
+    with pytest.raises(ValueError, match="backend='triton' is not a backend of the triplet loss; its GPU kernels "
+                                         "are backend='cuda'"):  # fmt: skip
+        fk.TripletMarginLoss(backend="triton")
+    head = fk.ArcFace(4, 3, backend="reference")
+    with pytest.raises(ValueError, match="its GPU kernels are backend='triton'"):
+        head.backend = "cuda"
+    assert head.backend == "reference"
 
 
 # (callable, exception, words the message must contain)
@@ -158,6 +180,7 @@ def test_triplet_bad_inputs():
         fkf.triplet_margin_loss(torch.randn(4, 3), torch.randn(4), backend="reference")
 
 
+@pytest.mark.slow
 def test_heads_compile_fullgraph_with_the_reference_backend():
     # dispatch and validation must not break the graph (no importlib, no host-side label check)
     head = fk.CurricularFace(16, 37, backend="reference")

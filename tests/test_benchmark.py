@@ -124,6 +124,7 @@ def test_csv_schema_rows_and_append(tmp_path):
 
 
 @pytest.mark.parametrize("provider", ["oom:torch", "oom:runtime", "oom:memory"])
+@pytest.mark.slow
 def test_oom_is_a_result_and_the_sweep_goes_on(provider):
     FakeOp.setups.clear()
     rows = by_key(fake_sweep([provider, "alloc"], [10, 20, 40]))
@@ -262,6 +263,7 @@ def test_optim_mode_steps_the_head_optimizer():
     assert [m for _, m in cases[("heads", "cpu")]] == ["optim", "full"]
 
 
+@pytest.mark.slow
 def test_compile_provider_matches_eager():
     """torch.compile of the reference runs (compiled in setup, outside the timing) on CPU."""
     if OPS["heads"].probe("compile", CPU) is not None:
@@ -323,6 +325,7 @@ def test_rotation_copies():
 
 
 @pytest.mark.skipif(not measure.hwm_resettable(), reason="/proc/self/clear_refs is not writable here")
+@pytest.mark.slow
 def test_memory_in_a_child_process_and_a_killed_child():
     """The peak RSS rise of a step that writes x MiB is x MiB (one fresh process per provider); a child the
     kernel kills costs only its case, the next sizes run in a new child."""
@@ -421,6 +424,7 @@ def test_render_and_readme_section(tmp_path):
     assert "old" not in new and new.endswith("## After\n\nkept\n") and "CPU numbers." in new
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_on_tiny_shapes(tmp_path):
     out = tmp_path / "bench"
     argv = ["--classes", "50", "70", "--batch", "9", "--features", "13", "--triplet-batch", "12", "20",

@@ -125,6 +125,7 @@ def test_pml_losses_match_pml(case, backend, small_tiles):
 
 
 @pytest.mark.parametrize("case", ["ArcFaceLoss", "CosFaceLoss", "SubCenterArcFaceLoss", "NormalizedSoftmaxLoss"])
+@pytest.mark.slow
 def test_pml_triton_float32_error_ratio(case):
     """The Triton kernels (interpreted here) in float32, by the error-ratio rule against their float32 run,
     their float64 run being the oracle."""
@@ -357,6 +358,7 @@ def _their_sample(y, class_start, num_local, rate, seed):
 
 @needs_ext
 @pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.slow
 def test_partial_fc_v2_matches_insightface(world, tmp_path):
     results = _spawn(world, tmp_path)
     for name, (_, oracle_kw, classes, b, rate) in IF_SCENARIOS.items():

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from facekernels import _extension
+from facekernels._backends import head_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,7 +117,7 @@ def test_missing_extension_gives_the_build_hint():
 _RSS_SCRIPT = r"""
 import sys, torch
 import facekernels as fk
-from facekernels import functional as fkf
+from facekernels._backends import head_loss
 
 def status_kib(field):
     with open("/proc/self/status") as f:
@@ -130,7 +131,7 @@ w = torch.randn(classes, features, requires_grad=True)
 y = torch.randint(0, classes, (batch,))
 t = torch.zeros(())
 params = fk.head_params("curricular")
-fn = lambda *a: fkf._margin_cross_entropy(*a, backend)
+fn = lambda *a: head_loss(*a, backend)
 fn(x[:2], w[:50], y[:2] % 50, params, t, True).backward()  # load the extension, warm the allocator
 x.grad = w.grad = None
 # VmHWM, not ru_maxrss: a child inherits its parent's ru_maxrss; clear_refs 5 resets VmHWM to VmRSS
@@ -149,6 +150,7 @@ def _peak_rss_delta_mib(backend):
     return float(out.stdout.split()[-1])
 
 
+@pytest.mark.slow
 def test_no_batch_by_classes_buffer_peak_rss():
     # (B, C) float32 here is 512 * 100000 * 4 B = 195 MiB, while everything the fused op may allocate (blocks
     # of (B, 1024) per thread, w tiles, x_hat, dW: 3 MiB) stays far below 49 MiB: any materialised
@@ -172,6 +174,7 @@ __global__ void head_math_kernel(const float* c, float* out, facekernels::Negati
 """
 
 
+@pytest.mark.slow
 def test_head_math_header_compiles_with_plain_nvcc(tmp_path):
     # the header is for CUDA kernels too: no torch include, every function __host__ __device__
     import shutil

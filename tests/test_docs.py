@@ -12,8 +12,7 @@ import facekernels as fk
 from facekernels import functional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PUBLIC = [fk.NormSoftmax, fk.ArcFace, fk.CosFace, fk.CombinedMargin, fk.MVSoftmax, fk.CurricularFace,
-          fk.TripletMarginLoss, fk.optim.SGD, fk.optim.AdamW]  # fmt: skip
+PUBLIC = [*fk.heads.HEAD_CLASSES.values(), fk.TripletMarginLoss, fk.optim.SGD, fk.optim.AdamW]  # every head
 FUNCTIONS = [functional.margin_cross_entropy, functional.triplet_margin_loss, fk.head_params,
              fk.ArcFace.like, fk.CurricularFace.frozen_t, fk.ArcFace.forward]  # fmt: skip
 FUNCTIONS += [getattr(fk.convert, name) for name in dir(fk.convert) if name.startswith(("from_", "to_"))]
@@ -153,9 +152,7 @@ def test_every_documented_example_is_collected():
     assert len(list(_python_blocks())) >= 6
 
 
-@pytest.mark.parametrize("cls", [fk.NormSoftmax, fk.ArcFace, fk.CosFace, fk.CombinedMargin, fk.MVSoftmax,
-                                 fk.CurricularFace, fk.AdaFace, fk.MagFace, fk.ElasticArcFace, fk.ElasticCosFace,
-                                 fk.SubCenterArcFace], ids=lambda c: c.__name__)  # fmt: skip
+@pytest.mark.parametrize("cls", fk.heads.HEAD_CLASSES.values(), ids=lambda c: c.__name__)
 def test_the_weight_is_as_the_docstring_says(cls):
     # help(fk.AdaFace) said both "starts as unit-norm rows" and (the shared part) "initialised normal_(0, 0.01)"
     import torch
@@ -168,4 +165,4 @@ def test_the_weight_is_as_the_docstring_says(cls):
     assert ("starts as unit-norm rows" in cls.__doc__) == unit, cls.__doc__
     if not unit:  # normal_(0, 0.01): the std of 7,200+ draws within 5 %
         assert abs(head.weight.std().item() - 0.01) < 5e-4
-    assert "normal_(0, 0.01)" not in cls.__doc__ or "unit-norm rows for AdaFace and MagFace" in cls.__doc__
+    assert ("normal_(0, 0.01)" in cls.__doc__) == (not unit), cls.__doc__  # each head's own, from the registry

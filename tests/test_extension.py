@@ -78,6 +78,7 @@ def test_setup_version_is_the_package_version():
         assert not re.search(r"version\s*=\s*[\"']", f.read()), "setup.py must read the version, not write it"
 
 
+@pytest.mark.slow
 def test_setup_adds_fopenmp_only_where_the_compiler_takes_it(tmp_path):
     cxx = shutil.which("c++") or shutil.which("g++")
     if cxx is None:
@@ -106,6 +107,7 @@ def test_there_are_cuda_kernel_files():
 
 
 @pytest.mark.parametrize("path", CU_FILES, ids=os.path.basename)
+@pytest.mark.slow
 def test_cuda_kernel_file_compiles_with_plain_nvcc(path, tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:

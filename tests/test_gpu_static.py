@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the static sm_90 compile of every kernel on two tritons
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRITON_360 = os.environ.get("FACEKERNELS_TRITON_360", os.path.join(ROOT, ".ci-cache", "triton-3.6.0"))
 

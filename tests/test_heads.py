@@ -18,8 +18,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import facekernels as fk
 from facekernels import _extension
 from facekernels import functional as fkf
+from facekernels._backends import head_loss
 from facekernels._rowmath import MarginState
-from facekernels.reference import margin_cross_entropy as ref_loss
+from facekernels.reference import eager_margin_cross_entropy as ref_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -71,7 +72,7 @@ def _t0(case, device="cpu"):
 
 def _loss_and_grads(backend, x, w, y, params, t, training=True, g=None, state=None):
     xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
-    loss = fkf._margin_cross_entropy(xa, wa, y, params, t, training, backend, state=state)
+    loss = head_loss(xa, wa, y, params, t, training, backend, state=state)
     if g is None:
         g = torch.randn(loss.shape, dtype=torch.float64, device=loss.device)
     (loss * g.to(loss.dtype)).sum().backward()
@@ -102,9 +103,9 @@ def kit_acc(dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", oracle.HEADS)
-@pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("ignore_index", [None, -100, 3])
+@pytest.mark.parametrize("margin_grad", kit.fast_first("exact", "straight_through"))
+@pytest.mark.parametrize("reduction", kit.fast_first("mean", "sum", "none"))
+@pytest.mark.parametrize("ignore_index", kit.fast_first(3, None, -100))
 def test_matches_reference(backend, case, margin_grad, reduction, ignore_index, small_tiles):
     # C = 300: three Triton backward chunks (the last ragged) and two forward splits; 38 CPU tiles
     options = dict(margin_grad=margin_grad, reduction=reduction)
@@ -191,8 +192,8 @@ def _check_more(backend, x, w, y, case, training=True, **options):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(MORE_CASES))
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("ignore_index", [None, 3])
+@pytest.mark.parametrize("reduction", kit.fast_first("mean", "none"))
+@pytest.mark.parametrize("ignore_index", kit.fast_first(3, None))
 def test_more_heads_match_reference(backend, case, reduction, ignore_index, small_tiles):
     # C = 150 classes: two Triton backward chunks (k = 3: four, the last ragged) and two forward splits
     options = dict(reduction=reduction, margin_grad="exact" if reduction == "mean" else "straight_through")
@@ -218,7 +219,7 @@ def test_more_heads_in_eval_mode(backend, case, small_tiles):
     state = _more_state(case, dev)
     head, kw = MORE_CASES[case]
     before = [a.clone() if isinstance(a, torch.Tensor) else a.get_state() for a in state if a is not None]
-    fkf._margin_cross_entropy(x, w, y, fk.head_params(head, **kw), None, False, backend, state=state)
+    head_loss(x, w, y, fk.head_params(head, **kw), None, False, backend, state=state)
     after = [a if isinstance(a, torch.Tensor) else a.get_state() for a in state if a is not None]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
@@ -252,14 +253,14 @@ def test_more_heads_nan_in_nan_out(backend, small_tiles):
     for case in ("adaface", "magface", "elastic_arc"):
         head, kw = MORE_CASES[case]
         state = _more_state(case, dev)
-        loss = fkf._margin_cross_entropy(x, w, y, fk.head_params(head, reduction="none", **kw), None, True, backend,
+        loss = head_loss(x, w, y, fk.head_params(head, reduction="none", **kw), None, True, backend,
                                          state=state)  # fmt: skip
         assert torch.isnan(loss[2]) and torch.isfinite(loss[torch.arange(9, device=dev) != 2]).all(), (case, loss)
         if case == "adaface":
             assert (state.batch_mean.item(), state.batch_std.item()) == (6.0, 3.0)
     x, w, y = (a.to(dev) for a in _more_inputs("subcenter", 9, 150, 7, torch.float32))
     w[0, 3] = float("nan")
-    loss = fkf._margin_cross_entropy(x, w, y, fk.head_params("subcenter_arcface", reduction="none"), None, True,
+    loss = head_loss(x, w, y, fk.head_params("subcenter_arcface", reduction="none"), None, True,
                                      backend)  # fmt: skip
     assert torch.isnan(loss).all(), loss
 
@@ -267,6 +268,7 @@ def test_more_heads_nan_in_nan_out(backend, small_tiles):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["adaface", "magface", "subcenter", "filter_arc"])
 @pytest.mark.parametrize("shape", [(1, 1, 5), (0, 13, 4), (70, 200, 33), (33, 130, 130)])
+@pytest.mark.slow
 def test_more_heads_odd_shapes(backend, case, shape):
     # default tiles and chunks; B = 70 takes Triton's 128-row tiles; B = 1 leaves AdaFace's std as it is
     dev = _device(backend)
@@ -277,6 +279,7 @@ def test_more_heads_odd_shapes(backend, case, shape):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["arcface", "combined_general", "mv_arc", "curricular"])
 @pytest.mark.parametrize("shape", [(1, 1, 5), (0, 13, 4), (7, 1025, 3), (70, 200, 33), (33, 130, 130)])
+@pytest.mark.slow
 def test_odd_shapes(backend, case, shape):
     # default tiles and chunks; B = 70 takes Triton's 128-row tiles, B = 1 and d = 3 the smallest
     x, w, y = kit.head_inputs(*shape, dtype=_dtype(backend))
@@ -335,7 +338,7 @@ def test_nan_class_row_gives_a_nan_loss_whatever_tile_or_thread_holds_it(backend
     w[0, 3] = float("nan")
     y = (y % (w.shape[0] // 2)) + w.shape[0] // 2
     dev = _device(backend)
-    got = fkf._margin_cross_entropy(x.to(dev), w.to(dev), y.to(dev), _params("arcface", reduction="none"), None,
+    got = head_loss(x.to(dev), w.to(dev), y.to(dev), _params("arcface", reduction="none"), None,
                                     True, backend)  # fmt: skip
     assert torch.isnan(got).all(), got
 
@@ -347,7 +350,7 @@ def test_nan_embedding_row_stays_nan(backend, small_tiles):
     x[2, 1] = float("nan")
     for case in ("arcface", "curricular"):
         params = _params(case, reduction="none")
-        got = fkf._margin_cross_entropy(x.to(dev), w.to(dev), y.to(dev), params, _t0(case, dev), False, backend)
+        got = head_loss(x.to(dev), w.to(dev), y.to(dev), params, _t0(case, dev), False, backend)
         want = ref_loss(x.double(), w.double(), y, params, _t0(case), False)
         assert torch.isnan(got[2]) and torch.isnan(want[2])
         keep = torch.arange(5) != 2
@@ -364,10 +367,10 @@ def test_curricular_t_survives_a_non_finite_batch(backend):
     x, w, y = (a.to(dev) for a in kit.head_inputs(8, 150, 7, dtype=torch.float32))
     x_bad = x.clone()
     x_bad[1] = float("inf")
-    fkf._margin_cross_entropy(x_bad, w, y, params, t, True, backend)
+    head_loss(x_bad, w, y, params, t, True, backend)
     assert t.item() == pytest.approx(0.3)
-    got = fkf._margin_cross_entropy(x, w, y, params, t, True, backend)
-    want = fkf._margin_cross_entropy(x, w, y, params, t_clean, True, backend)
+    got = head_loss(x, w, y, params, t, True, backend)
+    want = head_loss(x, w, y, params, t_clean, True, backend)
     assert torch.isfinite(got) and torch.equal(got, want) and torch.equal(t, t_clean)
 
 
@@ -379,9 +382,9 @@ def test_huge_norms_are_not_zero_vectors(backend):
     dev = _device(backend) if backend != "reference" else "cpu"
     x, w, y = (a.to(dev) for a in kit.head_inputs(7, 150, 9, dtype=torch.float32))
     params = _params("arcface")
-    want = fkf._margin_cross_entropy(x, w, y, params, None, True, backend)
+    want = head_loss(x, w, y, params, None, True, backend)
     for xs, ws in ((x * 1e20, w), (x, w * 1e20)):
-        got = fkf._margin_cross_entropy(xs, ws, y, params, None, True, backend)
+        got = head_loss(xs, ws, y, params, None, True, backend)
         kit.assert_close(got, want, rtol=1e-5, atol=1e-5, what="loss of scaled rows")
 
 
@@ -393,12 +396,12 @@ def test_higher_order_and_forward_mode_raise_instead_of_a_silent_zero(backend):
     dev = _device(backend)
     x, w, y = (a.to(dev) for a in kit.head_inputs(5, 40, 6, dtype=torch.float32))
     xa = x.clone().requires_grad_()
-    loss = fkf._margin_cross_entropy(xa, w, y, _params("arcface"), None, True, backend)
+    loss = head_loss(xa, w, y, _params("arcface"), None, True, backend)
     (grad,) = torch.autograd.grad(loss, xa, create_graph=True)
     with pytest.raises(RuntimeError, match="second derivatives of the fused heads are not implemented"):
         torch.autograd.grad(grad.sum(), xa)
     with pytest.raises(NotImplementedError, match="jvp"):
-        torch.func.jvp(lambda a: fkf._margin_cross_entropy(a, w, y, _params("arcface"), None, True, backend), (x,),
+        torch.func.jvp(lambda a: head_loss(a, w, y, _params("arcface"), None, True, backend), (x,),
                        (torch.ones_like(x),))  # fmt: skip
 
 
@@ -407,7 +410,7 @@ def test_torch_func_grad_matches_backward(backend):
     dev = _device(backend)
     x, w, y = (a.to(dev) for a in kit.head_inputs(5, 40, 6, dtype=torch.float32))
     params = _params("mv_arc")
-    got = torch.func.grad(lambda a: fkf._margin_cross_entropy(a, w, y, params, None, True, backend))(x)
+    got = torch.func.grad(lambda a: head_loss(a, w, y, params, None, True, backend))(x)
     _, want, _, _ = _loss_and_grads(backend, x, w, y, params, None, g=torch.ones((), dtype=torch.float64))
     kit.assert_close(got, want, rtol=1e-6, atol=1e-7, what="torch.func.grad")
 
@@ -420,7 +423,7 @@ def test_requires_grad_combinations(backend, need_dx, need_dw, small_tiles):
     params = _params("arcface")
     xa, wa = x.clone().requires_grad_(need_dx), w.clone().requires_grad_(need_dw)
     xb, wb = x.double().requires_grad_(need_dx), w.double().requires_grad_(need_dw)
-    got = fkf._margin_cross_entropy(xa, wa, y, params, None, True, backend)
+    got = head_loss(xa, wa, y, params, None, True, backend)
     want = ref_loss(xb, wb, y, params)
     kit.assert_close(got, want, rtol=1e-5, atol=1e-6, what="loss")
     assert got.requires_grad == (need_dx or need_dw)
@@ -442,7 +445,7 @@ def test_gradient_accumulation_uses_each_forwards_t(backend):
     x, w, y = (a.to(dev) for a in kit.head_inputs(8, 60, 6, dtype=_dtype(backend)))
     t, t_ref = torch.zeros((), device=dev), torch.zeros((), device=dev)
     wa, wb = w.clone().requires_grad_(), w.double().requires_grad_()
-    total = fkf._margin_cross_entropy(x, wa, y, params, t, True, backend) + fkf._margin_cross_entropy(
+    total = head_loss(x, wa, y, params, t, True, backend) + head_loss(
         x, wa, y, params, t, True, backend)
     ref = ref_loss(x.double(), wb, y, params, t_ref) + ref_loss(x.double(), wb, y, params, t_ref)
     total.backward()
@@ -482,7 +485,7 @@ def test_exact_margin_grad_at_the_poles_is_finite(backend):
     dev = _device(backend)
     w = torch.randn(4, 6, device=dev)
     x = torch.cat([w[:2], -w[2:3]]).clone().requires_grad_()  # theta = 0 twice, theta = pi once
-    loss = fkf._margin_cross_entropy(x, w, torch.tensor([0, 1, 2], device=dev), _params("combined_general"), None,
+    loss = head_loss(x, w, torch.tensor([0, 1, 2], device=dev), _params("combined_general"), None,
                                      True, backend)  # fmt: skip
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
@@ -494,10 +497,10 @@ def test_empty_batch(backend):
     w = torch.randn(5, 4, device=dev, requires_grad=True)
     x = torch.randn(0, 4, device=dev, requires_grad=True)
     y = torch.zeros(0, dtype=torch.long, device=dev)
-    loss = fkf._margin_cross_entropy(x, w, y, _params("arcface"), None, True, backend)
+    loss = head_loss(x, w, y, _params("arcface"), None, True, backend)
     loss.backward()
     assert loss.item() == 0.0 and torch.all(w.grad == 0)
-    assert fkf._margin_cross_entropy(x, w, y, _params("arcface", reduction="none"), None, True, backend).shape == (0,)
+    assert head_loss(x, w, y, _params("arcface", reduction="none"), None, True, backend).shape == (0,)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -526,6 +529,7 @@ class _RecordSizes(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow
 def test_no_batch_by_classes_tensor(backend, small_tiles):
     # with the small chunks of the fixture, a Triton backward chunk is (B, 128): any (B, C) tensor, in forward
     # or backward, shows among the shapes the ops return (the same recorder sees the reference's logits)
@@ -534,7 +538,7 @@ def test_no_batch_by_classes_tensor(backend, small_tiles):
     for case in ("curricular", "mv_am", "arcface"):
         xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
         with _RecordSizes() as rec:
-            fkf._margin_cross_entropy(xa, wa, y, _params(case), _t0(case, dev), True, backend).backward()
+            head_loss(xa, wa, y, _params(case), _t0(case, dev), True, backend).backward()
         big = [(f, s) for f, s in rec.shapes if len(s) == 2 and s[0] * s[1] >= 13 * 397 and 13 in s]
         assert not big, big
         with _RecordSizes() as rec:
@@ -546,7 +550,7 @@ def test_no_batch_by_classes_tensor(backend, small_tiles):
         head, kw = MORE_CASES[case]
         xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
         with _RecordSizes() as rec:
-            fkf._margin_cross_entropy(xa, wa, y, fk.head_params(head, **kw), None, True, backend,
+            head_loss(xa, wa, y, fk.head_params(head, **kw), None, True, backend,
                                       state=_more_state(case, dev)).backward()  # fmt: skip
         big = [(f, s) for f, s in rec.shapes if len(s) == 2 and s[0] * s[1] >= 13 * 397 and 13 in s]
         assert not big, (case, big)
@@ -588,6 +592,7 @@ def test_bad_inputs_same_errors_as_reference(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("module", ["adaface", "magface", "elastic", "subcenter", "filter"])
+@pytest.mark.slow
 def test_more_heads_torch_compile_fullgraph(backend, module, small_tiles):
     dev = _device(backend)
     make = {
@@ -615,6 +620,7 @@ def test_more_heads_torch_compile_fullgraph(backend, module, small_tiles):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow
 def test_torch_compile_fullgraph(backend, small_tiles):
     # aot_eager on CPU: Dynamo + AOTAutograd trace forward and backward in one graph, no C++ codegen
     dev = _device(backend)
@@ -696,7 +702,7 @@ def test_triton_million_classes_memory():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    loss = fkf._margin_cross_entropy(x, w, y, _params("curricular"), torch.zeros((), device=DEVICE), True, "triton")
+    loss = head_loss(x, w, y, _params("curricular"), torch.zeros((), device=DEVICE), True, "triton")
     loss.backward()
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < x.shape[0] * w.shape[0]
@@ -714,7 +720,7 @@ def test_triton_million_classes_error_ratio():
         xx, ww = xx.detach().clone().requires_grad_(), ww.detach().clone().requires_grad_()
         total = 0.0
         for r in range(0, xx.shape[0], 64 if backend == "reference" else xx.shape[0]):
-            loss = fkf._margin_cross_entropy(xx[r : r + 64 if backend == "reference" else None], ww,
+            loss = head_loss(xx[r : r + 64 if backend == "reference" else None], ww,
                                              y[r : r + 64 if backend == "reference" else None], params, None,
                                              True, backend)  # fmt: skip
             loss.backward()
@@ -737,8 +743,8 @@ def test_stats_match_the_logits(backend, case, small_tiles):
                                                   near_frac=0.5))  # fmt: skip
     params = _params(case)
     t_got, t_ref = _t0(case, dev), _t0(case, dev)
-    loss, stats = fkf._margin_cross_entropy(x, w, y, params, t_got, True, backend, True)
-    want_loss, want = fkf._margin_cross_entropy(x.double(), w.double(), y, params, t_ref, True, "reference", True)
+    loss, stats = head_loss(x, w, y, params, t_got, True, backend, True)
+    want_loss, want = head_loss(x.double(), w.double(), y, params, t_ref, True, "reference", True)
     kit.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5, what="loss")
     kit.assert_close(stats.target_cosine, want.target_cosine, rtol=1e-6, atol=1e-6, what="target cosine")
     assert stats.correct.dtype == torch.bool and torch.equal(stats.correct.cpu(), want.correct.cpu())

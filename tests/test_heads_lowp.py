@@ -33,6 +33,8 @@ from test_heads import small_tiles  # noqa: F401  (the fixture: small chunks, po
 
 import facekernels as fk
 
+pytestmark = pytest.mark.slow  # every head in bfloat16 / float16 under the Triton interpreter
+
 try:
     import triton
     import triton.language as tl

@@ -248,6 +248,7 @@ def adaface_rows(seed):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
+@pytest.mark.slow
 def test_adaface_reference_matches_oracle(t_alpha, start, training, reduction, margin_grad):
     x, w, y = adaface_rows(1)
     kw = dict(s=64.0, m=0.4, h=0.333, t_alpha=t_alpha, eps=1e-3, reduction=reduction, margin_grad=margin_grad)
@@ -282,6 +283,7 @@ def test_adaface_float32_buffers_are_float32_arithmetic():
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
+@pytest.mark.slow
 def test_adaface_a_non_finite_norm_updates_no_statistic(backend, bad):
     # an Inf embedding (a float16 overflow) has an Inf norm, which the margins clip to 100: the statistics must
     # still see the batch as not finite, as the NaN loss and GradScaler do, and keep their values
@@ -352,6 +354,7 @@ MAGFACE = {
 @pytest.mark.parametrize("case", list(MAGFACE))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
+@pytest.mark.slow
 def test_magface_reference_matches_oracle(case, reduction, margin_grad):
     x, w, y = magface_rows(5)
     kw = dict(s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0, reduction=reduction,
@@ -433,6 +436,7 @@ def test_elastic_a_nan_margin_on_an_ignored_row_changes_nothing(backend, kind):
 @pytest.mark.parametrize("plus", [False, True, "official"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
+@pytest.mark.slow
 def test_elastic_reference_matches_oracle(kind, plus, reduction, margin_grad):
     x, w, y = rows(8)
     kw = dict(reduction=reduction, margin_grad=margin_grad)
@@ -535,6 +539,7 @@ def test_elastic_modules():
 @pytest.mark.parametrize("easy_margin, fallback", [(False, None), (False, "none"), (True, None)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
+@pytest.mark.slow
 def test_subcenter_reference_matches_oracle(k, easy_margin, fallback, reduction, margin_grad):
     x, w, y = rows(16, k=k)
     kw = dict(s=64.0, m=0.5, k=k, easy_margin=easy_margin, reduction=reduction, margin_grad=margin_grad)
@@ -571,6 +576,7 @@ FILTER_HEADS = {
 @pytest.mark.parametrize("threshold", [0.0, 0.2, 0.4])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
+@pytest.mark.slow
 def test_filter_reference_matches_oracle(case, threshold, reduction, margin_grad):
     x, w, y = rows(18)
     head, kw, orc = FILTER_HEADS[case]

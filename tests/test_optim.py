@@ -436,6 +436,7 @@ def sharded_results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", sorted(SHARDED))
+@pytest.mark.slow
 def test_sharded_two_ranks(name, sharded_results):
     backend, dtype, kind, rate = SHARDED[name]
     rel = 1e-12 if dtype == torch.float64 else 2e-6

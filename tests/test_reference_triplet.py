@@ -112,6 +112,7 @@ def test_uneven_classes_module_form():
 @pytest.mark.parametrize("scale", [30.0, 1.5e4])  # norms ~240 (squared past float16's 65504) and ~1.2e5
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.slow
 def test_half_inputs_compute_in_float32(dtype, scale, distance, normalize):
     # float16 norms and squared distances overflowed (NaN loss without normalisation, zero rows with it) and
     # the terms were rounded to the input dtype (a margin of 0.19995); they are computed in float32 now

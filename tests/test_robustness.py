@@ -50,6 +50,7 @@ def _loss(backend, x, w, y, case, t=None, **options):
 @pytest.mark.parametrize("backend", HEAD_BACKENDS)
 @pytest.mark.parametrize("case", oracle.HEADS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.slow
 def test_nan_or_inf_embeddings_give_nan_loss(backend, case, bad):
     x, w = torch.randn(5, 8), torch.randn(7, 8)
     x[2, 3] = bad
@@ -118,6 +119,7 @@ def test_non_contiguous_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", HEAD_BACKENDS)
+@pytest.mark.slow
 def test_float16_first_order_gradient_under_create_graph_is_the_plain_one(backend):
     # the features sum past float16's 65504 (B d = 120,000 elements of mean 0.6): tying the gradient to the
     # input by 0 * sum(x) made the whole dx NaN under create_graph=True
@@ -176,6 +178,7 @@ HALF_SUM_CASES = [(torch.float16, 1.0, 32, 4096), (torch.bfloat16, 1.0, 32, 4096
 @pytest.mark.parametrize("dtype, scale, batch, features", HALF_SUM_CASES, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("mining", ["semihard", "hard", "all"])
 @pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.slow
 def test_triplet_finite_rows_whose_sum_overflows_give_a_finite_loss(backend, dtype, scale, batch, features, mining,
                                                                      normalize):  # fmt: skip
     if scale > 1 and not normalize:
@@ -348,6 +351,7 @@ def head_problems(draw):
 
 @pytest.mark.parametrize("backend", HEAD_BACKENDS)
 @given(problem=head_problems())
+@pytest.mark.slow
 def test_heads_property_against_oracle(backend, problem):
     batch, classes, features, case, options, seed, ignore = problem
     g = torch.Generator().manual_seed(seed)
@@ -418,6 +422,7 @@ def test_triplet_property_against_brute_force(backend, problem):
 
 
 @pytest.mark.parametrize("backend", CPU_HEAD_BACKENDS)
+@pytest.mark.slow
 def test_long_run_curricular_t_and_flat_memory(backend):
     import resource
 
@@ -453,6 +458,7 @@ def test_repeated_cpu_runs_are_bitwise_equal(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_HEAD_BACKENDS)
+@pytest.mark.slow
 def test_model_with_every_head_compiles_fullgraph(backend):
     class Model(torch.nn.Module):
         def __init__(self):
@@ -505,12 +511,13 @@ def _opchecked_overloads(source: str) -> set:
     return found
 
 
+@pytest.mark.slow
 def test_every_registered_op_has_an_opcheck_test():
     # the opcheck calls live next to each op's tests; this guard fails when a facekernels:: op overload lands
     # without one (each opcheck call must name the overload, torch.ops.facekernels.<op>.<overload>)
     import facekernels.kernels.cpu  # noqa: F401
     import facekernels.kernels.triton  # noqa: F401
-    import facekernels.ops.triplet  # noqa: F401
+    import facekernels.kernels.triplet  # noqa: F401
 
     assert extension_built()
     ops = [n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("facekernels::")]
@@ -536,6 +543,7 @@ def test_every_registered_op_has_an_opcheck_test():
 # the eager reference mines with data-dependent shapes (torch.nonzero): only the fused op compiles whole
 @pytest.mark.parametrize("backend", [b for b in TRIPLET_BACKENDS if b != "reference"])
 @pytest.mark.parametrize("mining", ["semihard", "hard", "all"])
+@pytest.mark.slow
 def test_triplet_loss_compiles_fullgraph(backend, mining):
     loss_fn = fk.TripletMarginLoss(mining=mining, backend=backend)
     e, y = torch.randn(16, 8), torch.randint(0, 4, (16,))

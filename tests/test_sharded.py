@@ -20,7 +20,8 @@ from facekernels import _extension
 from facekernels import functional as fkf
 from facekernels.sharded import sample_classes, shard_range
 
-pytestmark = pytest.mark.skipif(not _extension.is_available(), reason="needs the compiled extension facekernels._C")
+pytestmark = [pytest.mark.skipif(not _extension.is_available(), reason="needs the compiled extension facekernels._C"),
+              pytest.mark.slow]  # gloo process groups of 2 and 4 processes per test
 
 HEAD_CLASSES = {
     "norm_softmax": fk.NormSoftmax,

@@ -18,7 +18,8 @@ import torch.multiprocessing as mp
 import facekernels as fk
 from facekernels import _extension
 
-pytestmark = pytest.mark.skipif(not _extension.is_available(), reason="needs the compiled extension facekernels._C")
+pytestmark = [pytest.mark.skipif(not _extension.is_available(), reason="needs the compiled extension facekernels._C"),
+              pytest.mark.slow]  # gloo process groups of 2 and 4 processes per test
 
 D, B_LOCAL = 6, 4
 GROUP_TIMEOUT_S = 60

@@ -1,4 +1,4 @@
-"""The fused triplet loss (backends "cpu" and "cuda", facekernels/ops/triplet.py on the ops of
+"""The fused triplet loss (backends "cpu" and "cuda", facekernels/kernels/triplet.py on the ops of
 csrc/cpu/triplet.cpp and csrc/cuda/triplet.cu) against the eager reference and the brute-force oracle,
 degenerate batches, ties, the memory contract, the direct ops, and pytorch-metric-learning."""
 
@@ -63,6 +63,7 @@ def test_cpu_matches_reference_float64(mining, distance, normalize, soft, reduct
 
 
 @pytest.mark.parametrize("mining,distance,normalize,soft,reduction", ALL_OPTIONS)
+@pytest.mark.slow
 def test_cpu_matches_brute_force_oracle(mining, distance, normalize, soft, reduction):
     e, y = kit.triplet_inputs(9, 3)
     opts = _options(mining, distance, normalize, soft, reduction)
@@ -101,6 +102,7 @@ def _check_low_precision(e, y, device, opts, backend=None):
 @pytest.mark.parametrize("mining", MODES)
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.slow
 def test_cpu_low_precision_inputs(dtype, mining, distance, reduction):
     e, y = kit.triplet_inputs(21, 4, features=37, dtype=dtype)
     for normalize in (True, False):
@@ -213,6 +215,7 @@ def test_representatives_are_the_lowest_equal_row(dtype):
 
 
 @pytest.mark.parametrize("mining", ["semihard", "hard"])
+@pytest.mark.slow
 def test_equal_rows_under_two_labels_mine_as_the_float64_oracle(mining):
     # d_an == d_ap exactly when n is a copy of p: n is not semi-hard (d_an > d_ap fails), and a hard-mining
     # tie goes to the lowest index. Every backend must see the tie whatever its GEMM rounds by position.
@@ -231,6 +234,7 @@ def test_equal_rows_under_two_labels_mine_as_the_float64_oracle(mining):
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.slow
 def test_hard_mining_ties_between_equal_rows_go_to_the_lowest_index(distance):
     # anchor 0 with two copies as its farthest positives and two copies as its closest negatives, at random
     # places of batches of random sizes (where a GEMM rounds equal rows differently by position)
@@ -259,6 +263,7 @@ def test_hard_mining_ties_between_equal_rows_go_to_the_lowest_index(distance):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mining", MODES)
+@pytest.mark.slow
 def test_integer_batches_with_many_ties_match_reference_exactly(device, dtype, mining):
     # small integer rows: every Gram entry and squared distance is exact in float32 whatever the summation
     # order (BLAS, cuBLAS, the reference's float64), so even the many exact ties must be broken identically;
@@ -295,6 +300,7 @@ def _batch_all_mean_float64(e, y, margin, distance):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("distance", ["squared_euclidean", "euclidean"])
+@pytest.mark.slow
 def test_batch_all_float32_sums_many_terms_accurately(device, distance):
     # two tight clusters: each anchor has ~B/2 positives and ~B/2 negatives, a quarter million terms of about
     # the margin, whose float32 running sum (ulp 2^-6 at 2.6e5) was 3e-4 off; the kernels sum in float64
@@ -322,6 +328,7 @@ def _largest_allocation(fn) -> int:
 
 @pytest.mark.parametrize("mining", MODES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.slow
 def test_no_cubic_allocation(mining, reduction):
     batch, features = 96, 8
     e = torch.randn(batch, features, requires_grad=True)
@@ -348,6 +355,7 @@ def test_no_cubic_allocation(mining, reduction):
 
 # (mining="all" with reduction="none" returns ~2 B^2 triplets: its output is the memory)
 @pytest.mark.parametrize("mining, reduction", [(m, "mean") for m in MODES] + [("semihard", "none"), ("hard", "none")])
+@pytest.mark.slow
 def test_peak_memory_is_two_batch_squared_buffers(mining, reduction):
     # the Gram and distance matrices in the forward, then distances and W; the backward adds nothing of (B, B)
     # beside the saved W (a (W + W^T) temporary and autograd's zero-filled gradient for W were a third one).
@@ -389,6 +397,7 @@ def _hessian_vector(e, y, backend, v, u, **opts):
 
 
 @pytest.mark.parametrize("mining,distance,normalize,soft,reduction", ALL_OPTIONS)
+@pytest.mark.slow
 def test_cpu_second_derivatives_match_reference_float64(mining, distance, normalize, soft, reduction):
     # the kernels' slopes are numbers: where they depend on the embeddings (euclidean's 1 / 2d, soft's
     # sigmoid) a create_graph backward must still carry that dependence, or the second derivative is wrong
@@ -405,6 +414,7 @@ def test_cpu_second_derivatives_match_reference_float64(mining, distance, normal
 @pytest.mark.parametrize("distance,soft", [("euclidean", False), ("squared_euclidean", True), ("euclidean", True),
                                            ("cosine", True)])  # fmt: skip
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.slow
 def test_cpu_gradgradcheck(mining, distance, soft, reduction):
     # finite differences of the gradient itself, independent of the reference; unnormalised rows spread
     # apart so that no mining choice or hinge flips within the step
@@ -445,7 +455,7 @@ def test_ops_reject_bad_arguments():
 
 @pytest.mark.parametrize("mining", MODES)
 def test_ops_opcheck(mining):
-    import facekernels.ops.triplet  # noqa: F401  (importing it registers the shape functions)
+    import facekernels.kernels.triplet  # noqa: F401  (importing it registers the shape functions)
 
     e, y = kit.triplet_inputs(10, 3, 6, dtype=torch.float32)
     args = (e, y, mining, "euclidean", 0.2, False)
@@ -530,13 +540,13 @@ def test_backend_function_compiles_fullgraph(reduction):
     # the backend function itself (facekernels.functional's backend lookup imports modules, which dynamo
     # does not trace): the ops' shape functions, including the data-dependent T of reduction="none"
     from facekernels._params import TripletParams
-    from facekernels.ops.triplet import triplet_margin_loss
+    from facekernels.kernels.triplet import fused_triplet_margin_loss
 
     params = TripletParams(margin=0.3, mining="semihard", distance="euclidean", reduction=reduction)
     e, y = kit.triplet_inputs(12, 3, features=6, dtype=torch.float32)
 
     def loss(e):
-        out = triplet_margin_loss(e, y, params)
+        out = fused_triplet_margin_loss(e, y, params)
         return out[0].sum() if reduction == "none" else out
 
     eager = e.clone().requires_grad_()

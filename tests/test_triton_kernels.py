@@ -15,6 +15,7 @@ import torch
 
 import facekernels as fk
 from facekernels import functional as fkf
+from facekernels._backends import head_loss
 
 triton = pytest.importorskip("triton")
 tk = pytest.importorskip("facekernels.kernels.triton")
@@ -63,10 +64,10 @@ def test_frozen_weight_runs_no_weight_gradient_gemm(monkeypatch):
     x, w, y = (a.to(DEVICE) for a in kit.head_inputs(7, 130, 64, dtype=torch.float32))
     x1, x32, x64 = x.clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()
     monkeypatch.setattr(torch, "mm", spy)
-    fkf._margin_cross_entropy(x1, w, y, _params("cosface"), None, True, "triton").backward()
+    head_loss(x1, w, y, _params("cosface"), None, True, "triton").backward()
     monkeypatch.undo()
-    fkf._margin_cross_entropy(x32, w, y, _params("cosface"), None, True, "reference").backward()
-    fkf._margin_cross_entropy(x64, w.double(), y, _params("cosface"), None, True, "reference").backward()
+    head_loss(x32, w, y, _params("cosface"), None, True, "reference").backward()
+    head_loss(x64, w.double(), y, _params("cosface"), None, True, "reference").backward()
     assert w.grad is None
     assert mm_shapes and all(a[0] == 7 for a, _ in mm_shapes), mm_shapes  # only (B, n) @ (n, d): d embeddings
     # against the float64 oracle by the error-ratio rule (a fixed rtol / atol is one BLAS's rounding)
@@ -77,7 +78,7 @@ def test_frozen_weight_runs_no_weight_gradient_gemm(monkeypatch):
 def test_float64_and_mixed_float64_are_the_references():
     x, w, y = (a.to(DEVICE) for a in kit.head_inputs(3, 5, 4, dtype=torch.float32))
     with pytest.raises(TypeError, match="float64 is the reference's"):
-        fkf._margin_cross_entropy(x.double(), w.double(), y, _params("arcface"), None, True, "triton")
+        head_loss(x.double(), w.double(), y, _params("arcface"), None, True, "triton")
     with pytest.raises(TypeError, match="both be float64 or neither"):  # refused before any backend
         fkf.margin_cross_entropy(x, w.double(), y, "arcface", backend="triton")
 
@@ -86,7 +87,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setattr(tk, "_INTERPRETED", False)
     x, w, y = kit.head_inputs(3, 5, 4, dtype=torch.float32)
     with pytest.raises(fk.BackendUnavailableError, match="needs CUDA tensors"):
-        fkf._margin_cross_entropy(x, w, y, _params("arcface"), None, True, "triton")
+        head_loss(x, w, y, _params("arcface"), None, True, "triton")
 
 
 def test_missing_triton_raises_backend_unavailable():

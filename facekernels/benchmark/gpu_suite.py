@@ -28,6 +28,7 @@ import torch
 
 from . import measure, results
 from .ops import HeadShape, TripletShape
+from .runner import can_plot, sweep, write_outputs
 
 HEADS_CLASSES_START = 10_000
 GOAL_CLASSES = 30_000_000
@@ -140,8 +141,6 @@ def main(argv=None) -> int:
         print("--suite gpu needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    from .cli import can_plot
-
     plot = can_plot()
     out = args.out or result_dir(args.results_root, device)
     os.makedirs(out, exist_ok=True)
@@ -159,8 +158,6 @@ def main(argv=None) -> int:
         # the sweep keeps at least SWEEP_RESERVE_S of the budget however long the tests would take
         timeout_s = max(60, deadline - time.monotonic() - SWEEP_RESERVE_S)
         codes["tests"] = _run_logged(cmd, os.path.join(out, "tests.log"), timeout_s=timeout_s)
-
-    from .cli import sweep, write_outputs
 
     settings = measure.Settings()
     sweep_start = time.perf_counter()

@@ -35,7 +35,8 @@ from .._backends import BackendUnavailableError
 from .._extension import ExtensionUnavailableError
 from .._params import TripletParams
 from .._rowmath import MarginState
-from ..heads import head_params
+from .._head_params import SPECS, head_params
+from ..heads import module_class
 from ..reference import heads as ref_heads
 from ..reference import triplet as ref_triplet
 
@@ -212,10 +213,11 @@ class HeadsOp:
         ws = [torch.randn(self._rows(shape), d, device=device, dtype=dtype).mul_(0.01).requires_grad_()
               for _ in range(copies)]  # fmt: skip
         ys = [torch.randint(0, c, (b,), device=device) for _ in range(copies)]
-        ts = [torch.zeros((), device=device) if params.uses_t else None for _ in range(copies)]
-        # AdaFace's statistics (the module's initial values); ElasticFace draws from the default generator
-        states = [MarginState(torch.full((), 20.0, device=device), torch.full((), 100.0, device=device))
-                  if shape.head == "adaface" else MarginState() for _ in range(copies)]  # fmt: skip
+        # the head's running state as its module starts it (CurricularFace's t, AdaFace's statistics: the
+        # registry's); ElasticFace draws from the default generator
+        initial = [SPECS[shape.head].initial_state(device) for _ in range(copies)]
+        ts = [state.pop("t", None) for state in initial]
+        states = [MarginState(**state) for state in initial]
         grads = [[x, w] for x, w in zip(xs, ws)]
 
         if mode == "optim":
@@ -232,7 +234,7 @@ class HeadsOp:
 
             return _make_step(loss_fn, grads, mode, copies)
         if provider == "compile":
-            compiled = _compile(ref_heads.margin_cross_entropy, mode)
+            compiled = _compile(ref_heads.eager_margin_cross_entropy, mode)
 
             def loss_fn(i):
                 return compiled(xs[i], ws[i], ys[i], params, ts[i], True, False, states[i])
@@ -256,7 +258,7 @@ class HeadsOp:
                 # would halve the largest C that fits (the scale run's question)
                 ws[i] = None
                 with torch.device(device):
-                    head = _head_module(shape.head)(shape.features, shape.classes, backend=backend)
+                    head = module_class(shape.head)(shape.features, shape.classes, backend=backend)
                 heads.append(head.to(dtype))
             ws[:] = []
             opts = [fused_optim.SGD(head, **SGD_OPTIONS) for head in heads]
@@ -309,17 +311,6 @@ class HeadsOp:
             g.t() @ x_hat
 
         return step
-
-
-def _head_module(name: str):
-    """The head module class whose ``head`` is ``name`` (e.g. "arcface" -> facekernels.ArcFace)."""
-    from .. import heads
-
-    found = [cls for cls in vars(heads).values()
-             if isinstance(cls, type) and issubclass(cls, heads._MarginHead) and getattr(cls, "head", None) == name]
-    if not found:
-        raise ValueError(f"no head module for {name!r}")
-    return found[0]
 
 
 class TripletOp:
@@ -398,7 +389,7 @@ class TripletOp:
             return _make_step(loss_fn, grads, mode, copies)
         if provider == "compile":
             params = TripletParams(TRIPLET_MARGIN, shape.mining, "squared_euclidean", True, False, "mean")
-            compiled = _compile(ref_triplet.triplet_margin_loss, mode)
+            compiled = _compile(ref_triplet.eager_triplet_margin_loss, mode)
 
             def loss_fn(i):
                 return compiled(es[i], ys[i], params)

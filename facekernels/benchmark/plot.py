@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
-from .results import PROVIDER_ORDER, _provider_order, number
+from .results import PROVIDER_ORDER, number, provider_order
 
 
 def _color(provider: str) -> str:
     """One colour per provider in every panel."""
-    return f"C{_provider_order(provider) % 10}" if provider in PROVIDER_ORDER else "C9"
+    return f"C{provider_order(provider) % 10}" if provider in PROVIDER_ORDER else "C9"
 
 
 def matplotlib_available() -> bool:
@@ -44,7 +44,7 @@ def save_plot(rows: list, path: str) -> str | None:
         cfg = ", ".join(f"{k}={v}" for k, v in json.loads(config).items())
         by_metric = groups[(kernel, mode, dtype, config, x_name)]
         for ax, metric, unit in ((ax_t, "time", "ms"), (ax_m, "memory", "MiB")):
-            for provider in sorted(by_metric[metric], key=_provider_order):
+            for provider in sorted(by_metric[metric], key=provider_order):
                 points = sorted(by_metric[metric][provider])
                 style = "--" if provider == "gemm" else "-"
                 ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=provider,

@@ -148,7 +148,7 @@ def tables(rows: list, with_env: bool = True) -> str:
                       + f"; commit `{commit}`; {', '.join(dates)}")  # fmt: skip
         out += [title, "", f"| {x_name} | provider | time ms p50 [p20, p80] | speedup vs eager | time / gemm "
                 "| peak MiB | memory / eager |", "|---:|---|---|---:|---:|---:|---:|"]
-        for x, provider in sorted(cells, key=lambda k: (k[0], _provider_order(k[1]))):
+        for x, provider in sorted(cells, key=lambda k: (k[0], provider_order(k[1]))):
             t, m = cells[(x, provider)].get("time"), cells[(x, provider)].get("memory")
             t50 = number(t["y_p50"]) if t else None
             m50 = number(m["y_p50"]) if m else None
@@ -179,7 +179,7 @@ def tables(rows: list, with_env: bool = True) -> str:
 PROVIDER_ORDER = ("triton", "cuda", "cpu", "compile", "eager", "pml", "gemm")
 
 
-def _provider_order(provider: str) -> int:
+def provider_order(provider: str) -> int:
     return PROVIDER_ORDER.index(provider) if provider in PROVIDER_ORDER else len(PROVIDER_ORDER)
 
 

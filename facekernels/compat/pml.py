@@ -36,7 +36,7 @@ from torch import nn
 
 from .. import _validate as V
 from .._head_params import head_params
-from ..functional import _margin_cross_entropy
+from .._backends import head_loss
 
 # Labels outside [0, C) raise in pytorch-metric-learning (its one-hot mask indexes with them): no label value
 # is an ignore label here, so the heads' ignore_index is set to one no int64 label can take by mistake.
@@ -77,7 +77,7 @@ def _check_distance(distance, allowed: tuple[str, ...]) -> None:
 class _ClassificationLoss(nn.Module):
     """The part shared by the losses: W, the options pytorch-metric-learning's base classes take, forward."""
 
-    head: str  # facekernels head (HEAD_DEFAULTS key)
+    head: str  # a registered head's name (facekernels/_head_params.py)
     distances: tuple[str, ...] = ("CosineSimilarity",)
 
     def __init__(self, num_classes, embedding_size, rows_per_class: int = 1, *, backend="auto", reducer=None,
@@ -86,7 +86,7 @@ class _ClassificationLoss(nn.Module):
         super().__init__()
         V.check_int("num_classes", num_classes, minimum=1)
         V.check_int("embedding_size", embedding_size, minimum=1)
-        V.check_choice("backend", backend, ("auto", "triton", "cpu", "reference"))
+        V.check_backend("heads", backend)
         self.reduction = _reduction(reducer)
         _check_distance(distance, self.distances)
         for name, value in (("weight_regularizer", weight_regularizer),
@@ -146,8 +146,8 @@ class _ClassificationLoss(nn.Module):
         if isinstance(labels, torch.Tensor) and isinstance(embeddings, torch.Tensor):
             if labels.device != embeddings.device:
                 labels = labels.to(embeddings.device)
-        result = _margin_cross_entropy(embeddings, self.W.t(), labels, self._params(), t=None, training=self.training,
-                                       backend=self.backend, stats=self.collect_stats)  # fmt: skip
+        result = head_loss(embeddings, self.W.t(), labels, self._params(), t=None, training=self.training,
+                           backend=self.backend, stats=self.collect_stats)  # fmt: skip
         if not self.collect_stats:
             return result
         loss, stats = result

@@ -18,8 +18,6 @@ CLASS_TILE = 0
 
 
 class CpuKernels:
-    name = "cpu"
-
     def __init__(self):
         self.ops = _extension.ops()
 

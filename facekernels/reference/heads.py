@@ -29,10 +29,10 @@ from .._rowmath import (
     update_t_,
 )
 
-__all__ = ["clamp_cosine", "margin_cross_entropy", "normalize_rows", "target_logit", "update_t_"]
+__all__ = ["clamp_cosine", "eager_margin_cross_entropy", "normalize_rows", "target_logit", "update_t_"]
 
 
-def margin_cross_entropy(
+def eager_margin_cross_entropy(
     embeddings: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,

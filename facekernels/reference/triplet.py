@@ -96,7 +96,7 @@ def mine_triplets(dist: torch.Tensor, labels: torch.Tensor, mining: str) -> torc
     return torch.cat(parts) if parts else torch.empty(0, 3, dtype=torch.long, device=labels.device)
 
 
-def triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor, params: TripletParams):
+def eager_triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor, params: TripletParams):
     """Loss (float32; float64 for float64 inputs), or (terms, triplets) with reduction="none"."""
     p = params
     dist = pairwise_distances(embeddings, p.distance, p.normalize)

@@ -300,8 +300,6 @@ def _(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, s, negatives, mv_t,
 
 
 class TritonKernels:
-    name = "triton"
-
     def compute_dtype(self, embeddings: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
         if _TRITON_IMPORT_ERROR is not None:
             raise BackendUnavailableError(

@@ -181,8 +181,8 @@ class TripletFunction(torch.autograd.Function):
         return _grad_from_terms(acc, triplets, grad_terms.to(acc.dtype), slopes, params.distance).to(rows.dtype)
 
 
-def triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor, params: TripletParams):
-    """Same semantics and return types as ``facekernels.reference.triplet.triplet_margin_loss``: the loss
+def fused_triplet_margin_loss(embeddings: torch.Tensor, labels: torch.Tensor, params: TripletParams):
+    """Same semantics and return types as ``facekernels.reference.eager_triplet_margin_loss``: the loss
     (float32; float64 for float64 inputs), or (terms, triplets) with reduction="none"."""
     rows = embeddings
     if params.normalize or params.distance == "cosine":
