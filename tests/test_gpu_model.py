@@ -102,7 +102,7 @@ def test_head_step_sees_a_sync_added_to_the_step(head_step, monkeypatch):
     base = sm90.count_step(256, 100_000, 512, torch.bfloat16)
     assert len(got.syncs) == len(base.syncs) + 1
     added = [c for c in got.syncs if c.where.startswith("_algorithm.py")]
-    assert len(added) == 1 and "margin_cross_entropy" in added[0].where, got.syncs
+    assert len(added) == 1 and "fused_head_loss" in added[0].where, got.syncs
 
 
 # ---- bench/gpu_model.py: the pieces that could be wrong ---------------------------------------------------
