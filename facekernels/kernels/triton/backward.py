@@ -29,8 +29,7 @@ No atomics: each program owns its (rows, classes) tile of D and of the partial s
 import triton
 import triton.language as tl
 
-from .forward import logit_tile
-from .head_math import subcenter_max
+from .head_math import logit_tile, subcenter_max
 
 
 @triton.jit
