@@ -112,8 +112,12 @@ def test_missing_triton_raises_backend_unavailable():
 
 
 def test_chunks_stay_within_the_budget_and_cover_whole_tiles():
+    # the working set after the kernel: D in the GEMM dtype, the chunk of W and its float32 dW (d = 512)
     cases = [(1024, 1_000_000, torch.bfloat16), (256, 10_000_000, torch.float32), (7, 3, torch.float16)]
     for batch, classes, dtype in cases:
         chunk = tk.KERNELS.chunk_classes(batch, classes, dtype)
-        budget = batch * chunk * 4 <= tk.CHUNK_BYTES
-        assert chunk % 128 == 0 and (chunk == 128 or budget)
+        gemm = 4 if dtype == torch.float32 else 2
+        working_set = chunk * (batch * gemm + 512 * (dtype.itemsize + 4))
+        assert chunk % 128 == 0 and (chunk == 128 or working_set <= tk.CHUNK_BYTES)
+        assert (chunk + 128) * (batch * gemm + 512 * (dtype.itemsize + 4)) > tk.CHUNK_BYTES or chunk >= classes
+    assert tk.KERNELS.chunk_classes(1024, 1_000_000, torch.bfloat16) == 8192  # 123 chunks at C = 1M
