@@ -333,5 +333,10 @@ def margin_cross_entropy(
     rows, _, row_max = _HeadRows.apply(x, w, None if group is None else x_all, inv_x, inv_w, target_col,
                                        target_rows, norm_rows, t_used, valid, p, kernels, group, update,
                                        sampled_rows)  # fmt: skip
+    if group is None:
+        # a label outside [0, C) that the label check has not stopped (checked on the device and raised at a later
+        # call, _validate.py, or checks turned off): its row has no target column, and its loss is NaN rather
+        # than a finite number without the target's term (valid > in_shard: valid and not in range)
+        rows = torch.where(valid > in_shard, torch.nan, rows)
     loss = reduce_row_losses(rows.to(acc_dtype(dtype)), valid, p.reduction)
     return (loss, head_stats(c, p.s * phi, row_max, valid)) if stats else loss
