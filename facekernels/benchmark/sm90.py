@@ -8,13 +8,25 @@ of pointers and integers, 16-byte divisibility included) against a stand-in CUDA
 target, and reads the facts of the cubin with the cuobjdump that ships with triton: registers, spill bytes,
 the MMA instructions of its SASS and of its PTX.
 
+``count_step`` counts what one training step (forward + backward of a head) asks of a GPU: it runs the step on meta
+tensors standing for CUDA tensors, with the Triton launches captured, under a TorchDispatchMode that sorts every
+op into GPU launches (Triton, cuBLAS, other torch kernels), calls that launch nothing (views, allocations, host
+ops), ``torch.library.custom_op`` dispatches and host syncs (``.item()``, ``bool(tensor)``, ``.tolist()``,
+``nonzero``...: a meta tensor has no value to read, so each is recorded with where it happened, or raised).
+
 Used by tests/test_gpu_static.py (every kernel holding a tl.dot lowers to wgmma with zero spills, on the newest
-triton and on 3.6.0, the GPU machine's) and by bench/gpu_model.py (the roofline model). Run it as
-``python -m facekernels.benchmark.sm90`` (without TRITON_INTERPRET) for one JSON line per compiled variant.
+triton and on 3.6.0, the GPU machine's), tests/test_gpu_model.py (the step's counts) and by bench/gpu_model.py
+(the model, a function of the counted calls). Run it as ``python -m facekernels.benchmark.sm90`` (without
+TRITON_INTERPRET) for one JSON line per compiled variant, or ``python -m facekernels.benchmark.sm90 --count
+[--head CurricularFace --batch 1024 --features 512 --classes 1000000 --dtype bf16 --backend triton]`` for the
+counts of one step.
 """
 
 from __future__ import annotations
 
+import argparse
+import collections
+import contextlib
 import json
 import math
 import os
@@ -22,9 +34,12 @@ import re
 import subprocess
 import sys
 import tempfile
+import traceback
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Target shapes of the static check (issue "GPU heads at GEMM speed", item 4): B in {256, 1024}, d in {128, 256,
 # 512}, every dtype and kernel variant, C = 1M and an odd C (the JIT specialises C on divisibility by 16).
@@ -166,10 +181,280 @@ def report(batches=BATCHES, features=FEATURES, dtypes=DTYPES, variants=VARIANTS,
     return out
 
 
-if __name__ == "__main__":
+# ------------------------------------------------------------------------------------------ the step counter
+
+# cuBLAS (or cuBLASLt) calls: one GEMM launch each (split-K's reduction, when cuBLAS picks it, is inside the call)
+GEMM_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "_scaled_mm",
+                      "_addmm_activation", "_int_mm"})  # fmt: skip
+# Ops that only take memory from the caching allocator (no kernel; a fill, if any, is a separate op)
+ALLOC_OPS = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "empty_permuted",
+                       "resize_", "resize_as_"})  # fmt: skip
+# Ops whose result size or value the host must read from the device: a sync on CUDA (meta has no data)
+SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
+                      "unique_consecutive", "equal"})  # fmt: skip
+KINDS = ("triton", "gemm", "kernel", "custom_op", "view", "alloc", "host", "sync")
+LAUNCH_KINDS = ("triton", "gemm", "kernel")
+
+
+class HostSyncError(RuntimeError):
+    """A counted step read a device value on the host (``on_sync="raise"``)."""
+
+
+class Call(NamedTuple):
+    """One counted call. ``kind``: "triton" (a Triton launch; ``args`` its runtime arguments, ``constexprs`` its
+    compile-time ones), "gemm" (a cuBLAS call), "kernel" (any other torch op that launches a CUDA kernel: one
+    per op is assumed), "custom_op" (a torch.library.custom_op dispatch: host cost only, its ops are counted
+    too), "view" / "alloc" (no launch: metadata or caching-allocator work), "host" (no tensor result, or only
+    CPU tensors), "sync" (a device -> host read)."""
+
+    kind: str
+    name: str
+    phase: str
+    args: int = 0
+    constexprs: int = 0
+    where: str = ""
+    bytes: int = 0  # "kernel": elements of its tensor inputs and outputs (broadcast dims once) x their sizes
+    gemm: tuple = ()  # "gemm": (batch, m, n, k, operand bytes, output bytes)
+    launch: tuple | None = None  # "triton": the captured (kernel, grid, args, meta)
+
+
+@dataclass
+class StepCount:
+    """The calls of one counted step, in order."""
+
+    calls: list = field(default_factory=list)
+
+    def count(self, kind: str, phase: str | None = None) -> int:
+        return sum(1 for c in self.calls if c.kind == kind and phase in (None, c.phase))
+
+    def launches(self, phase: str | None = None) -> int:
+        """GPU kernel launches: Triton + cuBLAS + other torch kernels."""
+        return sum(self.count(kind, phase) for kind in LAUNCH_KINDS)
+
+    @property
+    def syncs(self) -> list:
+        return [c for c in self.calls if c.kind == "sync"]
+
+    def by_name(self, kind: str, phase: str | None = None) -> collections.Counter:
+        return collections.Counter(c.name for c in self.calls if c.kind == kind and phase in (None, c.phase))
+
+    def summary(self) -> dict:
+        phases = sorted({c.phase for c in self.calls})
+        return {
+            "launches": self.launches(),
+            "launches_by_phase": {p: self.launches(p) for p in phases},
+            **{kind: self.count(kind) for kind in KINDS},
+            "triton_kernels": dict(self.by_name("triton")),
+            "triton_args": sorted({(c.name, c.args, c.constexprs) for c in self.calls if c.kind == "triton"}),
+            "gemm_ops": dict(self.by_name("gemm")),
+            "torch_kernels": dict(self.by_name("kernel").most_common()),
+            "custom_ops": dict(self.by_name("custom_op")),
+            "sync_sites": [f"{c.name} at {c.where}" for c in self.syncs],
+        }
+
+
+def _caller() -> str:
+    """The innermost facekernels frame outside this module: where a sync was asked for."""
+    here = os.path.abspath(__file__)
+    for frame in reversed(traceback.extract_stack()):
+        path = os.path.abspath(frame.filename)
+        if path != here and os.sep + "facekernels" + os.sep in path:
+            return f"{path.split(os.sep + 'facekernels' + os.sep, 1)[1]}:{frame.lineno} ({frame.name})"
+    return "outside facekernels"
+
+
+def _tensors(tree) -> list:
+    return [a for a in torch.utils._pytree.tree_leaves(tree) if isinstance(a, torch.Tensor)]
+
+
+class StepCounter(TorchDispatchMode):
+    """Counts the calls of the code run inside it (see ``Call``); meta tensors stand for CUDA tensors.
+
+    A ``torch.library.custom_op`` is counted once and then run through its own Python implementation (under
+    this mode, so its ops and launches count too), as it runs on CUDA; its fake (meta) implementation is never
+    used. A host sync is recorded with the facekernels line that asked for it and answered with a stand-in
+    (0 / False, an empty ``nonzero``, zeros copied to the host), or, with ``on_sync="raise"``, raises
+    HostSyncError there."""
+
+    def __init__(self, on_sync: str = "record"):
+        super().__init__()
+        if on_sync not in ("record", "raise"):
+            raise ValueError(f"on_sync must be 'record' or 'raise'; got {on_sync!r}")
+        self.on_sync = on_sync
+        self.phase = "step"
+        self.result = StepCount()
+
+    def _add(self, kind, name, **extra):
+        self.result.calls.append(Call(kind, name, self.phase, **extra))
+
+    def launch(self, launch) -> None:
+        kernel, _, args, meta = launch
+        self._add("triton", kernel.fn.__name__, args=len(args), launch=launch,
+                  constexprs=sum(1 for k in meta if k not in ("num_warps", "num_stages")))  # fmt: skip
+
+    def _sync(self, func, args, kwargs):
+        where = _caller()
+        self._add("sync", str(func), where=where)
+        if self.on_sync == "raise":
+            raise HostSyncError(f"host sync in the counted step: {func} at {where} (a device value read on the "
+                                "host: .item(), bool(tensor), .tolist(), nonzero...)")  # fmt: skip
+        name = func._schema.name.split("::")[1]
+        if name == "_local_scalar_dense":
+            dtype = args[0].dtype
+            return False if dtype == torch.bool else 0 if not (dtype.is_floating_point or dtype.is_complex) else 0.0
+        if name == "nonzero":
+            return torch.empty((0, args[0].dim()), dtype=torch.long, device=args[0].device)
+        if name == "masked_select":
+            return args[0].new_empty(0)
+        if name == "equal":
+            return True
+        if name in ("_to_copy", "copy_"):  # a copy to the host: zeros there
+            out = args[0] if name == "copy_" else None
+            if out is None:
+                src = args[0]
+                out = torch.zeros(src.shape, dtype=kwargs.get("dtype") or src.dtype, device="cpu")
+            return out
+        raise HostSyncError(f"host sync in the counted step: {func} at {where}, which has no stand-in value")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        qualname = func._schema.name
+        namespace, name = qualname.split("::")
+        if namespace not in ("aten", "prim", "prims"):
+            from torch._library.custom_ops import OPDEFS
+
+            self._add("custom_op", qualname)
+            opdef = OPDEFS.get(qualname)
+            if opdef is not None:
+                with self:
+                    return opdef._init_fn(*args, **kwargs)
+            return func(*args, **kwargs)
+        inputs = _tensors((args, kwargs))
+        to_host = (name in ("_to_copy", "copy_") and any(t.is_meta for t in inputs)
+                   and (kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "cpu"
+                        or name == "copy_" and args[0].device.type == "cpu"))  # fmt: skip
+        if name in SYNC_OPS or to_host:
+            return self._sync(func, args, kwargs)
+        out = func(*args, **kwargs)
+        results = _tensors(out)
+        if name in GEMM_OPS:
+            kind = "gemm"
+        elif func.is_view or name in ("alias", "detach", "_unsafe_view", "lift_fresh", "set_"):
+            kind = "view"
+        elif name in ALLOC_OPS:
+            kind = "alloc"
+        elif not results or all(t.device.type == "cpu" for t in inputs + results):
+            kind = "host"
+        else:
+            kind = "kernel"
+        extra = {}
+        if kind == "gemm":
+            extra["gemm"] = _gemm_shape(name, args, results[0])
+        elif kind == "kernel":
+            extra["bytes"] = sum(_distinct_bytes(t) for t in {id(t): t for t in inputs + results}.values())
+        self._add(kind, str(func), **extra)
+        return out
+
+
+def _distinct_bytes(t: torch.Tensor) -> int:
+    """Bytes a kernel touches of t: its elements, a broadcast (stride 0) dimension once."""
+    return math.prod(n for n, st in zip(t.shape, t.stride()) if st != 0) * t.element_size()
+
+
+def _gemm_shape(name: str, args, out: torch.Tensor) -> tuple:
+    """(batch, m, n, k, operand element bytes, output element bytes) of a GEMM op."""
+    a, b = {"addmm": args[1:3], "baddbmm": args[1:3], "addbmm": args[1:3], "addmv": args[1:3],
+            "_addmm_activation": args[1:3]}.get(name, args[:2])  # fmt: skip
+    batch = a.shape[0] if a.dim() == 3 else 1
+    m = a.shape[-2] if a.dim() >= 2 else 1
+    k = a.shape[-1]
+    n = b.shape[-1] if b.dim() >= 2 else 1
+    return batch, m, n, k, a.element_size(), out.element_size()
+
+
+class _LaunchLog(list):
+    """CAPTURED_LAUNCHES that also tells the counter, so that Triton launches are counted in order."""
+
+    def __init__(self, counter: StepCounter):
+        super().__init__()
+        self._counter = counter
+
+    def append(self, launch) -> None:
+        super().append(launch)
+        self._counter.launch(launch)
+
+
+@contextlib.contextmanager
+def counting(on_sync: str = "record"):
+    """``with counting() as counter:`` run code on meta tensors; ``counter.result`` holds its calls. Meta tensors
+    stand for CUDA tensors while it is active: ``Tensor.is_cuda`` is True for them (so the code takes its CUDA
+    branches: cuBLAS with a float32 result, no upcast copies), the triton backend accepts them and the input
+    check lets them through; the Triton launches are captured (``tk.CAPTURED_LAUNCHES``), not run."""
+    from .. import _validate
+    from ..kernels import triton as tk
+
+    counter = StepCounter(on_sync)
+    saved = (tk.CAPTURED_LAUNCHES, _validate._check_not_meta)
+    tk.CAPTURED_LAUNCHES = _LaunchLog(counter)
+    _validate._check_not_meta = lambda name, x: None
+    tk.KERNELS.compute_dtype = lambda embeddings, weight: torch.promote_types(embeddings.dtype, weight.dtype)
+    torch.Tensor.is_cuda = property(lambda self: self.device.type in ("cuda", "meta"))
+    try:
+        with counter:
+            yield counter
+    finally:
+        del torch.Tensor.is_cuda
+        del tk.KERNELS.compute_dtype
+        tk.CAPTURED_LAUNCHES, _validate._check_not_meta = saved
+
+
+DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def count_step(batch: int = 1024, classes: int = 1_000_000, features: int = 512, dtype=torch.bfloat16,
+               head: str = "CurricularFace", backend: str = "triton", on_sync: str = "record",
+               **head_kwargs) -> StepCount:  # fmt: skip
+    """The calls of one training step of ``head`` (a facekernels head class name) at this shape: forward
+    (phase "forward") and backward of the mean loss (phase "backward"), in training mode, with meta tensors
+    standing for CUDA ones (``counting``). ``backend="reference"`` counts the eager implementation."""
+    import facekernels
+
+    if isinstance(dtype, str):
+        dtype = DTYPE_NAMES[dtype]
+    with torch.device("meta"):
+        module = getattr(facekernels, head)(features, classes, backend=backend, **head_kwargs)
+    module = module.to(dtype).train()
+    x = torch.empty(batch, features, dtype=dtype, device="meta", requires_grad=True)
+    labels = torch.empty(batch, dtype=torch.long, device="meta")
+    with counting(on_sync) as counter:
+        counter.phase = "forward"
+        loss = module(x, labels)
+        counter.phase = "backward"
+        loss.backward()
+    return counter.result
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="sm_90 facts of every launch (default), or the calls of one step")
+    parser.add_argument("--count", action="store_true", help="count the calls of one forward + backward")
+    parser.add_argument("--head", default="CurricularFace")
+    parser.add_argument("--backend", default="triton", choices=("triton", "reference"))
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--features", type=int, default=512)
+    parser.add_argument("--classes", type=int, default=1_000_000)
+    parser.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default="bf16")
+    args = parser.parse_args(argv)
+    if args.count:
+        counted = count_step(args.batch, args.classes, args.features, args.dtype, args.head, args.backend)
+        print(json.dumps({"head": args.head, "backend": args.backend, "batch": args.batch, "classes": args.classes,
+                          "features": args.features, "dtype": args.dtype, **counted.summary()}))  # fmt: skip
+        return
     import triton
 
     print(json.dumps({"triton": triton.__version__}))
     for facts in report():
         print(json.dumps(facts))
     sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
