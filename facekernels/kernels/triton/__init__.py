@@ -124,7 +124,7 @@ def _launch(kernel, grid, *args, **meta) -> None:
 
 def _on_device(a: torch.Tensor):
     """The context that makes a's device current (Triton launches on the current device), once per op."""
-    return torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext()
+    return torch.cuda.device(a.device) if a.device.type == "cuda" else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
