@@ -5,13 +5,13 @@
 * forward: ``_lse_partial_kernel`` over (row blocks x class splits), wgmma-sized tiles, online log-sum-exp;
   the splits' partials are combined in torch (``_rowmath.combine_lse``);
 * backward (``TritonBackward``, driven chunk by chunk by facekernels/_algorithm.py), per class chunk sized to
-  stay in L2 (``chunk_classes``): cuBLAS recomputes the chunk's dot products once (float32 result),
-  ``_grad_logits_kernel`` turns them into the scaled logits gradient D (B, chunk) and the per-class
-  normalisation corrections k, and two more cuBLAS GEMMs give d x_hat / ||x|| += D @ W_chunk (``torch.addmm``
-  into one float32 accumulator) and the chunk's weight gradient D^T @ X, finished by its rank-1 normalisation
-  correction k w in one pass that also rounds to w's dtype (kernels/triton/backward.py says why cuBLAS and not
-  a tl.dot kernel recomputes). The chunk loop launches the kernel directly: the ``triton_grad_logits`` op
-  (and its dispatch, ~30 us a call) is used only while torch.compile / torch.func trace the backward.
+  stay in L2 (``chunk_classes``): ``_grad_logits_kernel`` recomputes the chunk's cosines with tl.dot tiles and
+  writes the scaled logits gradient D (B, chunk) and the per-class normalisation corrections k (sub-centers:
+  cuBLAS's float32 dots and ``_grad_logits_from_dots_kernel``), and two cuBLAS GEMMs give d x_hat / ||x|| +=
+  D @ W_chunk (``torch.addmm`` into one float32 accumulator) and the chunk's weight gradient D^T @ X, finished
+  by its rank-1 normalisation correction k w in one pass that also rounds to w's dtype: four launches a chunk.
+  The chunk loop launches the kernel directly: the ``triton_grad_logits`` op (and its dispatch, ~30 us a call)
+  is used only while torch.compile / torch.func trace the backward.
 
 D is bfloat16 for bfloat16 and float16 inputs (float16's 5-bit exponent would flush p * g ~ 1e-9, the typical
 negative-class gradient at C = 1M, to zero; bfloat16 keeps float32's range, and float16 operands go to the
@@ -45,7 +45,7 @@ except ImportError as err:  # the backend raises BackendUnavailableError when it
     _TRITON_IMPORT_ERROR: ImportError | None = err
 else:
     _TRITON_IMPORT_ERROR = None
-    from .backward import _grad_logits_kernel
+    from .backward import _grad_logits_kernel, _grad_logits_from_dots_kernel
     from .forward import _inv_norm_kernel, _lse_partial_kernel
 
 # Triton decides at decoration time whether its kernels run under the interpreter (CPU tensors).
@@ -204,10 +204,10 @@ def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int
     return combine_lse(lse_parts, dim=1), max_parts.amax(dim=1)
 
 
-# The backward epilogue's tile: elementwise (no tl.dot), 128 rows x 32 classes a step over 4 warps (32 values a
-# thread, as before; 64 spill), 128-byte row segments of the float32 dots. A program owns its 32 classes for all
-# rows (backward.py: k summed whole, no second launch); at B = 1024 and 8192 classes a chunk that is 256 programs
-# of 8 steps. With sub-centers, 64 rows (the running max's index is a second tile).
+# ``_grad_logits_from_dots_kernel``'s tile (the sub-center heads'): elementwise (no tl.dot), 128 rows x 32
+# classes a step over 4 warps (32 values a thread; 64 spill), 128-byte row segments of the float32 dots. A
+# program owns its 32 classes for all rows (backward.py: k summed whole, no second launch). With sub-centers, 64
+# rows (the running max's index is a second tile).
 GRAD_BLOCK_B, GRAD_BLOCK_C, GRAD_WARPS = 128, 32, 4
 GRAD_BLOCK_B_SUBCENTERS = 64
 
@@ -216,26 +216,58 @@ def _grad_block_b(subcenters: int) -> int:
     return GRAD_BLOCK_B if subcenters == 1 else GRAD_BLOCK_B_SUBCENTERS
 
 
+# The fused recompute (``_grad_logits_kernel``): 64 classes a program (the epilogue beside a 128 x 128
+# accumulator spills), the forward's rows, K steps and stages (``tile_config``). False: cuBLAS writes float32 dots
+# and ``_grad_logits_from_dots_kernel`` reads them (tests compare the two).
+FUSED_RECOMPUTE = True
+FUSED_BLOCK_C = 64
+
+
+def _fused_tiles(batch: int, dtype: torch.dtype) -> TileConfig:
+    """The forward's rows, K steps and stages at 64 classes (238 registers for bfloat16, 249 for float32's
+    tf32x3 on triton 3.9, no spills)."""
+    cfg = tile_config(batch, dtype)
+    return TileConfig(cfg.block_b, FUSED_BLOCK_C, cfg.block_k, cfg.num_warps, cfg.num_stages)
+
+
+def _fused(subcenters: int) -> bool:
+    """Whether a chunk takes the fused recompute: not with sub-centers, whose running max and index beside the
+    accumulator spill (40 bytes on triton 3.9 for bfloat16 even at 64 x 64 tiles, 184 for float32); they keep
+    cuBLAS's dots and the elementwise kernel."""
+    return FUSED_RECOMPUTE and subcenters == 1
+
+
 def _padded_columns(rows: int, subcenters: int) -> int:
-    """Columns of a chunk's dots / D / k buffers for ``rows`` rows of w: whole epilogue tiles of classes, so that
-    every chunk (the ragged last one of an odd C included) has 16-byte aligned rows and unmasked stores."""
-    return triton.cdiv(max(rows // subcenters, 1), GRAD_BLOCK_C) * GRAD_BLOCK_C * subcenters
+    """Columns of a chunk's dots / D / k buffers for ``rows`` rows of w: whole tiles of classes (of either
+    kernel), so that every chunk (the ragged last one of an odd C included) has 16-byte aligned rows and unmasked
+    stores."""
+    block_c = max(GRAD_BLOCK_C, FUSED_BLOCK_C)
+    return triton.cdiv(max(rows // subcenters, 1), block_c) * block_c * subcenters
 
 
 def grad_chunk(settings: KernelSettings, g, x, w, inv_x, inv_w, target, c0: int, phi, dphi, tau, t, lse):
     """(D (B, n k) in the GEMM dtype, k = -inv_w^2 P (n k,) float32) of one class chunk w (n k, d), the rows of
-    the classes c0 .. c0 + n (``target`` holds global class ids, -1 for none): kernels/triton/backward.py. Two
-    launches: the cuBLAS recompute of the chunk's dot products and the kernel; no tensor op on the targets."""
+    the classes c0 .. c0 + n (``target`` holds global class ids, -1 for none): kernels/triton/backward.py. One
+    launch (``FUSED_RECOMPUTE``; else two: cuBLAS's float32 dots and the elementwise kernel); no tensor op on the
+    targets."""
     batch, columns = x.shape[0], w.shape[0]
     padded = _padded_columns(columns, settings.subcenters)
-    dots = _empty((batch, padded), torch.float32, x.device)[:, :columns]
     d = _empty((batch, padded), _gemm_dtype(x.dtype), x.device)[:, :columns]
     corr = _empty(padded, torch.float32, x.device)
-    if batch and columns:
+    classes = columns // settings.subcenters
+    if batch and columns and _fused(settings.subcenters):
+        x, w = _aligned_rows(x), _aligned_rows(w)
+        cfg = _fused_tiles(batch, x.dtype)
+        _launch(_grad_logits_kernel, (triton.cdiv(classes, cfg.block_c),), x, w, inv_x, inv_w, target, phi,
+                dphi, tau, t, lse, g, d, corr, batch, classes, x.shape[1], c0, x.stride(0), w.stride(0), d.stride(0),
+                *settings.scalars, **settings.constexprs, BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c,
+                BLOCK_K=cfg.block_k, DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)  # fmt: skip
+    elif batch and columns:
+        dots = _empty((batch, padded), torch.float32, x.device)[:, :columns]
         _mm_float32(x, w.t(), out=dots)  # the one recompute of the chunk's cosines (before normalisation)
-        classes = columns // settings.subcenters
-        _launch(_grad_logits_kernel, (triton.cdiv(classes, GRAD_BLOCK_C),), dots, inv_x, inv_w, target, phi,
-                dphi, tau, t, lse, g, d, corr, batch, classes, c0, dots.stride(0), d.stride(0), *settings.scalars,
+        _launch(_grad_logits_from_dots_kernel, (triton.cdiv(classes, GRAD_BLOCK_C),), dots, inv_x, inv_w, target,
+                phi, dphi, tau, t, lse, g, d, corr, batch, classes, c0, dots.stride(0), d.stride(0), *settings.scalars,
                 **settings.constexprs, BLOCK_B=_grad_block_b(settings.subcenters), BLOCK_C=GRAD_BLOCK_C,
                 num_warps=GRAD_WARPS)  # fmt: skip
     elif columns:
