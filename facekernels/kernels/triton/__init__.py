@@ -206,10 +206,10 @@ def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int
 
 # ``_grad_logits_from_dots_kernel``'s tile (the sub-center heads'): elementwise (no tl.dot), 128 rows x 32
 # classes a step over 4 warps (32 values a thread; 64 spill), 128-byte row segments of the float32 dots. A
-# program owns its 32 classes for all rows (backward.py: k summed whole, no second launch). With sub-centers, 64
-# rows (the running max's index is a second tile).
+# program owns its 32 classes for all rows (backward.py: k summed whole, no second launch). With sub-centers, 32
+# rows (the running max's index is a second tile: 64 rows spill 104 bytes for float32 on triton 3.6.0).
 GRAD_BLOCK_B, GRAD_BLOCK_C, GRAD_WARPS = 128, 32, 4
-GRAD_BLOCK_B_SUBCENTERS = 64
+GRAD_BLOCK_B_SUBCENTERS = 32
 
 
 def _grad_block_b(subcenters: int) -> int:
