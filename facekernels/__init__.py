@@ -9,7 +9,7 @@ from ._backends import BackendUnavailableError
 from ._extension import ExtensionUnavailableError
 from ._params import HeadParams, TripletParams
 from ._rowmath import HeadStats
-from ._validate import set_label_checks
+from ._validate import check_labels, set_label_checks
 from .heads import HEAD_CLASSES, head_params
 from .triplet import TripletMarginLoss
 
@@ -25,6 +25,7 @@ __all__ = sorted([
     "HeadStats",
     "TripletMarginLoss",
     "TripletParams",
+    "check_labels",
     "convert",
     "functional",
     "head_params",

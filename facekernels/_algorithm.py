@@ -78,7 +78,12 @@ class HeadKernels(Protocol):
                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
         """(A, dw) of sum_i g_i loss_i through w's classes: A = d x_hat / ||x|| (float32 / float64), dw in
         w's dtype through w's normalisation backward (written into dw_out when given); None where not
-        needed."""
+        needed.
+
+        A kernel back-end may instead give ``backward_pass(g, x, inv_x, target, phi, dphi, tau, t, lse, params,
+        need_dx, need_dw)``: an object whose ``chunk(c0, w_chunk, inv_w_chunk, dw_out)`` returns the chunk's dw
+        (targets stay global class ids, c0 is the chunk's first class) and whose ``a`` is A, accumulated in
+        place over the chunks (kernels/triton: no per-chunk tensor ops besides its launches)."""
 
 
 def _no_second_derivative(grad: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
@@ -195,17 +200,14 @@ torch.compile cannot trace) instead of returning a silent 0.
             # out finite (a class outside the cosine clamp gets an exact 0): a 0-dim tensor, no host sync
             finite_rows = torch.isfinite(g).all() & torch.isfinite(lse).all()
         single = chunk >= classes and not fused
-        a = None
         dw = None if single or fused or not need_dw else torch.empty_like(w)
+        begin = getattr(kernels, "backward_pass", None) or _ChunkedBackward(kernels).begin
+        run = begin(g, x_all, inv_x, target, phi, dphi, tau, t, lse, p, need_dx, need_dw)
         for c0 in range(0, classes, chunk):
             c1 = min(classes, c0 + chunk)
-            # the target column relative to the chunk: rows whose target lies outside it get none here
-            part_a, part_dw = kernels.backward_chunk(
-                g, x_all, w[c0 * k : c1 * k], inv_x, inv_w[c0 * k : c1 * k], target - c0 if c0 else target, phi,
-                dphi, tau, t, lse, p, need_dx, need_dw, None if dw is None else dw[c0 * k : c1 * k],
-            )  # fmt: skip
-            if need_dx:
-                a = part_a if a is None else a.add_(part_a)
+            # targets stay global class ids: the chunk's offset c0 goes to the kernels as a number
+            part_dw = run.chunk(c0, w[c0 * k : c1 * k], inv_w[c0 * k : c1 * k],
+                                None if dw is None else dw[c0 * k : c1 * k])  # fmt: skip
             if single:
                 dw = part_dw
             elif fused:
@@ -213,6 +215,7 @@ torch.compile cannot trace) instead of returning a silent 0.
                 update._update_rows(c0 * k, c1 * k, part_dw, finite_rows)
         if fused:
             update._end_backward(finite_rows)
+        a = run.a
         dx = None
         if need_dx:
             group = live_group(ctx.group_ref)
@@ -234,6 +237,27 @@ torch.compile cannot trace) instead of returning a silent 0.
                 dx = dx[rank * b : (rank + 1) * b] * dist.get_world_size(group)  # Partial FC convention
             dx = dx.to(x_all.dtype)
         return dx, dw
+
+
+class _ChunkedBackward:
+    """The backward pass over class chunks for kernels that give one chunk's gradients at a time
+    (``HeadKernels.backward_chunk``, targets relative to the chunk); kernels with their own pass
+    (``backward_pass``: kernels/triton) keep the offset and A's accumulation inside."""
+
+    def __init__(self, kernels: HeadKernels):
+        self.kernels, self.a = kernels, None
+
+    def begin(self, g, x, inv_x, target, phi, dphi, tau, t, lse, params, need_dx, need_dw):
+        self.args = (g, x, inv_x, target, phi, dphi, tau, t, lse, params, need_dx, need_dw)
+        return self
+
+    def chunk(self, c0, w, inv_w, dw_out):
+        g, x, inv_x, target, phi, dphi, tau, t, lse, params, need_dx, need_dw = self.args
+        part_a, part_dw = self.kernels.backward_chunk(g, x, w, inv_x, inv_w, target - c0 if c0 else target, phi, dphi,
+                                                      tau, t, lse, params, need_dx, need_dw, dw_out)  # fmt: skip
+        if need_dx:
+            self.a = part_a if self.a is None else self.a.add_(part_a)
+        return part_dw
 
 
 def fused_head_loss(
@@ -317,5 +341,10 @@ def fused_head_loss(
     rows, _, row_max, rank = _HeadRows.apply(x, w, None if group is None else x_all, inv_x, inv_w, target_col,
                                              target_rows, norm_rows, t_used, valid, p, kernels, group, update,
                                              sampled_rows, c if stats else None)  # fmt: skip
+    if group is None:
+        # a label outside [0, C) that the label check has not stopped (checked on the device and raised at a later
+        # call, _validate.py, or checks turned off): its row has no target column, and its loss is NaN rather
+        # than a finite number without the target's term (valid > in_shard: valid and not in range)
+        rows = torch.where(valid > in_shard, torch.nan, rows)
     loss = reduce_row_losses(rows.to(acc_dtype(dtype)), valid, p.reduction)
     return (loss, head_stats(c, p.s * phi, row_max, valid, rank)) if stats else loss

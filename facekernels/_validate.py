@@ -24,17 +24,80 @@ from ._params import (
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Checking that every label lies in [0, C) reads the labels on the host, which synchronises a CUDA
-# stream. It is on by default (a wrong label silently trains a wrong model); trainers that have already
-# checked their data can turn it off with facekernels.set_label_checks(False). Inside torch.compile the
-# check is skipped: a data-dependent branch cannot be traced into one graph.
+# Every label must lie in [0, C) (or be ignore_index): a wrong label silently trains a wrong model. Reading the
+# labels on the host to say so would synchronise a CUDA stream every step, so (by default) where the labels are:
+# - CPU labels are checked at once (no stream to drain);
+# - CUDA labels are checked on the device: a few small ops reduce them to (any bad, the first bad label), copied
+#   without blocking into pinned host memory behind a CUDA event. The next head call whose check runs (or
+#   ``facekernels.check_labels()``, which waits) reads every report whose event has completed and raises the
+#   ValueError then, naming the bad label. In the meantime the fused heads give a row with such a label a NaN
+#   loss (facekernels/_algorithm.py), never a wrong finite number, and no kernel indexes with it.
+# set_label_checks(False) turns the check off for data already checked; set_label_checks(True, deferred=False)
+# checks CUDA labels at once (one sync a step), deferred=True defers CPU labels too (tests). Inside
+# torch.compile and during CUDA graph capture the check is skipped (no data-dependent branch, no host copy).
 _check_label_values = True
+_defer_label_checks: bool | None = None  # None: defer CUDA labels, check CPU ones at once
+_pending_label_reports: list = []  # (event or None, host report (2,) int64, num_classes, ignore_index)
 
 
-def set_label_checks(enabled: bool) -> None:
-    """Turn the host-side range check of label values on or off (on by default)."""
-    global _check_label_values
+def set_label_checks(enabled: bool, *, deferred: bool | None = None) -> None:
+    """Turn the range check of label values on or off (on by default). ``deferred``: None (default) checks CPU
+    labels at once and CUDA labels on the device, raising at a later call (``check_labels``); True defers
+    every check; False checks every label at once (on CUDA, one host sync a step)."""
+    global _check_label_values, _defer_label_checks
     _check_label_values = bool(enabled)
+    _defer_label_checks = None if deferred is None else bool(deferred)
+
+
+def check_labels(wait: bool = True) -> None:
+    """Raise the ValueError of a deferred label check (``set_label_checks``) whose report is complete: with
+    ``wait`` (the default; a documented sync point, e.g. at the end of an epoch) waiting for every pending one,
+    without it only those the device has finished. Each report is read and dropped once."""
+    global _pending_label_reports
+    pending, failure = [], None
+    for entry in _pending_label_reports:
+        event, report, num_classes, ignore_index = entry
+        if event is not None and not event.query():
+            if not wait:
+                pending.append(entry)
+                continue
+            event.synchronize()
+        if failure is None and bool(report[0]):
+            failure = (int(report[1]), num_classes, ignore_index)
+    _pending_label_reports = pending
+    if failure is not None:
+        _pending_label_reports = []  # the error reports the first; the rest of the queue is moot
+        found, num_classes, ignore_index = failure
+        raise ValueError(f"labels must lie in [0, {num_classes}){_or_ignored(ignore_index)}; found {found} "
+                         "(a label of an earlier call, checked on the device: that call's loss was NaN)")  # fmt: skip
+
+
+def _check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    if _pending_label_reports:
+        check_labels(wait=False)
+    if labels.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return  # a graph replays with other labels: nothing to read back per capture
+    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    deferred = labels.is_cuda if _defer_label_checks is None else _defer_label_checks
+    if not deferred:
+        if bool(bad.any()):  # a host sync on CUDA (deferred=False asked for it)
+            raise ValueError(f"labels must lie in [0, {num_classes}){_or_ignored(ignore_index)}; "
+                             f"found {int(labels[bad][0])}")  # fmt: skip
+        return
+    # (any bad, first bad label) on the device: argmax gives the first maximum, bad there says if it is bad.
+    # gather, not labels[first]: indexing with a 0-dim tensor reads it on the host
+    first = bad.to(torch.uint8).argmax(0, keepdim=True)
+    report = torch.cat([bad.gather(0, first).long(), labels.gather(0, first)])
+    if labels.device.type == "cuda":
+        host = torch.empty(2, dtype=torch.int64, pin_memory=True)
+        host.copy_(report, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+    elif labels.device.type == "meta":
+        return  # stand-ins without values (facekernels.benchmark.sm90 counts a step's ops on them)
+    else:
+        host, event = report, None
+    _pending_label_reports.append((event, host, num_classes, ignore_index))
 
 
 def _fmt_choices(choices) -> str:
@@ -225,11 +288,7 @@ def check_head_inputs(embeddings, weight, labels, ignore_index: int, subcenters:
     _check_not_meta("embeddings, weight and labels", embeddings)
     labels = labels.long()
     if _check_label_values and labels.numel() > 0 and not torch.compiler.is_compiling():
-        num_classes = weight.shape[0] // subcenters
-        bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
-        if bool(bad.any()):
-            first = int(labels[bad][0])
-            raise ValueError(f"labels must lie in [0, {num_classes}){_or_ignored(ignore_index)}; found {first}")
+        _check_label_range(labels, weight.shape[0] // subcenters, ignore_index)
     return labels
 
 

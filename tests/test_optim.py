@@ -439,7 +439,9 @@ def sharded_results(tmp_path_factory):
 @pytest.mark.slow
 def test_sharded_two_ranks(name, sharded_results):
     backend, dtype, kind, rate = SHARDED[name]
-    rel = 1e-12 if dtype == torch.float64 else 2e-6
+    # float32 (triton): the logits' s u (kit.logit_floor, as in the single-process test): 2e-6 held by luck
+    # (2.2e-6 seen after issue 20's backward rework; chunking alone moves dW by 1.2e-6 before and after it)
+    rel = 1e-12 if dtype == torch.float64 else kit.logit_floor(fk.ArcFace(D, C).params.s, torch.float32)
     for rank, res in enumerate(sharded_results):
         r = res[name]
         assert _rel(r["fused"], r["plain"]) <= rel, f"rank {rank}"

@@ -607,3 +607,52 @@ def test_triplet_under_torch_func():
         torch.func.jvp(loss, (e,), (torch.ones_like(e),))
     with pytest.raises(RuntimeError, match="vmap"):
         torch.func.vmap(loss)(e.unsqueeze(0).expand(2, -1, -1).clone())
+
+
+# ------------------------------------------------------------------------------------------ deferred label checks
+
+
+class _NoHostReads(torch.overrides.TorchFunctionMode):
+    """Raises on every read of a tensor's value by the host (on CUDA each one is a sync)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("__bool__", "item", "__int__", "__float__", "tolist", "numpy"):
+            raise AssertionError(f"host read {func.__name__} of a tensor in the step")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def deferred_label_checks():
+    # the CUDA default, forced on CPU tensors: reported by the device, raised at a later call
+    fk.set_label_checks(True, deferred=True)
+    yield
+    fk.set_label_checks(True)
+    fk._validate._pending_label_reports.clear()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_deferred_label_check_raises_at_the_next_call_and_meanwhile_gives_nan(backend, deferred_label_checks):
+    if backend == "cpu" and not extension_built():
+        pytest.skip("needs facekernels._C")
+    x, w = torch.randn(4, 6), torch.randn(5, 6)
+    good, bad = torch.tensor([0, 1, 2, 4]), torch.tensor([0, 9, 2, -1])
+    want = fkf.margin_cross_entropy(x, w, good, "arcface", reduction="none", ignore_index=-1, backend="reference")
+    fk.check_labels()  # its report read now: the next call's read of a finished report is of host memory
+    with _NoHostReads():  # no host read of the labels (nor of anything else) in the step
+        rows = fkf.margin_cross_entropy(x, w, bad, "arcface", reduction="none", ignore_index=-1, backend=backend)
+    assert math.isnan(rows[1]) and rows[3] == 0  # the bad label's row: NaN, never a wrong finite loss
+    kit.assert_close(rows[[0, 2]], want[[0, 2]].float(), rtol=1e-5, atol=1e-6, what="the other rows")
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\) or equal ignore_index=-1; found 9"):
+        fkf.margin_cross_entropy(x, w, good, "arcface", ignore_index=-1, backend=backend)
+    fkf.margin_cross_entropy(x, w, good, "arcface", backend=backend)  # reported once
+    fkf.margin_cross_entropy(x, w, torch.tensor([0, 1, 7, 5]), "arcface", backend=backend)
+    with pytest.raises(ValueError, match="found 7"):  # the documented sync point: the first bad label
+        fk.check_labels()
+    fk.check_labels()  # nothing pending
+
+
+def test_label_checks_on_cpu_labels_stay_immediate_by_default():
+    x, w = torch.randn(4, 6), torch.randn(5, 6)
+    with pytest.raises(ValueError, match="found 9"):
+        fkf.margin_cross_entropy(x, w, torch.tensor([0, 9, 2, 4]), "arcface", backend="reference")
+    assert not fk._validate._pending_label_reports

@@ -113,8 +113,44 @@ def test_missing_triton_raises_backend_unavailable():
 
 
 def test_chunks_stay_within_the_budget_and_cover_whole_tiles():
+    # the working set after the kernel: D in the GEMM dtype, the chunk of W and its float32 dW (d = 512)
     cases = [(1024, 1_000_000, torch.bfloat16), (256, 10_000_000, torch.float32), (7, 3, torch.float16)]
     for batch, classes, dtype in cases:
         chunk = tk.KERNELS.chunk_classes(batch, classes, dtype)
-        budget = batch * chunk * 4 <= tk.CHUNK_BYTES
-        assert chunk % 128 == 0 and (chunk == 128 or budget)
+        gemm = 4 if dtype == torch.float32 else 2
+        working_set = chunk * (batch * gemm + 512 * (dtype.itemsize + 4))
+        assert chunk % 128 == 0 and (chunk == 128 or working_set <= tk.CHUNK_BYTES)
+        assert (chunk + 128) * (batch * gemm + 512 * (dtype.itemsize + 4)) > tk.CHUNK_BYTES or chunk >= classes
+    assert tk.KERNELS.chunk_classes(1024, 1_000_000, torch.bfloat16) == 8192  # 123 chunks at C = 1M
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("case, options", [("curricular", {}), ("cosface", dict(interclass_filtering_threshold=0.2)),
+                                           ("mv_am", {})])  # fmt: skip
+def test_backward_with_and_without_the_fused_recompute(fused, case, options, monkeypatch):
+    # the chunk's logits gradient from the tl.dot recompute (_grad_logits_kernel) and from cuBLAS's dots +
+    # the elementwise kernel: both against the float64 oracle by the error-ratio rule, on poisoned buffers, over
+    # several chunks (ragged: 300 classes in 128-class chunks) of a batch that is no multiple of the row tile
+    monkeypatch.setattr(tk, "FUSED_RECOMPUTE", fused)
+    monkeypatch.setattr(tk, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(tk, "POISON_OUTPUTS", True)
+    launched = []
+    real_launch = tk._launch
+    monkeypatch.setattr(tk, "_launch", lambda kernel, *a, **k: (launched.append(kernel.fn.__name__),
+                                                                 real_launch(kernel, *a, **k)))
+    params = _params(case, reduction="none", **options)
+    x, w, y = kit.head_inputs(67, 300, 40, dtype=torch.float32, ignore_frac=0.2)
+    g = torch.rand(67, dtype=torch.float64)
+    t = (lambda: torch.tensor(0.3)) if params.uses_t else (lambda: None)
+    runs = []
+    for backend, xx, ww in [("triton", x, w), ("reference", x, w), ("reference", x.double(), w.double())]:
+        xa, wa = xx.clone().requires_grad_(), ww.clone().requires_grad_()
+        loss = fkf._margin_cross_entropy(xa, wa, y, params, t(), True, backend)
+        (loss * g.to(loss.dtype)).sum().backward()
+        runs.append((xa.grad, wa.grad))
+    kernels = ["_grad_logits_kernel", "_grad_logits_from_dots_kernel"]  # fused, and not
+    used, unused = kernels if fused else kernels[::-1]
+    assert launched.count(used) == 3 and unused not in launched, launched
+    for i, name in enumerate(("dx", "dw")):
+        kit.assert_error_ratio(runs[0][i], runs[1][i], runs[2][i], floor=kit.logit_floor(params.s, torch.float32),
+                               what=name)

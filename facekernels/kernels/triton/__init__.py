@@ -4,11 +4,14 @@
 * inverse norms: ``_inv_norm_kernel`` (float64 sums), once per step for x and W;
 * forward: ``_lse_partial_kernel`` over (row blocks x class splits), wgmma-sized tiles, online log-sum-exp;
   the splits' partials are combined in torch (``_rowmath.combine_lse``);
-* backward, per class chunk sized to stay in L2 (``chunk_classes``): cuBLAS recomputes the chunk's dot products
-  once (float32 result), ``_grad_logits_kernel`` turns them into the scaled logits gradient D (B, chunk) and
-  the per-class projection sums, and two more cuBLAS GEMMs (``torch.mm``) give d x_hat / ||x|| = D @ W_chunk
-  and the chunk's weight gradient D^T @ X, finished by its rank-1 normalisation correction
-  (kernels/triton/backward.py says why cuBLAS and not a tl.dot kernel recomputes).
+* backward (``TritonBackward``, driven chunk by chunk by facekernels/_algorithm.py), per class chunk sized to
+  stay in L2 (``chunk_classes``): ``_grad_logits_kernel`` recomputes the chunk's cosines with tl.dot tiles and
+  writes the scaled logits gradient D (B, chunk) and the per-class normalisation corrections k (sub-centers:
+  cuBLAS's float32 dots and ``_grad_logits_from_dots_kernel``), and two cuBLAS GEMMs give d x_hat / ||x|| +=
+  D @ W_chunk (``torch.addmm`` into one float32 accumulator) and the chunk's weight gradient D^T @ X, finished
+  by its rank-1 normalisation correction k w in one pass that also rounds to w's dtype: four launches a chunk.
+  The chunk loop launches the kernel directly: the ``triton_grad_logits`` op (and its dispatch, ~30 us a call)
+  is used only while torch.compile / torch.func trace the backward.
 
 D is bfloat16 for bfloat16 and float16 inputs (float16's 5-bit exponent would flush p * g ~ 1e-9, the typical
 negative-class gradient at C = 1M, to zero; bfloat16 keeps float32's range, and float16 operands go to the
@@ -17,7 +20,8 @@ float32 inputs (GEMMs at torch's float32 matmul precision, like the reference). 
 rank-1 correction are summed in float32 and rounded once to W's dtype.
 
 The kernel launches go through ``_launch`` so that tests/test_gpu_static.py can capture the launches the heads
-really make (with meta tensors, at the target shapes) and compile each for sm_90 without a GPU.
+really make (with meta tensors, at the target shapes) and compile each for sm_90 without a GPU. The head's
+settings reach the launches as one ``KernelSettings``.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ except ImportError as err:  # the backend raises BackendUnavailableError when it
     _TRITON_IMPORT_ERROR: ImportError | None = err
 else:
     _TRITON_IMPORT_ERROR = None
-    from .backward import _grad_logits_kernel
+    from .backward import _grad_logits_kernel, _grad_logits_from_dots_kernel
     from .forward import _inv_norm_kernel, _lse_partial_kernel
 
 # Triton decides at decoration time whether its kernels run under the interpreter (CPU tensors).
@@ -49,11 +53,16 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tests set this to fill every buffer a kernel writes with NaN first, so an unwritten element shows.
 POISON_OUTPUTS = False
-# Bytes of the float32 (B, chunk) dot products of one backward chunk: with D (half their size for bfloat16) and
-# the chunk of W, about the L2 cache (H100: 50 MB) from the GEMM that writes them to the GEMMs that read D, and
-# large enough that the GPU work of a chunk (~70 us at B = 1024) outlasts the host's ~7 calls that enqueue it
-# (bench/gpu_model.py). Tests make it small.
-CHUNK_BYTES = 32 * 2**20
+# Bytes of one backward chunk's working set between the kernel that writes D and the two GEMMs that read it: D
+# (B, chunk) in the GEMM dtype, the chunk of W and its float32 dW (``chunk_classes``), within the L2 cache (H100:
+# 50 MB) less room for X (1 MB at B = 1024, d = 512) and the per-row vectors. At B = 1024, d = 512, bfloat16:
+# 8192 classes, 123 chunks at C = 1M (at B = 256: 11648, 86 chunks). The float32 dots that the recompute writes
+# (B x chunk x 4 bytes) are read once by the kernel right after and are not counted: they go with the fused
+# recompute (issue 20, item 1). Tests make it small.
+CHUNK_BYTES = 40 * 2**20
+# The embedding width the chunks are sized for when the caller does not say (the algorithm's protocol passes
+# (batch, classes, dtype)): the largest of the target widths (128, 256, 512), so a narrower W only leaves room.
+CHUNK_FEATURES = 512
 # Streaming multiprocessors the grid is sized for when no CUDA device is queried (H100 SXM: 132).
 DEFAULT_SMS = 132
 # A list while tests/test_gpu_static.py captures launches (kernel, grid, args, meta) instead of running them.
@@ -105,11 +114,43 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 
 def _launch(kernel, grid, *args, **meta) -> None:
+    """Launch (or capture) a kernel on the current device: the callers enter the inputs' device once
+    (``_on_device``: the ops; the backward runs on autograd's thread for that device), not once per launch."""
     if CAPTURED_LAUNCHES is not None:
         CAPTURED_LAUNCHES.append((kernel, grid, args, meta))
         return
-    with torch.cuda.device(args[0].device) if args[0].is_cuda else contextlib.nullcontext():
-        kernel[grid](*args, **meta)
+    kernel[grid](*args, **meta)
+
+
+def _on_device(a: torch.Tensor):
+    """The context that makes a's device current (Triton launches on the current device), once per op."""
+    return torch.cuda.device(a.device) if a.device.type == "cuda" else contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    """The head's settings as the kernels take them, one object from ``HeadParams`` down to the launch: the
+    runtime numbers (``scalars``: s, MV-Softmax's t, the cosine bound, the filter threshold; new values do not
+    recompile) and the structure (``constexprs``: the negatives' kind, filtering, sub-centers per class)."""
+
+    s: float
+    negatives: int
+    mv_t: float
+    cos_bound: float
+    filter_threshold: float
+    subcenters: int
+
+    @classmethod
+    def of(cls, p: HeadParams) -> KernelSettings:
+        return cls(p.s, int(p.negatives), p.mv_t, p.cos_bound, p.filter_threshold, p.subcenters)
+
+    @property
+    def scalars(self) -> tuple[float, float, float, float]:
+        return self.s, self.mv_t, self.cos_bound, self.filter_threshold
+
+    @property
+    def constexprs(self) -> dict:
+        return dict(NEGATIVES=self.negatives, FILTER=self.filter_threshold != math.inf, SUBCENTERS=self.subcenters)
 
 
 # ------------------------------------------------------------------------------------------ launches
@@ -170,45 +211,83 @@ def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int
     return combine_lse(lse_parts, dim=1), max_parts.amax(dim=1), rank
 
 
-# The backward epilogue's tile: elementwise (no tl.dot), 32 x 128 values over 4 warps (32 a thread; 64 spill),
-# 16-byte accesses. With sub-centers, 64 classes (the running max's index is a second tile: 128 spill 8 to 16
-# bytes on triton 3.6.0).
-GRAD_BLOCK_B, GRAD_BLOCK_C, GRAD_WARPS = 32, 128, 4
-GRAD_BLOCK_C_SUBCENTERS = 64
+# ``_grad_logits_from_dots_kernel``'s tile (the sub-center heads'): elementwise (no tl.dot), 128 rows x 32
+# classes a step over 4 warps (32 values a thread; 64 spill), 128-byte row segments of the float32 dots. A
+# program owns its 32 classes for all rows (backward.py: k summed whole, no second launch). With sub-centers, 32
+# rows (the running max's index is a second tile: 64 rows spill 104 bytes for float32 on triton 3.6.0).
+GRAD_BLOCK_B, GRAD_BLOCK_C, GRAD_WARPS = 128, 32, 4
+GRAD_BLOCK_B_SUBCENTERS = 32
 
 
-def _grad_block_c(subcenters: int) -> int:
-    return GRAD_BLOCK_C if subcenters == 1 else GRAD_BLOCK_C_SUBCENTERS
+def _grad_block_b(subcenters: int) -> int:
+    return GRAD_BLOCK_B if subcenters == 1 else GRAD_BLOCK_B_SUBCENTERS
+
+
+# The fused recompute (``_grad_logits_kernel``): 64 classes a program (the epilogue beside a 128 x 128
+# accumulator spills), the forward's rows, K steps and stages (``tile_config``). False: cuBLAS writes float32 dots
+# and ``_grad_logits_from_dots_kernel`` reads them (tests compare the two).
+FUSED_RECOMPUTE = True
+FUSED_BLOCK_C = 64
+
+
+def _fused_tiles(batch: int, dtype: torch.dtype) -> TileConfig:
+    """The forward's rows, K steps and stages at 64 classes (238 registers for bfloat16, 249 for float32's
+    tf32x3 on triton 3.9, no spills)."""
+    cfg = tile_config(batch, dtype)
+    return TileConfig(cfg.block_b, FUSED_BLOCK_C, cfg.block_k, cfg.num_warps, cfg.num_stages)
+
+
+def _fused(subcenters: int) -> bool:
+    """Whether a chunk takes the fused recompute: not with sub-centers, whose running max and index beside the
+    accumulator spill (40 bytes on triton 3.9 for bfloat16 even at 64 x 64 tiles, 184 for float32); they keep
+    cuBLAS's dots and the elementwise kernel."""
+    return FUSED_RECOMPUTE and subcenters == 1
 
 
 def _padded_columns(rows: int, subcenters: int) -> int:
-    """Columns of a chunk's dots / D / P buffers for ``rows`` rows of w: whole epilogue tiles of classes, so that
-    every chunk (the ragged last one of an odd C included) has 16-byte aligned rows and unmasked stores."""
-    block_c = _grad_block_c(subcenters)
+    """Columns of a chunk's dots / D / k buffers for ``rows`` rows of w: whole tiles of classes (of either
+    kernel), so that every chunk (the ragged last one of an odd C included) has 16-byte aligned rows and unmasked
+    stores."""
+    block_c = max(GRAD_BLOCK_C, FUSED_BLOCK_C)
     return triton.cdiv(max(rows // subcenters, 1), block_c) * block_c * subcenters
+
+
+def grad_chunk(settings: KernelSettings, g, x, w, inv_x, inv_w, target, c0: int, phi, dphi, tau, t, lse):
+    """(D (B, n k) in the GEMM dtype, k = -inv_w^2 P (n k,) float32) of one class chunk w (n k, d), the rows of
+    the classes c0 .. c0 + n (``target`` holds global class ids, -1 for none): kernels/triton/backward.py. One
+    launch (``FUSED_RECOMPUTE``; else two: cuBLAS's float32 dots and the elementwise kernel); no tensor op on the
+    targets."""
+    batch, columns = x.shape[0], w.shape[0]
+    padded = _padded_columns(columns, settings.subcenters)
+    d = _empty((batch, padded), _gemm_dtype(x.dtype), x.device)[:, :columns]
+    corr = _empty(padded, torch.float32, x.device)
+    classes = columns // settings.subcenters
+    if batch and columns and _fused(settings.subcenters):
+        x, w = _aligned_rows(x), _aligned_rows(w)
+        cfg = _fused_tiles(batch, x.dtype)
+        _launch(_grad_logits_kernel, (triton.cdiv(classes, cfg.block_c),), x, w, inv_x, inv_w, target, phi,
+                dphi, tau, t, lse, g, d, corr, batch, classes, x.shape[1], c0, x.stride(0), w.stride(0), d.stride(0),
+                *settings.scalars, **settings.constexprs, BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c,
+                BLOCK_K=cfg.block_k, DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)  # fmt: skip
+    elif batch and columns:
+        dots = _empty((batch, padded), torch.float32, x.device)[:, :columns]
+        _mm_float32(x, w.t(), out=dots)  # the one recompute of the chunk's cosines (before normalisation)
+        _launch(_grad_logits_from_dots_kernel, (triton.cdiv(classes, GRAD_BLOCK_C),), dots, inv_x, inv_w, target,
+                phi, dphi, tau, t, lse, g, d, corr, batch, classes, c0, dots.stride(0), d.stride(0), *settings.scalars,
+                **settings.constexprs, BLOCK_B=_grad_block_b(settings.subcenters), BLOCK_C=GRAD_BLOCK_C,
+                num_warps=GRAD_WARPS)  # fmt: skip
+    elif columns:
+        corr.zero_()  # no rows: D is empty and k is 0
+    return d, corr[:columns]
 
 
 def grad_logits(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, s: float, negatives: int, mv_t: float,
                 cos_bound: float, filter_threshold: float, subcenters: int):  # fmt: skip
-    """(D (B, n k) in the GEMM dtype, k = -inv_w^2 P (n k,) float32) of one class chunk w (n k, d):
-    kernels/triton/backward.py."""
-    batch, columns = x.shape[0], w.shape[0]
-    row_blocks = triton.cdiv(batch, GRAD_BLOCK_B)
-    padded = _padded_columns(columns, subcenters)
-    dots = _empty((batch, padded), torch.float32, x.device)[:, :columns]
-    if batch and columns:
-        _mm_float32(x, w.t(), out=dots)  # the one recompute of the chunk's cosines (before normalisation)
-    d = _empty((batch, padded), _gemm_dtype(x.dtype), x.device)[:, :columns]
-    proj = _empty((row_blocks, padded), torch.float32, x.device)[:, :columns]
-    if batch and columns:
-        classes = columns // subcenters
-        block_c = _grad_block_c(subcenters)
-        _launch(_grad_logits_kernel, (row_blocks, triton.cdiv(classes, block_c)), dots, inv_x, inv_w, target,
-                phi, dphi, tau, t, lse, g, d, proj, batch, classes, dots.stride(0), d.stride(0), proj.stride(0),
-                s, mv_t, cos_bound, filter_threshold, NEGATIVES=negatives,
-                FILTER=filter_threshold != math.inf, SUBCENTERS=subcenters, BLOCK_B=GRAD_BLOCK_B,
-                BLOCK_C=block_c, num_warps=GRAD_WARPS)  # fmt: skip
-    return d, proj.sum(dim=0)
+    """``grad_chunk`` with the settings spelled out and targets relative to w (the op's form, for tracing and
+    for facekernels/benchmark/sm90.py's capture)."""
+    settings = KernelSettings(s, negatives, mv_t, cos_bound, filter_threshold, subcenters)
+    return grad_chunk(settings, g, x, w, inv_x, inv_w, target, 0, phi, dphi, tau, t, lse)
 
 
 def _gemm_parts(a: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -246,12 +325,23 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = Non
     return torch.mm(a, b, out=out) if out is not None else torch.mm(a, b)
 
 
+def _addmm_float32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc += a @ b in place, one GEMM launch (acc float32; cuBLAS's beta = 1 reads acc in its epilogue): no
+    separate product and ``add_`` pass over it."""
+    if a.dtype != torch.float32:
+        if a.is_cuda and _MM_OUT_DTYPE:
+            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        a, b = a.float(), b.float()
+    return torch.addmm(acc, a, b, out=acc)
+
+
 # ------------------------------------------------------------------------------------------ ops
 
 
 @torch.library.custom_op("facekernels::triton_inv_norms", mutates_args=())
 def _inv_norms_op(rows: torch.Tensor) -> torch.Tensor:
-    return inv_norms(rows)
+    with _on_device(rows):
+        return inv_norms(rows)
 
 
 @_inv_norms_op.register_fake
@@ -266,8 +356,9 @@ def _margin_lse_op(x: torch.Tensor, w: torch.Tensor, inv_x: torch.Tensor, inv_w:
                    target_cos: torch.Tensor | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     # rank: empty without target_cos (an op's output is a tensor)
-    lse, row_max, rank = margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t, cos_bound,
-                                    filter_threshold, subcenters, target_cos)  # fmt: skip
+    with _on_device(x):
+        lse, row_max, rank = margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s, negatives, mv_t, cos_bound,
+                                        filter_threshold, subcenters, target_cos)  # fmt: skip
     return lse, row_max, target.new_empty(0) if rank is None else rank
 
 
@@ -284,8 +375,9 @@ def _grad_logits_op(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, inv_x: to
                     t: torch.Tensor | None, lse: torch.Tensor, s: float, negatives: int, mv_t: float,
                     cos_bound: float, filter_threshold: float,
                     subcenters: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    return grad_logits(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, s, negatives, mv_t, cos_bound,
-                       filter_threshold, subcenters)  # fmt: skip
+    with _on_device(x):
+        return grad_logits(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, s, negatives, mv_t, cos_bound,
+                           filter_threshold, subcenters)  # fmt: skip
 
 
 @_grad_logits_op.register_fake
@@ -319,10 +411,13 @@ class TritonKernels:
             )
         return dtype
 
-    def chunk_classes(self, batch: int, classes: int, dtype: torch.dtype) -> int:
-        """Classes per backward chunk: the float32 dots (B, chunk) within CHUNK_BYTES, whole 128-class tiles."""
-        per_chunk = CHUNK_BYTES // (max(batch, 1) * 4)
-        return max(128, per_chunk // 128 * 128)
+    def chunk_classes(self, batch: int, classes: int, dtype: torch.dtype, features: int = CHUNK_FEATURES) -> int:
+        """Classes per backward chunk: the chunk's working set between the kernel that writes D and the two
+        GEMMs that read it (D in the GEMM dtype, the chunk of W and its float32 dW) within CHUNK_BYTES, whole
+        128-class tiles."""
+        gemm_size = _gemm_dtype(dtype).itemsize
+        per_class = max(batch, 1) * gemm_size + features * (dtype.itemsize + 4)
+        return max(128, CHUNK_BYTES // per_class // 128 * 128)
 
     def inv_norms(self, rows: torch.Tensor) -> torch.Tensor:
         return _inv_norms_op(rows)
@@ -333,33 +428,64 @@ class TritonKernels:
                                             p.cos_bound, p.filter_threshold, p.subcenters, target_cos)  # fmt: skip
         return lse, row_max, (rank if target_cos is not None else None)
 
-    def backward_chunk(self, g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, params: HeadParams,
-                       need_dx: bool, need_dw: bool, dw_out: torch.Tensor | None):  # fmt: skip
-        p = params
-        d, correction = _grad_logits_op(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, p.s, int(p.negatives),
-                                        p.mv_t, p.cos_bound, p.filter_threshold, p.subcenters)  # fmt: skip
-        a = None
-        if need_dx:
-            w_parts = _gemm_parts(w, d.dtype)
-            a = _mm_float32(d, w_parts[0])
-            for part in w_parts[1:]:
-                a.add_(_mm_float32(d, part))
-        dw = None
-        if need_dw:
-            # D^T X, then the rank-1 normalisation correction k w (kernels/triton/backward.py), both in float32 and
-            # rounded once to w's dtype: for a class whose rows are nearly parallel to it the correction cancels
-            # most of D^T X, and a bfloat16 D^T X would keep its 2^-8 rounding of the cancelled part. Written
-            # straight into the chunk's rows of the weight gradient when that is float32.
-            into = dw_out is not None and dw_out.dtype == torch.float32
-            x_parts = _gemm_parts(x, d.dtype)
-            dw = _mm_float32(d.t(), x_parts[0], out=dw_out if into else None)
-            for part in x_parts[1:]:
-                dw.add_(_mm_float32(d.t(), part))
-            dw.addcmul_(w, correction.unsqueeze(1))
-            if dw_out is not None and not into:
-                dw = dw_out.copy_(dw)
-            dw = dw.to(w.dtype)
-        return a, dw
+    def backward_pass(self, g, x, inv_x, target, phi, dphi, tau, t, lse, params: HeadParams, need_dx: bool,
+                      need_dw: bool) -> TritonBackward:  # fmt: skip
+        return TritonBackward(g, x, inv_x, target, phi, dphi, tau, t, lse, params, need_dx, need_dw)
+
+
+def _traced(a: torch.Tensor) -> bool:
+    """Whether a is a tracer's stand-in (torch.compile's fake / functional tensors, torch.func's wrappers), which
+    a Triton launch cannot take: the chunk then goes through the ``triton_grad_logits`` op, whose fake kernel
+    torch.compile traces. Eager tensors (the training step) skip the op's dispatch (~30 us a chunk)."""
+    # is_compiling first: Dynamo traces the backward too, and short-circuits here before the functorch query
+    return (torch.compiler.is_compiling() or type(a) is not torch.Tensor
+            or torch._C._functorch.is_functorch_wrapped_tensor(a))
+
+
+class TritonBackward:
+    """One backward over w's class chunks (facekernels/_algorithm.py drives it): ``chunk`` computes a chunk's
+    weight gradient and adds its part of A = d x_hat / ||x|| into one float32 accumulator, ``a`` when done.
+    A chunk is three launches when both gradients are needed and the input is not float16: the dots recompute
+    and the kernel (``grad_chunk``), A += D W_chunk (``torch.addmm`` into A), dW = D^T X (into the chunk's
+    float32 rows of dW when there are such), and one fused correction dW + k w rounded to w's dtype. The
+    embeddings' GEMM operands (float16: two bfloat16 parts) are made once per backward, not per chunk."""
+
+    def __init__(self, g, x, inv_x, target, phi, dphi, tau, t, lse, params, need_dx, need_dw):
+        self.settings = KernelSettings.of(params)
+        self.rows = (g, x, inv_x, target, phi, dphi, tau, t, lse)
+        self.need_dx, self.need_dw = need_dx, need_dw
+        self.x_parts = _gemm_parts(x, _gemm_dtype(x.dtype)) if need_dw else None
+        self.traced = _traced(g) or _traced(x)
+        self.a = None
+
+    def chunk(self, c0: int, w: torch.Tensor, inv_w: torch.Tensor, dw_out: torch.Tensor | None):
+        g, x, inv_x, target, phi, dphi, tau, t, lse = self.rows
+        st = self.settings
+        if self.traced:
+            local = target - c0 if c0 else target
+            d, correction = _grad_logits_op(g, x, w, inv_x, inv_w, local, phi, dphi, tau, t, lse, st.s, st.negatives,
+                                            st.mv_t, st.cos_bound, st.filter_threshold, st.subcenters)  # fmt: skip
+        else:
+            d, correction = grad_chunk(st, g, x, w, inv_x, inv_w, target, c0, phi, dphi, tau, t, lse)
+        if self.need_dx:
+            for part in _gemm_parts(w, d.dtype):
+                self.a = _mm_float32(d, part) if self.a is None else _addmm_float32_(self.a, d, part)
+        if not self.need_dw:
+            return None
+        # D^T X, then the rank-1 normalisation correction k w (kernels/triton/backward.py), both in float32 and
+        # rounded once to w's dtype by the correction's one pass: for a class whose rows are nearly parallel to
+        # it the correction cancels most of D^T X, and a bfloat16 D^T X would keep its 2^-8 rounding of the
+        # cancelled part. The product goes straight into the chunk's rows of the weight gradient when those
+        # are float32.
+        into = dw_out is not None and dw_out.dtype == torch.float32
+        dw = _mm_float32(d.t(), self.x_parts[0], out=dw_out if into else None)
+        for part in self.x_parts[1:]:
+            _addmm_float32_(dw, d.t(), part)
+        if into:
+            return dw.addcmul_(w, correction.unsqueeze(1))
+        if dw_out is None:
+            dw_out = torch.empty_like(w)
+        return torch.addcmul(dw, w, correction.unsqueeze(1), out=dw_out)
 
 
 @functools.cache

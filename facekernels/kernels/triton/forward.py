@@ -18,7 +18,7 @@ classes); the target compare runs in int32 (C < 2^31).
 import triton
 import triton.language as tl
 
-from .head_math import clamp_cosine, negative_logit, subcenter_max
+from .head_math import logit_tile, subcenter_max
 
 
 @triton.jit
@@ -36,22 +36,6 @@ def _inv_norm_kernel(X, out_ptr, n_rows, D, stride_x, BLOCK_R: tl.constexpr, BLO
     norm = tl.sqrt(sq)
     norm = tl.where(norm != norm, norm, tl.maximum(norm, eps))  # tl.maximum would drop a NaN
     tl.store(out_ptr + rows, (1.0 / norm).to(tl.float32), mask=row_mask)
-
-
-@triton.jit
-def logit_tile(raw, cols, target, phi, dphi, tau, t, mv_t, s, bound, filter_threshold, NEGATIVES: tl.constexpr,
-               FILTER: tl.constexpr):
-    """Logits z = s * (phi on the target column, N(c) elsewhere) of a raw cosine tile, and dz/d(raw):
-    s * phi' on the target column (phi' already holds the clamp's derivative there, _rowmath), s * N'(c)
-    times the clamp's derivative (1 strictly inside (-bound, bound), else 0) elsewhere. The hard-negative and
-    filter masks are constants (spec). cols and target are int32."""
-    c = clamp_cosine(raw, bound)
-    is_target = cols[None, :] == target[:, None]
-    n, dn = negative_logit(c, c > tau[:, None], t, mv_t, filter_threshold, NEGATIVES, FILTER)
-    z = s * tl.where(is_target, phi[:, None], n)
-    inside = (raw > -bound) & (raw < bound)
-    dz_draw = s * tl.where(is_target, dphi[:, None], tl.where(inside, dn, 0.0))
-    return z, dz_draw, is_target
 
 
 @triton.jit

@@ -48,3 +48,19 @@ def subcenter_max(best, index, raw, i):
     NaN out)."""
     better = (raw > best) | ((raw != raw) & (best == best))
     return tl.where(better, raw, best), tl.where(better, i, index)
+
+
+@triton.jit
+def logit_tile(raw, cols, target, phi, dphi, tau, t, mv_t, s, bound, filter_threshold, NEGATIVES: tl.constexpr,
+               FILTER: tl.constexpr):
+    """Logits z = s * (phi on the target column, N(c) elsewhere) of a raw cosine tile, and dz/d(raw):
+    s * phi' on the target column (phi' already holds the clamp's derivative there, _rowmath), s * N'(c)
+    times the clamp's derivative (1 strictly inside (-bound, bound), else 0) elsewhere. The hard-negative and
+    filter masks are constants (spec). cols and target are int32."""
+    c = clamp_cosine(raw, bound)
+    is_target = cols[None, :] == target[:, None]
+    n, dn = negative_logit(c, c > tau[:, None], t, mv_t, filter_threshold, NEGATIVES, FILTER)
+    z = s * tl.where(is_target, phi[:, None], n)
+    inside = (raw > -bound) & (raw < bound)
+    dz_draw = s * tl.where(is_target, dphi[:, None], tl.where(inside, dn, 0.0))
+    return z, dz_draw, is_target
