@@ -365,6 +365,8 @@ class StepCounter(TorchDispatchMode):
             kind = "alloc"
         elif not results or all(t.device.type == "cpu" for t in inputs + results):
             kind = "host"
+        elif all(t.numel() == 0 for t in results):
+            kind = "alloc"  # an empty result launches no kernel (e.g. autograd's zero gradient of an empty output)
         else:
             kind = "kernel"
         extra = {}
