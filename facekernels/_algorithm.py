@@ -195,7 +195,7 @@ torch.compile cannot trace) instead of returning a silent 0.
         fused = update is not None and need_dw
         if fused:
             # the optimizer's bound keeps each chunk's gradient and update temporaries small (and in cache)
-            chunk = max(1, min(chunk, update._chunk_classes(w.shape[1], k, w.dtype)))
+            chunk = max(1, min(chunk, update._chunk_classes(w.shape[1], k, w.dtype, w.device)))
             # a NaN / Inf in the loss's row inputs skips every chunk's update, even a chunk whose gradient comes
             # out finite (a class outside the cosine clamp gets an exact 0): a 0-dim tensor, no host sync
             finite_rows = torch.isfinite(g).all() & torch.isfinite(lse).all()

@@ -156,8 +156,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the backward's protocol
 
-    def _chunk_classes(self, features: int, subcenters: int, dtype: torch.dtype) -> int:
-        """Classes per backward chunk: their rows within CHUNK_BYTES (at float32's size or more)."""
+    def _chunk_classes(self, features: int, subcenters: int, dtype: torch.dtype,
+                       device: torch.device | None = None) -> int:
+        """Classes per backward chunk: their rows within CHUNK_BYTES (at float32's size or more) on a CPU. On a
+        GPU no bound of its own: the Triton backward's chunk is already sized for the L2 (D, W's rows and their
+        dW), and the update's ~18 launches a chunk are per chunk, so a 4 MiB bound (2,048 classes at d = 512
+        instead of 8,192) would quadruple them (bench/results/h100-model-2026-12-03: 8,802 update launches)."""
+        if device is not None and device.type != "cpu":
+            return 1 << 62
         size = max(torch.finfo(dtype).bits // 8, 4)
         return max(1, CHUNK_BYTES // (features * subcenters * size))
 
@@ -228,7 +234,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         # the unsampled rows in ascending order: a stable sort puts the 0s first (nonzero() would sync)
         rest = torch.sort(sampled, stable=True).indices[:count]
         work = self._work(param)
-        chunk = self._chunk_classes(param.shape[1], 1, work.dtype)
+        chunk = self._chunk_classes(param.shape[1], 1, work.dtype)  # bounded: no backward chunk sizes this pass
         for r0 in range(0, count, chunk):
             index = rest[r0 : r0 + chunk]
             self._apply(param, index, work.new_zeros(index.numel(), param.shape[1]), finite_rows)

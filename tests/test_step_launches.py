@@ -56,3 +56,15 @@ def test_a_sync_added_to_the_backward_fails(monkeypatch):
     monkeypatch.setattr(tk, "grad_chunk", synced)
     with pytest.raises(sm90.HostSyncError, match="host sync in the counted step"):
         sm90.count_step(256, 100_000, 512, torch.bfloat16, head="CurricularFace", on_sync="raise")
+
+
+def test_fused_sgd_keeps_the_backward_chunks():
+    """On a GPU the fused optimizer (issue 23) updates each chunk the Triton backward makes: its CPU bound of 4 MiB
+    of weight rows would split every chunk in four, and each split pays the update's launches again."""
+    shape = (256, 100_000, 512, torch.bfloat16)
+    plain = sm90.count_step(*shape, weight_dtype=torch.float32)
+    fused = sm90.count_step(*shape, optimizer="sgd", weight_dtype=torch.float32)
+    kernels = {name for name in plain.summary()["triton_kernels"] if "grad_logits" in name}
+    assert kernels, plain.summary()["triton_kernels"]
+    for name in kernels:
+        assert fused.summary()["triton_kernels"][name] == plain.summary()["triton_kernels"][name], name
