@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -169,11 +170,21 @@ def loop_trips(launch, features: int):
     steps (inner); for another kernel its innermost loops step over d by BLOCK_K, outer loops once."""
     kernel, grid, args, meta = launch
     k_steps = math.ceil(features / meta["BLOCK_K"]) if "BLOCK_K" in meta else 1
-    if kernel.fn.__name__ == "_lse_partial_kernel":
+    name = kernel.fn.__name__
+
+    def arg(arg_name):  # a runtime argument by its name in the kernel's signature (positions move)
+        return args[list(inspect.signature(kernel.fn).parameters).index(arg_name)]
+
+    if name == "_lse_partial_kernel":
         step = meta["BLOCK_C"] * (2 if meta.get("PAIRED") else 1)
-        class_steps = math.ceil(args[11] / step) / grid[1]  # args[11]: the launch's classes; grid[1]: splits
+        class_steps = math.ceil(arg("C") / step) / grid[1]  # the launch's classes over its splits
         return lambda depth: class_steps if depth == 1 else k_steps
-    if kernel.fn.__name__ == "_inv_norm_kernel":
+    if name in ("_grad_logits_kernel", "_grad_logits_from_dots_kernel"):
+        # a program owns its classes for every row: the outer loop steps over the rows, the inner one (the fused
+        # recompute's) over d
+        row_steps = math.ceil(arg("B") / meta["BLOCK_B"])
+        return lambda depth: row_steps if depth == 1 else k_steps
+    if name == "_inv_norm_kernel":
         return lambda depth: k_steps
     return lambda depth: k_steps if depth >= 1 else 1
 
