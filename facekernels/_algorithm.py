@@ -201,7 +201,8 @@ torch.compile cannot trace) instead of returning a silent 0.
             finite_rows = torch.isfinite(g).all() & torch.isfinite(lse).all()
         single = chunk >= classes and not fused
         dw = None if single or fused or not need_dw else torch.empty_like(w)
-        begin = getattr(kernels, "backward_pass", None) or _ChunkedBackward(kernels).begin
+        # hasattr, not `getattr(...) or ...`: Dynamo 2.11 cannot branch on a bound method's truth (seen on an H200)
+        begin = kernels.backward_pass if hasattr(kernels, "backward_pass") else _ChunkedBackward(kernels).begin
         run = begin(g, x_all, inv_x, target, phi, dphi, tau, t, lse, p, need_dx, need_dw)
         for c0 in range(0, classes, chunk):
             c1 = min(classes, c0 + chunk)

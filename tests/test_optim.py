@@ -27,6 +27,8 @@ pytestmark = pytest.mark.skipif(not _extension.is_available(), reason="needs the
 
 B, C, D = 29, 203, 37
 STEPS = 5
+# the triton backend's tensors: CUDA where there is a GPU, else CPU ones under Triton's interpreter
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OPTIMIZERS = {
     "sgd_momentum": ("SGD", dict(lr=0.5, momentum=0.9, weight_decay=5e-4)),
     "sgd_nesterov": ("SGD", dict(lr=0.5, momentum=0.9, weight_decay=5e-4, nesterov=True)),
@@ -43,16 +45,17 @@ def _small_chunks(monkeypatch):
     monkeypatch.setattr(fo, "CHUNK_BYTES", D * 8 * 47)
 
 
-def _make(backend="cpu", dtype=torch.float64, head_cls=fk.ArcFace, **kwargs):
-    return head_cls(D, C, backend=backend, **kwargs).to(dtype)
+def _make(backend="cpu", dtype=torch.float64, head_cls=fk.ArcFace, device="cpu", **kwargs):
+    return head_cls(D, C, backend=backend, **kwargs).to(device, dtype)
 
 
-def _pair(kind, backend="cpu", dtype=torch.float64, oracle_backend=None, oracle_dtype=None, **head_kwargs):
+def _pair(kind, backend="cpu", dtype=torch.float64, oracle_backend=None, oracle_dtype=None, device="cpu",
+          **head_kwargs):  # fmt: skip
     """(fused head, its optimizer, unfused head, torch's optimizer), the heads with the same weight."""
     name, options = OPTIMIZERS[kind]
-    fused = _make(backend, dtype, **head_kwargs)
+    fused = _make(backend, dtype, device=device, **head_kwargs)
     fused.weight.data.normal_(0, 0.05)
-    plain = _make(oracle_backend or backend, oracle_dtype or dtype, **head_kwargs)
+    plain = _make(oracle_backend or backend, oracle_dtype or dtype, device=device, **head_kwargs)
     plain.weight.data.copy_(fused.weight.data)
     fused_opt = getattr(fo, name)(fused, **options)
     torch_opt = getattr(torch.optim, name)(plain.parameters(), foreach=False, **options)
@@ -66,8 +69,9 @@ def _batch(dtype, generator=None, batch=B):
 
 
 def _train(head, opt, batches, fused, dtype=None):
+    device = head.weight.device
     for x, y in batches:
-        head(x if dtype is None else x.to(dtype), y).backward()
+        head(x.to(device, dtype or x.dtype), y.to(device)).backward()
         if fused:
             assert head.weight.grad is None  # the (C, d) gradient never exists
         opt.step()
@@ -144,9 +148,11 @@ def test_subcenters_and_ignored_rows(commit_path):
 @pytest.mark.parametrize("kind", ["sgd_momentum", "sgd_nesterov", "adamw"])
 def test_triton_float32_matches_torch(kind):
     with pytest.raises(TypeError, match="float64"):
-        _make("triton")(*_batch(torch.float64))  # why this test runs float32
-    fused, fused_opt, plain, torch_opt = _pair(kind, backend="triton", dtype=torch.float32)
-    _, _, exact, exact_opt = _pair(kind, oracle_backend="reference", oracle_dtype=torch.float64)
+        x, y = _batch(torch.float64)
+        _make("triton", device=TRITON_DEVICE)(x.to(TRITON_DEVICE), y.to(TRITON_DEVICE))  # why this test runs float32
+    fused, fused_opt, plain, torch_opt = _pair(kind, backend="triton", dtype=torch.float32, device=TRITON_DEVICE)
+    _, _, exact, exact_opt = _pair(kind, oracle_backend="reference", oracle_dtype=torch.float64,
+                                   device=TRITON_DEVICE)  # fmt: skip
     exact.weight.data.copy_(fused.weight.data.double())
     batches = [_batch(torch.float32) for _ in range(STEPS)]
     _train(fused, fused_opt, batches, True)
@@ -406,8 +412,9 @@ def _sharded_worker(rank, store, out_dir, chunk_bytes):
             fo.HOST_SKIP_ON_CPU = not name.endswith("_where")
             heads = []
             for _ in range(2):
+                device = TRITON_DEVICE if backend == "triton" else "cpu"  # gloo takes CUDA tensors too
                 head = fk.ArcFace(D, C, backend=backend, process_group=dist.group.WORLD, sample_rate=rate,
-                                  sample_seed=7 + rank).to(dtype)  # fmt: skip
+                                  sample_seed=7 + rank).to(device, dtype)  # fmt: skip
                 w = torch.randn(C, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 0.05
                 head.weight.data.copy_(w[head.class_start : head.class_start + head.num_local])
                 heads.append(head)

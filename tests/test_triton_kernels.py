@@ -139,9 +139,9 @@ def test_backward_with_and_without_the_fused_recompute(fused, case, options, mon
     monkeypatch.setattr(tk, "_launch", lambda kernel, *a, **k: (launched.append(kernel.fn.__name__),
                                                                  real_launch(kernel, *a, **k)))
     params = _params(case, reduction="none", **options)
-    x, w, y = kit.head_inputs(67, 300, 40, dtype=torch.float32, ignore_frac=0.2)
-    g = torch.rand(67, dtype=torch.float64)
-    t = (lambda: torch.tensor(0.3)) if params.uses_t else (lambda: None)
+    x, w, y = (a.to(DEVICE) for a in kit.head_inputs(67, 300, 40, dtype=torch.float32, ignore_frac=0.2))
+    g = torch.rand(67, dtype=torch.float64, device=DEVICE)
+    t = (lambda: torch.tensor(0.3, device=DEVICE)) if params.uses_t else (lambda: None)
     runs = []
     for backend, xx, ww in [("triton", x, w), ("reference", x, w), ("reference", x.double(), w.double())]:
         xa, wa = xx.clone().requires_grad_(), ww.clone().requires_grad_()
