@@ -347,20 +347,27 @@ def test_memory_in_a_child_process_and_a_killed_child():
 
 
 def test_gpu_suite_plan():
-    cases = gpu_suite.plan(torch.device("cuda"), max_classes=10_000 * 2**12)
-    assert list(cases)[:2] == [("heads", "triton"), ("triplet", "cuda")]
-    assert list(cases)[-2:] == [("heads", "compile"), ("triplet", "compile")]
-    heads = cases[("heads", "triton")]
+    groups = gpu_suite.plan(torch.device("cuda"), max_classes=10_000 * 2**12)
+    keys = [k for k, _ in groups]
+    # first every provider on the comparison shapes (the H200's first run timed no baseline: issue 20)
+    assert keys[:9] == [("heads", p) for p in ("triton", "gemm", "compile", "eager")] + [
+        ("triplet", p) for p in ("cuda", "gemm", "compile", "eager", "pml")]  # fmt: skip
+    first = {s for _, items in groups[:4] for s, _ in items}
+    assert first == {HeadShape(h, b, 512, 1_000_000, "bfloat16")
+                     for h, b in (("arcface", 1024), ("curricular", 1024), ("arcface", 256))}  # fmt: skip
+    assert keys[9:11] == [("heads", "triton"), ("triplet", "cuda")] and keys[-2:] == [("heads", "compile"),
+                                                                                    ("triplet", "compile")]  # fmt: skip
+    heads = groups[9][1]
     classes = [s.classes for s, _ in heads if s.dtype == "bfloat16" and s.head == "arcface"]
     assert classes[:3] == [10_000, 20_000, 40_000] and 30_000_000 in classes and classes[-1] == 40_960_000
     more = {(s.head, s.classes, s.dtype) for s, _ in heads if s.head != "arcface"}
     assert more == {(h, 1_000_000, "bfloat16") for h in ("adaface", "magface", "elastic_arcface", "subcenter_arcface")}
     assert classes == sorted(classes) and {s.dtype for s, _ in heads} == {"bfloat16", "float32"}
     assert all((s.batch, s.features) == (1024, 512) for s, _ in heads)
-    triplets = cases[("triplet", "pml")]
+    triplets = dict(groups[9:])[("triplet", "pml")]  # the scale sweep's: B = 1024, K = 4 came first
     assert {(s.batch, s.per_class) for s, _ in triplets} == {(b, k) for b in (1024, 2048, 4096, 8192, 16384)
-                                                            for k in (4, 40)}  # fmt: skip
-    assert gpu_suite.plan(CPU, max_classes=1, quick=True, providers=["eager"]).keys() == {
+                                                            for k in (4, 40)} - {(1024, 4)}  # fmt: skip
+    assert {k for k, _ in gpu_suite.plan(CPU, max_classes=1, quick=True, providers=["eager"])} == {
         ("heads", "eager"), ("triplet", "eager")}  # fmt: skip
     import datetime
 

@@ -44,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="facekernels-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--suite", choices=("cpu", "gpu"), default=None,
-                   help="gpu: build the CUDA extension, run every test and the full GPU sweep into "
+                   help="gpu: build the CUDA extension, run the GPU tests and the GPU sweep into "
                         "bench/results/<gpu>-<date>/ (see bench/gpu_suite.sh); default: the sweep below")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu or cuda")
     p.add_argument("--ops", nargs="+", choices=tuple(OPS), default=list(OPS))

@@ -1,21 +1,27 @@
 """The GPU suite (``facekernels-bench --suite gpu`` or ``bash bench/gpu_suite.sh``): one command that
-builds the CUDA extension, runs the whole test suite (gpu tests included), runs the full GPU sweep and
-writes everything into bench/results/<gpu>-<date>/, ready to commit:
+builds the CUDA extension, runs the tests that touch a GPU (GPU_TESTS; the rest run on CPU in CI), runs the
+GPU sweep and writes everything into bench/results/<gpu>-<date>/, ready to commit:
 
-    build.log  tests.log  env.txt (nvidia-smi, versions, commit, command)  results.csv  table.md  plot.png
+    build.log  tests.log  profile.txt (bench/gpu_step_profile.py)  env.txt (nvidia-smi, versions, commit, command)
+    run.txt  results.csv  table.md  plot.png
 
-The sweep: heads at B = 1024, d = 512, C = 10k doubling while any provider still fits (a provider that ran
-out of memory at some C is not tried above it), bf16 and fp32; AdaFace, MagFace, ElasticArcFace and Sub-center
-ArcFace (k = 3) at C = 1M in bf16; the triplet loss at B = 1k ... 16k with
-K = 4 and K = 40. Fused providers and the GEMM floor go first, the baselines after and torch.compile last,
-so that a run cut by the deadline (default: everything within 10 minutes) loses the least useful cases;
-cases left at the deadline are recorded as "skipped(deadline)".
+The sweep, in this order, so that a run cut by the deadline (default: everything within 10 minutes) loses the
+least useful cases (those left are recorded as "skipped(deadline)"):
+1. the comparisons: ArcFace and CurricularFace at B = 1024 and ArcFace at B = 256, d = 512, C = 1M, bf16, and
+   the triplet loss at B = 1024, K = 4, each with every provider (fused, GEMM floor, torch.compile, eager;
+   pml for the triplet). On the first H200 run (bench/results/h200-2026-12-04) a sweep by provider spent
+   the whole budget on the fused scale sweep and timed no baseline at all.
+2. the scale: heads at C = 10k doubling while any provider still fits (a provider that ran out of memory at
+   some C is not tried above it), bf16 and fp32; AdaFace, MagFace, ElasticArcFace and Sub-center ArcFace
+   (k = 3) at C = 1M in bf16; the triplet loss at B = 1k ... 16k with K = 4 and K = 40. Fused providers and
+   the GEMM floor first, the baselines after and torch.compile last.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import re
 import shlex
@@ -33,6 +39,10 @@ from .runner import can_plot, sweep, write_outputs
 HEADS_CLASSES_START = 10_000
 GOAL_CLASSES = 30_000_000
 SWEEP_RESERVE_S = 240  # of the suite's budget, kept for the sweep
+# the test files whose tests run on the GPU when there is one (a DEVICE of "cuda", gpu-marked cases); the rest
+# of the suite tests the CPU paths, which CI runs (about 80 s of these with 12 workers on the H200 machine)
+GPU_TESTS = ("test_api.py", "test_extension.py", "test_heads.py", "test_heads_lowp.py", "test_optim.py",
+             "test_stats_rank.py", "test_triplet_fused.py", "test_triton_kernels.py")  # fmt: skip
 
 
 def doubling(start: int, stop: int) -> list:
@@ -43,12 +53,17 @@ def doubling(start: int, stop: int) -> list:
     return values
 
 
-def plan(device: torch.device, *, max_classes: int, quick: bool = False, providers=None) -> dict:
-    """{(op, provider): [(shape, mode), ...]}, most informative groups first."""
+def plan(device: torch.device, *, max_classes: int, quick: bool = False, providers=None) -> list:
+    """[((op, provider), [(shape, mode), ...]), ...]: the comparisons (every provider on a few shapes), then
+    the scale sweeps (by provider, most informative first)."""
     if quick:  # a few seconds anywhere: checks the suite's plumbing, not the GPU
         heads = [HeadShape("arcface", 16, 24, c, dt) for dt in ("float32",) for c in doubling(100, 400)]
         triplets = [TripletShape(b, 24, k, "semihard") for k in (4,) for b in (16, 32)]
+        key_heads, key_triplets = heads[:1], triplets[:1]
     else:
+        key_heads = [HeadShape(h, b, 512, 1_000_000, "bfloat16")
+                     for h, b in (("arcface", 1024), ("curricular", 1024), ("arcface", 256))]  # fmt: skip
+        key_triplets = [TripletShape(1024, 512, 4, "semihard")]
         # doubling, plus 30M: the project's goal for one 80 GB GPU at d = 512 in bf16
         classes = doubling(HEADS_CLASSES_START, max_classes)
         classes = sorted(set(classes + ([GOAL_CLASSES] if GOAL_CLASSES <= max_classes else [])))
@@ -58,12 +73,16 @@ def plan(device: torch.device, *, max_classes: int, quick: bool = False, provide
         triplets = [TripletShape(b, 512, k, "semihard") for k in (4, 40) for b in doubling(1024, 16384)]
     fused_heads = "triton" if device.type == "cuda" else "cpu"
     fused_triplet = "cuda" if device.type == "cuda" else "cpu"
+    first = [("heads", p) for p in (fused_heads, "gemm", "compile", "eager")]
+    first += [("triplet", p) for p in (fused_triplet, "gemm", "compile", "eager", "pml")]
     order = [("heads", fused_heads), ("triplet", fused_triplet), ("heads", "gemm"), ("triplet", "gemm"),
              ("heads", "eager"), ("triplet", "eager"), ("triplet", "pml"), ("heads", "compile"),
              ("triplet", "compile")]  # fmt: skip
-    if providers is not None:
-        order = [(op, p) for op, p in order if p in providers]
-    return {(op, p): [(s, "full") for s in (heads if op == "heads" else triplets)] for op, p in order}
+    key = {"heads": key_heads, "triplet": key_triplets}
+    rest = {op: [s for s in shapes if s not in key[op]] for op, shapes in (("heads", heads), ("triplet", triplets))}
+    groups = [((op, p), [(s, "full") for s in key[op]]) for op, p in first]
+    groups += [((op, p), [(s, "full") for s in rest[op]]) for op, p in order]
+    return [(k, items) for k, items in groups if items and (providers is None or k[1] in providers)]
 
 
 def slug(text: str) -> str:
@@ -125,6 +144,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", nargs="+", default=None, help="default: all of them")
     p.add_argument("--skip-build", action="store_true")
     p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--skip-profile", action="store_true", help="no bench/gpu_step_profile.py run (profile.txt)")
     p.add_argument("--quick", action="store_true", help="tiny shapes: check the plumbing in seconds")
     p.add_argument("--timeout", type=float, default=240.0, help="seconds one measurement may take")
     p.add_argument("--no-progress", action="store_true")
@@ -153,11 +173,20 @@ def main(argv=None) -> int:
         timeout_s = max(60, deadline - time.monotonic() - 2 * SWEEP_RESERVE_S)
         codes["build"] = _run_logged(cmd, os.path.join(out, "build.log"), env, timeout_s=timeout_s)
     if not args.skip_tests:
-        # a fresh interpreter: it imports the extension just built
-        cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-rs", "--durations=15"]
+        # a fresh interpreter: it imports the extension just built; pytest-xdist's workers where it is installed
+        workers = ["-n", str(min(12, os.cpu_count() or 1))] if importlib.util.find_spec("xdist") else []
+        cmd = [sys.executable, "-m", "pytest", *(os.path.join("tests", f) for f in GPU_TESTS), "-q", "-rfEs",
+               "--durations=15", *workers]  # fmt: skip
         # the sweep keeps at least SWEEP_RESERVE_S of the budget however long the tests would take
         timeout_s = max(60, deadline - time.monotonic() - SWEEP_RESERVE_S)
         codes["tests"] = _run_logged(cmd, os.path.join(out, "tests.log"), timeout_s=timeout_s)
+
+    profile = os.path.join(results.REPO_ROOT, "bench", "gpu_step_profile.py")
+    if device.type == "cuda" and not args.skip_profile and os.path.exists(profile):
+        # one step's kernels, launches and GPU time each, its CUDA-graph time and the floor: what the sweep's
+        # step times alone cannot say (which kernel is slow)
+        timeout_s = max(30, min(150, deadline - time.monotonic() - SWEEP_RESERVE_S))
+        _run_logged([sys.executable, profile], os.path.join(out, "profile.txt"), timeout_s=timeout_s)
 
     settings = measure.Settings()
     sweep_start = time.perf_counter()

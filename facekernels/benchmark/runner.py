@@ -14,9 +14,11 @@ from .ops import OPS
 from .plot import matplotlib_available
 
 
-def sweep(cases: dict, device: torch.device, settings: measure.Settings, *, ops=OPS, in_process=False,
+def sweep(cases, device: torch.device, settings: measure.Settings, *, ops=OPS, in_process=False,
           timeout_s=300.0, progress=True, on_row=None, deadline=None) -> list:  # fmt: skip
-    """Measure every case; returns the result rows (two per case: time and memory)."""
+    """Measure every case, in order; returns the result rows (two per case: time and memory). ``cases``:
+    {(op, provider): [(shape, mode), ...]}, or a list of such pairs (one provider may come back later)."""
+    cases = list(cases.items()) if isinstance(cases, dict) else list(cases)
     from tqdm import tqdm
 
     threads = torch.get_num_threads()
@@ -24,10 +26,10 @@ def sweep(cases: dict, device: torch.device, settings: measure.Settings, *, ops=
         torch.set_num_threads(settings.threads)  # also what the device name reports
     env = results.environment(device)
     rows = []
-    total = sum(len(v) for v in cases.values())
+    total = sum(len(v) for _, v in cases)
     bar = tqdm(total=total, disable=not progress, unit="case", file=sys.stderr, dynamic_ncols=True)
     try:
-        for (op_name, provider), items in cases.items():
+        for (op_name, provider), items in cases:
             op = ops[op_name]
             bar.set_description(f"{op_name}/{provider}")
             late = deadline is not None and time.monotonic() >= deadline
