@@ -1,5 +1,7 @@
 """A model of one training step (forward + backward) of a margin-softmax head on an H100 SXM: an ESTIMATE, not a
-measurement (no GPU has timed these kernels). It is a function of the calls the step makes, counted from the
+measurement. The first GPU run (bench/results/h200-2026-12-04/NOTES.md: ArcFace at B = 1024, C = 1.28M, bf16,
+47.0 ms on an H200) came out about 3x slower than this model's figure: its constants are not trusted until a
+profile says which of them is wrong. It is a function of the calls the step makes, counted from the
 code as it is (facekernels/benchmark/sm90.py ``count_step``: every Triton launch, cuBLAS GEMM, torch kernel,
 view / allocation, custom_op dispatch and host sync of the step, on meta tensors standing for CUDA ones), so
 that it re-derives its numbers when the code changes, and can disagree with what we expect.
