@@ -92,10 +92,10 @@ def head_loss(embeddings, weight, labels, params: HeadParams, t, training: bool,
     """The loss of one head on one device, on ``backend``: the inputs checked, then the eager reference
     (reference/heads.py) or the one fused algorithm (_algorithm.py) on the backend's kernels. What the modules,
     the functional form and the compat layers call; the class-sharded mode is sharded.py's."""
-    labels = V.check_head_inputs(embeddings, weight, labels, params.ignore_index, params.subcenters)
-    if params.uses_t:
-        V.check_t_buffer(t, embeddings)
-    V.check_margin_state(params, state, embeddings)
+    error, labels = V.head_call_error(embeddings, weight, labels, params, t, state)
+    if error is not None:
+        raise error
+    V.check_label_values(labels, weight.shape[0] // params.subcenters, params.ignore_index)
     kernels = head_kernels(backend, embeddings.device)
     if kernels is None:
         if update is not None:

@@ -49,6 +49,16 @@ def set_label_checks(enabled: bool, *, deferred: bool | None = None) -> None:
     _defer_label_checks = None if deferred is None else bool(deferred)
 
 
+def label_range_error(num_classes: int, ignore_index: int, found: int, note: str = "") -> ValueError:
+    """The error of a label outside [0, num_classes) that is not ignore_index (every path raises this one)."""
+    return ValueError(f"labels must lie in [0, {num_classes}){_or_ignored(ignore_index)}; found {found}"
+                      + (f" {note}" if note else ""))  # fmt: skip
+
+
+def label_checks_enabled() -> bool:
+    return _check_label_values
+
+
 def check_labels(wait: bool = True) -> None:
     """Raise the ValueError of a deferred label check (``set_label_checks``) whose report is complete: with
     ``wait`` (the default; a documented sync point, e.g. at the end of an epoch) waiting for every pending one,
@@ -68,11 +78,15 @@ def check_labels(wait: bool = True) -> None:
     if failure is not None:
         _pending_label_reports = []  # the error reports the first; the rest of the queue is moot
         found, num_classes, ignore_index = failure
-        raise ValueError(f"labels must lie in [0, {num_classes}){_or_ignored(ignore_index)}; found {found} "
-                         "(a label of an earlier call, checked on the device: that call's loss was NaN)")  # fmt: skip
+        raise label_range_error(num_classes, ignore_index, found,
+                                "(a label of an earlier call, checked on the device: that call's loss was NaN)")
 
 
-def _check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """The labels in [0, num_classes) or ignore_index, on one device: at once for CPU labels, deferred for CUDA
+    ones (the comment at the top); skipped inside torch.compile and when turned off (``set_label_checks``)."""
+    if not _check_label_values or labels.numel() == 0 or torch.compiler.is_compiling():
+        return
     if _pending_label_reports:
         check_labels(wait=False)
     if labels.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -81,8 +95,7 @@ def _check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int
     deferred = labels.is_cuda if _defer_label_checks is None else _defer_label_checks
     if not deferred:
         if bool(bad.any()):  # a host sync on CUDA (deferred=False asked for it)
-            raise ValueError(f"labels must lie in [0, {num_classes}){_or_ignored(ignore_index)}; "
-                             f"found {int(labels[bad][0])}")  # fmt: skip
+            raise label_range_error(num_classes, ignore_index, int(labels[bad][0]))
         return
     # (any bad, first bad label) on the device: argmax gives the first maximum, bad there says if it is bad.
     # gather, not labels[first]: indexing with a 0-dim tensor reads it on the host
@@ -263,33 +276,42 @@ def _or_ignored(ignore_index: int) -> str:
     return "" if ignore_index == INT64_MIN else f" or equal ignore_index={ignore_index}"
 
 
-def check_head_inputs(embeddings, weight, labels, ignore_index: int, subcenters: int = 1) -> torch.Tensor:
-    """Validate a head's forward inputs (``subcenters`` rows of weight per class); returns the labels as int64,
-    flattened from (B, 1)."""
-    _check_float_matrix("embeddings", embeddings)
-    _check_float_matrix("weight", weight)
-    if weight.shape[0] == 0:
-        raise ValueError("weight must have at least one class (row); got 0")
-    if weight.shape[0] % subcenters:
-        raise ValueError(f"weight must have num_classes * k rows (k = {subcenters} sub-centers per class); got "
-                         f"{weight.shape[0]} rows")  # fmt: skip
-    if embeddings.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"embeddings must have {weight.shape[1]} features (weight is {tuple(weight.shape)}); "
-            f"got shape {tuple(embeddings.shape)}"
-        )
-    check_head_dtypes(embeddings, weight)
-    labels = _check_labels(labels, embeddings.shape[0], allow_column=True)
-    if not (embeddings.device == weight.device == labels.device):
-        raise ValueError(
-            f"embeddings, weight and labels must be on one device; got {embeddings.device}, "
-            f"{weight.device} and {labels.device}"
-        )
-    _check_not_meta("embeddings, weight and labels", embeddings)
-    labels = labels.long()
-    if _check_label_values and labels.numel() > 0 and not torch.compiler.is_compiling():
-        _check_label_range(labels, weight.shape[0] // subcenters, ignore_index)
-    return labels
+def head_call_error(embeddings, weight, labels, params, t, state, *, shard: bool = False):
+    """Every check of one head call's inputs but the label values, in one place: (the error or None, the labels
+    as int64, flattened from (B, 1)). One device raises the error (_backends.head_loss); the class-sharded mode
+    first agrees on it across ranks in the collective it runs anyway (sharded.py's ``_agree``), so that every
+    rank raises it together, never one rank alone while the others wait. ``shard``: weight is this rank's
+    shard, num_local * k rows, none on a rank past the last class. The label values: ``check_label_values``
+    on one device (deferred on CUDA), agreed across ranks when sharded."""
+    try:
+        _check_float_matrix("embeddings", embeddings)
+        _check_float_matrix("weight", weight)
+        k = params.subcenters
+        if weight.shape[0] == 0 and not shard:
+            raise ValueError("weight must have at least one class (row); got 0")
+        if weight.shape[0] % k:
+            rows = "num_local * k" if shard else "num_classes * k"
+            raise ValueError(f"weight must have {rows} rows (k = {k} sub-centers per class); got "
+                             f"{weight.shape[0]} rows")  # fmt: skip
+        if embeddings.shape[1] != weight.shape[1]:
+            raise ValueError(
+                f"embeddings must have {weight.shape[1]} features (weight is {tuple(weight.shape)}); "
+                f"got shape {tuple(embeddings.shape)}"
+            )
+        check_head_dtypes(embeddings, weight)
+        labels = _check_labels(labels, embeddings.shape[0], allow_column=True)
+        if not (embeddings.device == weight.device == labels.device):
+            raise ValueError(
+                f"embeddings, weight and labels must be on one device; got {embeddings.device}, "
+                f"{weight.device} and {labels.device}"
+            )
+        _check_not_meta("embeddings, weight and labels", embeddings)
+        if params.uses_t:
+            check_t_buffer(t, embeddings)
+        check_margin_state(params, state, embeddings)
+    except (ValueError, TypeError) as err:
+        return err, None
+    return None, labels.long()
 
 
 def check_triplet_inputs(embeddings, labels) -> torch.Tensor:

@@ -141,7 +141,7 @@ def _agree(group, error: Exception | None, batch: int, features: int, dtype_code
             raise ValueError(f"every rank must pass the same {what}; got {shown} on ranks 0..{last}")
     bad = [r[5] for r in rows if r[4]]
     if bad:
-        raise ValueError(f"labels must lie in [0, {num_classes}){V._or_ignored(ignore_index)}; found {bad[0]}")
+        raise V.label_range_error(num_classes, ignore_index, bad[0])
 
 
 def sharded_margin_cross_entropy(
@@ -173,33 +173,23 @@ def sharded_margin_cross_entropy(
     own rule: facekernels.compat.insightface); ``config``: the head module's class name ("head") and constructor
     margins, part of the fingerprint every rank must share (``fingerprint``) and named in its error; ``update``:
     a fused optimizer of this rank's shard (facekernels/optim.py). Gradient convention: facekernels/_algorithm.py."""
-    error, bad_label, kernels = None, None, None
+    bad_label, kernels = None, None
     batch = features = dtype_code = -1
-    try:
-        V._check_float_matrix("embeddings", embeddings)
-        V._check_float_matrix("weight", weight)
-        if weight.shape[0] % params.subcenters:
-            raise ValueError(f"weight must have num_local * k rows (k = {params.subcenters}); got {weight.shape[0]}")
+    error, checked = V.head_call_error(embeddings, weight, labels, params, t, state, shard=True)
+    if error is None:
+        labels = checked
         batch, features = embeddings.shape
         dtype_code = V.FLOAT_DTYPES.index(embeddings.dtype)
-        if features != weight.shape[1]:
-            raise ValueError(
-                f"embeddings must have {weight.shape[1]} features (weight is {tuple(weight.shape)}); "
-                f"got shape {tuple(embeddings.shape)}"
-            )
-        V.check_head_dtypes(embeddings, weight)
-        labels = V._check_labels(labels, batch, allow_column=True).long()
-        if params.uses_t:
-            V.check_t_buffer(t, embeddings)
-        V.check_margin_state(params, state, embeddings)
-        kernels = head_kernels(check_sharded_backend(backend, embeddings.device), embeddings.device)
-        kernels.compute_dtype(embeddings, weight)
-        if V._check_label_values and not torch.compiler.is_compiling():
+        try:
+            kernels = head_kernels(check_sharded_backend(backend, embeddings.device), embeddings.device)
+            kernels.compute_dtype(embeddings, weight)
+        except (ValueError, TypeError, BackendUnavailableError) as err:
+            error = err
+        # the label values, agreed by every rank (a host read: the sharded step syncs once to agree anyway)
+        if error is None and V.label_checks_enabled() and not torch.compiler.is_compiling():
             wrong = ((labels < 0) | (labels >= num_classes)) & (labels != params.ignore_index)
             if bool(wrong.any()):
                 bad_label = int(labels[wrong][0])
-    except (ValueError, TypeError, BackendUnavailableError) as err:
-        error = err
     config = config or {}
     grad = torch.is_grad_enabled()
     fields = fingerprint(config, params, num_classes, sample_rate, training, stats,

@@ -11,6 +11,53 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from facekernels import _extension
+
+# ---------------------------------------------------------------------------------------------- backends
+
+# The triton backend's tensors: CUDA ones where there is a GPU, else CPU ones, which it takes only under
+# Triton's interpreter (conftest.py sets TRITON_INTERPRET=1 on a machine without CUDA).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_ext = pytest.mark.skipif(not _extension.is_available(), reason="needs the compiled extension facekernels._C")
+needs_triton = pytest.mark.skipif(not triton_importable(), reason="needs triton")
+# for the tests written on CPU tensors (edge cases, properties, the sharded mode on gloo): the triton backend
+# takes CPU tensors under Triton's interpreter only; where there is a GPU, the tests that run it on CUDA
+# tensors are facekernels.benchmark.gpu_suite.GPU_TESTS
+TRITON_ON_CPU = triton_importable() and not torch.cuda.is_available()
+triton_on_cpu = pytest.mark.skipif(not TRITON_ON_CPU,
+                                   reason="gives the triton backend CPU tensors: Triton's interpreter only, no CUDA")
+# the heads' backends as pytest parameters: the fused ones, those that compute in float64, and all of them;
+# CPU_TENSOR_BACKENDS for the files that keep every input on the CPU
+FUSED_BACKENDS = [pytest.param("cpu", marks=needs_ext), pytest.param("triton", marks=needs_triton)]
+FLOAT64_BACKENDS = ["reference", FUSED_BACKENDS[0]]
+HEAD_BACKENDS = ["reference", *FUSED_BACKENDS]
+CPU_TENSOR_BACKENDS = [*FLOAT64_BACKENDS, pytest.param("triton", marks=triton_on_cpu)]
+
+
+def device(backend: str) -> str:
+    """Where a backend's inputs live in the tests: TRITON_DEVICE for triton, the CPU for the others."""
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
+def precise_dtype(backend: str) -> torch.dtype:
+    """The most precise dtype a backend computes in: float32 for triton (it takes no float64), else float64."""
+    return torch.float32 if backend == "triton" else torch.float64
+
+
+def to_backend(backend: str, *tensors):
+    """The tensors on the backend's device (``device``); differentiable, so a CPU leaf still gets its .grad."""
+    return tuple(t if t is None else t.to(device(backend)) for t in tensors)
+
 # ------------------------------------------------------------------------------------------------ inputs
 
 

@@ -3,8 +3,10 @@ measurement (quantiles, rotation, memory in a child process), the GPU suite's pl
 end on tiny shapes. No timing assertions: only that what is measured is recorded the right way."""
 
 import csv
+import glob
 import json
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -373,6 +375,20 @@ def test_gpu_suite_plan():
 
     assert gpu_suite.result_dir("r", CPU, datetime.date(2026, 1, 2)) == os.path.join("r", "cpu-2026-01-02")
     assert gpu_suite.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_gpu_suite_runs_every_test_file_that_uses_the_gpu():
+    # a file that puts tensors on kit.TRITON_DEVICE (or test_heads' DEVICE) or has gpu-marked tests
+    here = os.path.dirname(os.path.abspath(__file__))
+    uses_gpu = set()
+    for path in set(glob.glob(os.path.join(here, "test_*.py"))) - {os.path.abspath(__file__)}:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if re.search(r"kit\.device\(|kit\.to_backend\(|TRITON_DEVICE|mark\.gpu|from test_heads import DEVICE", text):
+            uses_gpu.add(os.path.basename(path))
+    assert "test_heads.py" in uses_gpu and "test_heads_lowp.py" in uses_gpu  # the pattern still finds them
+    assert uses_gpu <= set(gpu_suite.GPU_TESTS), sorted(uses_gpu - set(gpu_suite.GPU_TESTS))
+    assert all(os.path.exists(os.path.join(here, f)) for f in gpu_suite.GPU_TESTS)
 
 
 def test_gpu_suite_plumbing_on_cpu(tmp_path):

@@ -30,14 +30,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from facekernels import _extension
 from facekernels.compat import insightface as fi
 from facekernels.compat import pml as fp
 from facekernels.sharded import shard_range
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
-needs_ext = pytest.mark.skipif(not _extension.is_available(), reason="needs the compiled extension facekernels._C")
-BACKENDS = ["reference", pytest.param("cpu", marks=needs_ext)]
+BACKENDS = kit.FLOAT64_BACKENDS
 
 # float64 comparisons: the two sides reassociate sums differently; 1e-11 of the largest value is ~5e4 ulps,
 # far above that rounding and far below any formula difference (a margin of 1e-3 moves the loss by ~1e-2)
@@ -126,6 +124,7 @@ def test_pml_losses_match_pml(case, backend, small_tiles):
 
 @pytest.mark.parametrize("case", ["ArcFaceLoss", "CosFaceLoss", "SubCenterArcFaceLoss", "NormalizedSoftmaxLoss"])
 @pytest.mark.slow
+@kit.triton_on_cpu
 def test_pml_triton_float32_error_ratio(case):
     """The Triton kernels (interpreted here) in float32, by the error-ratio rule against their float32 run,
     their float64 run being the oracle."""
@@ -356,7 +355,7 @@ def _their_sample(y, class_start, num_local, rate, seed):
     return perm.topk(num_sample).indices.sort().values + class_start
 
 
-@needs_ext
+@kit.needs_ext
 @pytest.mark.parametrize("world", [1, 2, 4])
 @pytest.mark.slow
 def test_partial_fc_v2_matches_insightface(world, tmp_path):
@@ -428,7 +427,7 @@ def test_insightface_bad_arguments_raise():
             fi.PartialFC_V2(fi.ArcFace(), 8, 10)
 
 
-@needs_ext
+@kit.needs_ext
 def test_partial_fc_v2_one_process_reads_its_margin_at_each_call(tmp_path):
     """World size 1 (the default group initialised, as theirs needs); a margin changed after construction
     takes effect (theirs reads it in every forward); arcface_torch's own margin objects are read too."""

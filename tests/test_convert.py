@@ -12,17 +12,17 @@ resumed bit for bit (one gloo process).
 import inspect
 import io
 
+import kit
 import peers
 import pytest
 import torch
 import torch.distributed as dist
 
 import facekernels as fk
-from facekernels import _extension, convert
+from facekernels import convert
 from facekernels.sharded import sample_classes, shard_range
 
-needs_ext = pytest.mark.skipif(not _extension.is_available(), reason="needs the compiled extension facekernels._C")
-BACKENDS = ["reference", pytest.param("cpu", marks=needs_ext)]
+BACKENDS = kit.FLOAT64_BACKENDS
 
 D, C, B = 6, 9, 7
 
@@ -466,7 +466,7 @@ def one_process_group():
         dist.destroy_process_group()
 
 
-@needs_ext
+@kit.needs_ext
 def test_partial_fc_resume_is_bitwise(one_process_group):
     classes, steps = 61, _batches(5, seed=4)
     steps = [(x.float(), torch.randint(0, classes, (B,), generator=torch.Generator().manual_seed(i)))

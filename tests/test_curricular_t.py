@@ -1,13 +1,12 @@
 """CurricularFace's t under gradient accumulation: ``update_t`` and ``frozen_t`` (default unchanged)."""
 
+import kit
 import pytest
 import torch
 
 import facekernels as fk
-from facekernels import _extension
 
-needs_ext = pytest.mark.skipif(not _extension.is_available(), reason="needs the compiled extension")
-BACKENDS = ["reference", pytest.param("cpu", marks=needs_ext)]
+BACKENDS = kit.FLOAT64_BACKENDS
 ALPHA = 0.1
 
 

@@ -7,12 +7,12 @@ fallback point (theta + m > pi), between the easy_margin and the monotonic thres
 
 import math
 
+import kit
 import pytest
 import torch
 from peers import rows_with_target_cosines
 
 import facekernels as fk
-from facekernels import _extension
 from facekernels import functional as fkf
 
 M = 0.5
@@ -79,8 +79,9 @@ def loss_and_grads(head, x, w, y):
 def check(kind, fallback, margin_grad, backend, dtype, tol):
     x, w, y = rows_with_target_cosines(TARGET_COS)
     head, extra = make_head(kind, fallback, margin_grad, backend)
-    head = head.to(dtype)
-    got = loss_and_grads(head, x.to(dtype), w.to(dtype), y)
+    dev = kit.device(backend)
+    head = head.to(dev, dtype)
+    got = [a.cpu() for a in loss_and_grads(head, x.to(dev, dtype), w.to(dev, dtype), y.to(dev))]
     xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
     want = oracle_loss(xa, wa, y, s=16.0, m=M, fallback=fallback, margin_grad=margin_grad, **extra)
     want.backward()
@@ -95,10 +96,7 @@ def test_reference_float64(kind, fallback, margin_grad):
     check(kind, fallback, margin_grad, "reference", torch.float64, 1e-10)
 
 
-needs_ext = pytest.mark.skipif(not _extension.is_available(), reason="needs the compiled extension facekernels._C")
-
-
-@needs_ext
+@kit.needs_ext
 @pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
 @pytest.mark.parametrize("fallback", FALLBACKS, ids=str)
 @pytest.mark.parametrize("kind", HEADS)

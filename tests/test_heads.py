@@ -22,30 +22,15 @@ from facekernels._backends import head_loss
 from facekernels._rowmath import MarginState
 from facekernels.reference import eager_margin_cross_entropy as ref_loss
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _triton_runs() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-BACKENDS = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not _extension.is_available(), reason="needs facekernels._C")),
-    pytest.param("triton", marks=pytest.mark.skipif(not _triton_runs(), reason="needs triton")),
-]
+DEVICE = kit.TRITON_DEVICE
+BACKENDS = kit.FUSED_BACKENDS  # each compared with the reference
 
 
 def _device(backend):
     return "cpu" if backend == "cpu" else DEVICE
 
 
-def _dtype(backend):
-    """The most precise dtype the back-end runs: float64 on CPU; float32 for Triton."""
-    return torch.float64 if backend == "cpu" else torch.float32
+_dtype = kit.precise_dtype
 
 
 @pytest.fixture
@@ -54,7 +39,7 @@ def small_tiles(monkeypatch):
     from facekernels.kernels import cpu
 
     monkeypatch.setattr(cpu, "CLASS_TILE", 8)
-    if _triton_runs():
+    if kit.triton_importable():
         from facekernels.kernels import triton as tk
 
         monkeypatch.setattr(tk, "CHUNK_BYTES", 1)

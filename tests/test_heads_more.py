@@ -281,7 +281,7 @@ def test_adaface_float32_buffers_are_float32_arithmetic():
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", kit.HEAD_BACKENDS)
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
 @pytest.mark.slow
 def test_adaface_a_non_finite_norm_updates_no_statistic(backend, bad):
@@ -289,15 +289,17 @@ def test_adaface_a_non_finite_norm_updates_no_statistic(backend, bad):
     # still see the batch as not finite, as the NaN loss and GradScaler do, and keep their values
     x, w, y = adaface_rows(5)
     x[5, 0] = bad  # a valid row (rows 2 and 7 are ignored)
-    mean, std = torch.tensor(20.0), torch.tensor(100.0)
-    loss = fkf.margin_cross_entropy(x.float(), w.float(), y, "adaface", batch_mean=mean, batch_std=std,
-                                    t_alpha=0.5, backend=backend)  # fmt: skip
+    dev = kit.device(backend)
+    x, w, y = x.to(dev, torch.float32), w.to(dev, torch.float32), y.to(dev)
+    mean, std = torch.tensor(20.0, device=dev), torch.tensor(100.0, device=dev)
+    loss = fkf.margin_cross_entropy(x, w, y, "adaface", batch_mean=mean, batch_std=std, t_alpha=0.5,
+                                    backend=backend)  # fmt: skip
     assert torch.isnan(loss)
     assert (mean.item(), std.item()) == (20.0, 100.0)
     # the same batch labelled ignore_index on that row is finite and moves both
     y[5] = -100
-    loss = fkf.margin_cross_entropy(x.float(), w.float(), y, "adaface", batch_mean=mean, batch_std=std,
-                                    t_alpha=0.5, backend=backend)  # fmt: skip
+    loss = fkf.margin_cross_entropy(x, w, y, "adaface", batch_mean=mean, batch_std=std, t_alpha=0.5,
+                                    backend=backend)  # fmt: skip
     assert torch.isfinite(loss) and mean.item() != 20.0 and std.item() != 100.0
 
 
@@ -412,16 +414,17 @@ def elastic_lib(y, kind, *, plus, seed, fallback=None, std=0.05, training=True, 
     return loss
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", kit.HEAD_BACKENDS)
 @pytest.mark.parametrize("kind", ["arc", "cos"])
 def test_elastic_a_nan_margin_on_an_ignored_row_changes_nothing(backend, kind):
     # an ignored row's margin is never read: NaN there (rows 2 and 7 are ignored) gives the loss and the
     # gradients of any finite margin, every weight row's gradient finite
     head = ELASTIC[kind][0]
-    x, w, y = (a.float() if a.is_floating_point() else a for a in rows(6))  # float32: every backend's
+    dev = kit.device(backend)
+    x, w, y = (a.to(dev, torch.float32) if a.is_floating_point() else a.to(dev) for a in rows(6))  # every backend's
     results = []
     for bad in (math.nan, 0.3):
-        margins = torch.full((x.shape[0],), 0.4)
+        margins = torch.full((x.shape[0],), 0.4, device=dev)
         margins[2] = bad
         xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
         loss = fkf.margin_cross_entropy(xg, wg, y, head, row_margins=margins, backend=backend)
@@ -614,7 +617,7 @@ def test_filter_modules():
 
 # ------------------------------------------------------------------- (c) the worked examples, library side
 
-BACKENDS = ["reference", "cpu"]
+BACKENDS = kit.FLOAT64_BACKENDS
 
 
 def fn(x, w, y, head, backend, **kw):

@@ -27,8 +27,7 @@ pytestmark = pytest.mark.skipif(not _extension.is_available(), reason="needs the
 
 B, C, D = 29, 203, 37
 STEPS = 5
-# the triton backend's tensors: CUDA where there is a GPU, else CPU ones under Triton's interpreter
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_DEVICE = kit.TRITON_DEVICE
 OPTIMIZERS = {
     "sgd_momentum": ("SGD", dict(lr=0.5, momentum=0.9, weight_decay=5e-4)),
     "sgd_nesterov": ("SGD", dict(lr=0.5, momentum=0.9, weight_decay=5e-4, nesterov=True)),

@@ -11,15 +11,14 @@ compiled CPU kernels, both in float64.
 import dataclasses
 import math
 
+import kit
 import peers
 import pytest
 import torch
 
 import facekernels as fk
-from facekernels import _extension
 
-needs_ext = pytest.mark.skipif(not _extension.is_available(), reason="needs the compiled extension facekernels._C")
-BACKENDS = ["reference", pytest.param("cpu", marks=needs_ext)]
+BACKENDS = kit.FLOAT64_BACKENDS
 
 TARGET_COS = [-0.97, -0.93, -0.9, -0.6, -0.2, 0.1, 0.3, 0.5, 0.8, 0.95, -0.95, 0.34, 0.36]
 CLASSES, FEATURES = 11, 6

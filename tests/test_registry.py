@@ -140,14 +140,10 @@ def test_a_registered_head_gets_a_module_a_functional_form_and_docs(extra_head):
         fkf.margin_cross_entropy(x, w, y, "cosface_m05")
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", kit.HEAD_BACKENDS)
 def test_a_registered_head_conforms_on_every_backend(extra_head, backend):
     # the conformance check of tests/test_heads.py: float64 against the independent oracle, loss and gradients
-    if backend == "cpu":
-        pytest.importorskip("facekernels._C")
-    if backend == "triton":
-        pytest.importorskip("triton")
-    dtype = torch.float32 if backend == "triton" else torch.float64  # Triton's most precise
+    dtype = kit.precise_dtype(backend)
     x, w, y = kit.head_inputs(11, 37, 8, ignore_frac=0.2, dtype=dtype)
 
     def loss_and_grads(fn, x, w):
@@ -156,7 +152,8 @@ def test_a_registered_head_conforms_on_every_backend(extra_head, backend):
         loss.backward()
         return [loss, xa.grad, wa.grad]
 
-    got = loss_and_grads(lambda a, b: fkf.margin_cross_entropy(a, b, y, "cosface_m04", backend=backend), x, w)
+    got = loss_and_grads(lambda a, b: fkf.margin_cross_entropy(*kit.to_backend(backend, a, b, y), "cosface_m04",
+                                                               backend=backend).cpu(), x, w)  # fmt: skip
     want = loss_and_grads(lambda a, b: oracle.head_loss(a, b, y, "cosface")[0], x.double(), w.double())
     if dtype == torch.float64:
         for name, a, b in zip(("loss", "dx", "dw"), got, want):

@@ -19,14 +19,11 @@ from facekernels._extension import is_available as extension_built
 
 # The backends that must run here (CPU tensors). Triton runs under its interpreter (TRITON_INTERPRET=1
 # from conftest) on CPU tensors; CUDA-only backends are covered by gpu-marked tests elsewhere.
-HEAD_BACKENDS = ["reference", "cpu", "triton"]
+HEAD_BACKENDS = kit.CPU_TENSOR_BACKENDS
 TRIPLET_BACKENDS = ["reference", "cpu"]
 # 10,000 steps or an inductor compile of six heads are not for the Triton interpreter (Triton's sm_90 compile
 # test is test_gpu_static.py, its bf16/fp16 tests under the interpreter test_heads_lowp.py)
-CPU_HEAD_BACKENDS = ["reference", "cpu"]
-# the most precise dtype each backend computes in (compared with the float64 oracles)
-HEAD_PRECISE_DTYPE = {"reference": torch.float64, "cpu": torch.float64, "triton": torch.float32}
-TRIPLET_PRECISE_DTYPE = {"reference": torch.float64, "cpu": torch.float64}
+CPU_HEAD_BACKENDS = kit.FLOAT64_BACKENDS
 
 
 def _case_params(case, **options):
@@ -356,7 +353,7 @@ def test_heads_property_against_oracle(backend, problem):
     batch, classes, features, case, options, seed, ignore = problem
     g = torch.Generator().manual_seed(seed)
     x, w, y = kit.head_inputs(batch, classes, features, ignore_frac=ignore, generator=g)
-    dtype = HEAD_PRECISE_DTYPE[backend]
+    dtype = kit.precise_dtype(backend)
     # acos' slope is infinite at +-1: there a rounding of c by one ulp (eps) moves phi = cos(theta + m) by
     # ~sqrt(2 eps) * s, a conditioning effect, not an error of the backend (d = 1 puts every c at +-1)
     c = fk.reference.clamp_cosine((fk.reference.normalize_rows(x) * fk.reference.normalize_rows(w)[
@@ -402,7 +399,7 @@ def test_triplet_property_against_brute_force(backend, problem):
     batch, classes, features, opts, seed = problem
     g = torch.Generator().manual_seed(seed)
     e, y = kit.triplet_inputs(batch, classes, features, generator=g)
-    dtype = TRIPLET_PRECISE_DTYPE[backend]
+    dtype = torch.float64
     eg, eo = e.to(dtype).clone().requires_grad_(), e.clone().requires_grad_()
     got = fkf.triplet_margin_loss(eg, y, backend=backend, **opts)
     want = oracle.triplet_loss(eo, y, **opts)
@@ -559,7 +556,7 @@ def test_triplet_loss_compiles_fullgraph(backend, mining):
 @pytest.mark.parametrize("backend", HEAD_BACKENDS)
 def test_curricular_gradient_accumulation_uses_each_steps_t(backend):
     # two forwards, then one backward of their sum: each backward must use the t of its own forward
-    dtype = HEAD_PRECISE_DTYPE[backend]
+    dtype = kit.precise_dtype(backend)
     head = fk.CurricularFace(6, 9, momentum=0.5, backend=backend).to(dtype)
     ref = fk.CurricularFace(6, 9, momentum=0.5, backend="reference").double()
     ref.weight.data.copy_(head.weight.data.double())

@@ -20,8 +20,7 @@ from facekernels import functional as fkf
 from facekernels.benchmark import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_ext = pytest.mark.skipif(not _extension.is_available(), reason="needs the compiled extension facekernels._C")
-BACKENDS = ["reference", pytest.param("cpu", marks=needs_ext), "triton"]
+BACKENDS = kit.CPU_TENSOR_BACKENDS
 
 HEADS = [fk.NormSoftmax, fk.ArcFace, fk.CosFace, fk.CombinedMargin, fk.MVSoftmax, fk.CurricularFace, fk.AdaFace,
          fk.MagFace, fk.ElasticArcFace, fk.ElasticCosFace, fk.SubCenterArcFace]  # fmt: skip
@@ -131,7 +130,7 @@ def test_float64_does_not_mix_with_lower_precisions(backend):
         CosFaceLoss(5, 4, backend=backend)(x.double(), y)
 
 
-@needs_ext
+@kit.needs_ext
 def test_float64_mixed_raises_in_the_sharded_mode(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=60))  # fmt: skip

@@ -398,12 +398,12 @@ def _check(results, scenarios, world):
 @pytest.mark.parametrize("world, scenarios", [
     pytest.param(2, SCENARIOS_2, id="heads-2"),
     pytest.param(4, SCENARIOS_4, id="heads-4"),
-    pytest.param(2, SCENARIOS_TRITON, id="triton-2"),
+    pytest.param(2, SCENARIOS_TRITON, id="triton-2", marks=kit.triton_on_cpu),
     pytest.param(2, SCENARIOS_MORE_2, id="more-heads-2"),
     pytest.param(4, SCENARIOS_MORE_4, id="more-heads-4"),
-    pytest.param(2, SCENARIOS_MORE_TRITON, id="more-heads-triton-2"),
-    pytest.param(2, SCENARIOS_LOWP["bfloat16"], id="triton-2-bfloat16"),
-    pytest.param(2, SCENARIOS_LOWP["float16"], id="triton-2-float16"),
+    pytest.param(2, SCENARIOS_MORE_TRITON, id="more-heads-triton-2", marks=kit.triton_on_cpu),
+    pytest.param(2, SCENARIOS_LOWP["bfloat16"], id="triton-2-bfloat16", marks=kit.triton_on_cpu),
+    pytest.param(2, SCENARIOS_LOWP["float16"], id="triton-2-float16", marks=kit.triton_on_cpu),
 ])  # fmt: skip
 def test_sharded_heads_match_one_process(world, scenarios, tmp_path):
     _check(_spawn(world, scenarios, tmp_path), scenarios, world)

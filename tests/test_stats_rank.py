@@ -30,19 +30,9 @@ from facekernels import _extension
 from facekernels import functional as fkf
 
 
-def _triton_runs() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-NEEDS_C = pytest.mark.skipif(not _extension.is_available(), reason="needs facekernels._C")
-NEEDS_TRITON = pytest.mark.skipif(not _triton_runs(), reason="needs triton")
-BACKENDS = ["reference", pytest.param("cpu", marks=NEEDS_C), pytest.param("triton", marks=NEEDS_TRITON)]
+DEVICE = kit.TRITON_DEVICE
+BACKENDS = kit.HEAD_BACKENDS
 
 # head -> (module, its arguments): plain, additive and angular margins, MV-Softmax and CurricularFace (the logits
 # reweighted, the cosines not), sub-centers (a class's cosine is its best sub-center), AdaFace (cosines clamped
@@ -69,7 +59,7 @@ def small_tiles(monkeypatch):
     from facekernels.kernels import cpu
 
     monkeypatch.setattr(cpu, "CLASS_TILE", 8)
-    if _triton_runs():
+    if kit.triton_importable():
         from facekernels.kernels import triton as tk
 
         monkeypatch.setattr(tk, "POISON_OUTPUTS", True)
@@ -251,7 +241,7 @@ def test_topk_argument():
             stats.topk(bad)
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=NEEDS_C), pytest.param("triton", marks=NEEDS_TRITON)])
+@pytest.mark.parametrize("backend", kit.FUSED_BACKENDS)
 def test_no_count_without_stats(backend, monkeypatch):
     # the rank is counted only when the stats are asked for: otherwise the kernels get no target cosines (the
     # C++ op returns an empty count; Triton launches the RANK=False compile, the one without stats)
@@ -286,7 +276,7 @@ def test_no_count_without_stats(backend, monkeypatch):
         assert [r for r in launches if r is not None] == [False, True], launches
 
 
-@NEEDS_C
+@kit.needs_ext
 def test_cpu_op_rank_variant_opcheck():
     ops = _extension.ops()
     x, w, y = kit.head_inputs(9, 21 * 3, 6, dtype=torch.float32)
@@ -301,7 +291,7 @@ def test_cpu_op_rank_variant_opcheck():
         ops.margin_lse(*args[:-1], torch.zeros(9, dtype=torch.float64))
 
 
-@NEEDS_TRITON
+@kit.needs_triton
 def test_triton_op_rank_variant_opcheck():
     from facekernels.kernels import triton as tk
 
@@ -313,7 +303,7 @@ def test_triton_op_rank_variant_opcheck():
     torch.library.opcheck(torch.ops.facekernels.triton_margin_lse.default, args)
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=NEEDS_C), pytest.param("triton", marks=NEEDS_TRITON)])
+@pytest.mark.parametrize("backend", kit.FUSED_BACKENDS)
 def test_stats_compile_fullgraph(backend, small_tiles):
     dev = _device(backend)
     head = _head("subcenter", 16, 50, backend, torch.float32)
@@ -350,7 +340,7 @@ def _worker(rank, world, store, out_dir):
     cpu.CLASS_TILE = 4
     results = []
     for backend, name, rate in SHARDED:
-        if backend == "triton" and not _triton_runs():
+        if backend == "triton" and not kit.TRITON_ON_CPU:  # the workers' tensors are CPU ones
             results.append(None)
             continue
         cls, kw = HEADS[name]
@@ -372,7 +362,7 @@ def _worker(rank, world, store, out_dir):
     dist.destroy_process_group()
 
 
-@NEEDS_C
+@kit.needs_ext
 def test_sharded_and_partial_fc_ranks(tmp_path):
     # every rank counts its shard's classes (Partial FC: its sampled ones) and the counts are summed: the rank of
     # the global batch, the same on every rank, over the classes the step used
@@ -458,14 +448,14 @@ def _compiler_or_skip():
 
 
 @pytest.mark.slow
-@NEEDS_TRITON
+@kit.needs_triton
 def test_rank_variant_is_wgmma_without_spills_newest_triton():
     _compiler_or_skip()
     _check_rank_compile(*_rank_compile())
 
 
 @pytest.mark.slow
-@NEEDS_TRITON
+@kit.needs_triton
 def test_rank_variant_is_wgmma_without_spills_triton_360():
     _compiler_or_skip()
     path = os.environ.get("FACEKERNELS_TRITON_360", os.path.join(ROOT, ".ci-cache", "triton-3.6.0"))

@@ -39,10 +39,12 @@ from .runner import can_plot, sweep, write_outputs
 HEADS_CLASSES_START = 10_000
 GOAL_CLASSES = 30_000_000
 SWEEP_RESERVE_S = 240  # of the suite's budget, kept for the sweep
-# the test files whose tests run on the GPU when there is one (a DEVICE of "cuda", gpu-marked cases); the rest
-# of the suite tests the CPU paths, which CI runs (about 80 s of these with 12 workers on the H200 machine)
-GPU_TESTS = ("test_api.py", "test_extension.py", "test_heads.py", "test_heads_lowp.py", "test_optim.py",
-             "test_stats_rank.py", "test_triplet_fused.py", "test_triton_kernels.py")  # fmt: skip
+# the test files whose tests run on the GPU when there is one (tests/kit.py's TRITON_DEVICE, gpu-marked cases;
+# tests/test_benchmark.py checks that none is missing); the rest of the suite tests the CPU paths, which CI
+# runs (six of these files took 62-78 s with 12 workers on the H200 machine)
+GPU_TESTS = ("test_api.py", "test_extension.py", "test_fallback.py", "test_heads.py", "test_heads_lowp.py",
+             "test_heads_more.py", "test_optim.py", "test_registry.py", "test_stats_rank.py", "test_triplet_fused.py",
+             "test_triton_kernels.py")  # fmt: skip
 
 
 def doubling(start: int, stop: int) -> list:
