@@ -2,8 +2,10 @@
 
 For each batch size: the CUDA kernels one forward + backward launches (torch.profiler), against the count
 made on meta tensors (facekernels.benchmark.sm90.count_step); the step's median time (do_bench, L2 flushed)
-for the fused head, the same step replayed from a CUDA graph, and the three bare GEMMs of its shapes (the
-floor); and the loss and gradients against the eager reference on the same inputs (relative errors).
+for the fused head, with backward chunks of 40 MiB (L2-sized), 160 MiB and 2.5 GiB beside the default, the step
+replayed from a CUDA graph,
+and the three bare GEMMs of its shapes (the floor); and the loss and gradients against the eager reference on
+the same inputs (relative errors).
 
     python bench/gpu_step_profile.py [--head CurricularFace] [--batch 1024 256] [--classes 1000000]
 """
@@ -51,6 +53,7 @@ def main() -> None:
     from triton.testing import do_bench
 
     from facekernels.benchmark import sm90
+    from facekernels.kernels import triton as tk
 
     p = argparse.ArgumentParser()
     p.add_argument("--head", default="CurricularFace")
@@ -82,6 +85,20 @@ def main() -> None:
         for name, (n, us) in sorted(got.items(), key=lambda kv: -kv[1][1])[:15]:
             print(f"  {n:8d}  {us / 1e3:6.3f}  {name}")
         fused_ms = do_bench(step, warmup=50, rep=300, return_mode="median")
+        # the backward's class chunks: L2-sized (40 MiB: many chunks, many host calls) up to far larger than the
+        # default (fewer host calls, D through HBM): which wins is this GPU's and its host's to say
+        default_bytes, by_chunk = tk.CHUNK_BYTES, []
+        for budget in (40 * 2**20, 160 * 2**20, 2560 * 2**20):
+            tk.CHUNK_BYTES = budget
+            try:
+                chunks = -(-c // tk.KERNELS.chunk_classes(b, c, dt))
+                by_chunk.append(f"{budget >> 20} MiB: {do_bench(step, warmup=50, rep=300, return_mode='median'):.3f} "
+                                f"ms ({chunks} chunks)")  # fmt: skip
+            finally:
+                tk.CHUNK_BYTES = default_bytes
+        chunks = -(-c // tk.KERNELS.chunk_classes(b, c, dt))
+        print(f"  step ms by CHUNK_BYTES: {default_bytes >> 20} MiB (default): {fused_ms:.3f} ms ({chunks} chunks); "
+              + "; ".join(by_chunk))  # fmt: skip
         w = module.weight.detach()
         xd = x.detach()
         g = torch.randn(b, c, device=dev, dtype=dt) if b * c * 2 < 8 * 2**30 else None

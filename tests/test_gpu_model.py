@@ -215,7 +215,7 @@ def test_host_time_sums_the_counted_calls():
     got = sum(M.host_cost(c, host) for c in calls)
     launches = 3 + 2 + 2
     want = 3 * 5e-6 + 2 * 7e-6 + 4 * 1e-6 + 2e-6 + 2 * 30e-6 + 2 * 20e-6 + launches * M.DRIVER_LAUNCH
-    assert got == pytest.approx(want)
+    assert got == pytest.approx(M.HOST_SCALE * want)  # the GPU machine's host, fitted to its run
 
 
 def test_wall_time_is_host_or_gpu_per_stretch_between_syncs():
@@ -272,3 +272,22 @@ def test_counting_does_not_change_the_step():
         (x @ w).sum().backward()
     assert "aten.copy_.default" not in counter.result.by_name("kernel"), counter.result.calls
     assert "aten.clone.default" not in counter.result.by_name("kernel"), counter.result.calls
+
+
+def test_measured_steps_are_printed_beside_the_estimate(tmp_path):
+    # a GPU's results.csv (facekernels-bench's schema) under bench/results: its time at the model's shape is
+    # printed with its ratio to the estimate; CPU rows, other shapes and non-numbers (OOM) are not
+    header = ("kernel,provider,mode,metric,unit,x_name,x_value,y_p50,y_p20,y_p80,config,dtype,device,torch_version,"
+              "triton_version,facekernels_commit,timestamp,note\n")  # fmt: skip
+    rows = ['arcface,triton,full,time,ms,C,1000,30,29,31,"{""B"": 8, ""d"": 4}",bfloat16,NVIDIA X,2,3,abc,t,',
+            'arcface,triton,full,time,ms,C,2000,OOM,OOM,OOM,"{""B"": 8, ""d"": 4}",bfloat16,NVIDIA X,2,3,abc,t,',
+            'arcface,compile,full,time,ms,C,1000,5,5,5,"{""B"": 8, ""d"": 4}",bfloat16,CPU Y,2,3,abc,t,']  # fmt: skip
+    (tmp_path / "gpu-1").mkdir()
+    (tmp_path / "gpu-1" / "results.csv").write_text(header + "\n".join(rows) + "\n")
+    measured = M.measured_steps(str(tmp_path))
+    assert measured == {("arcface", "triton", "bfloat16", 8, 4, 1000): (30.0, "NVIDIA X", "gpu-1")}
+    walls = {"fused (backend='triton')": 0.010, "eager (backend='reference')": 0.020}
+    text = M.measured_text("ArcFace", 8, 4, 1000, torch.bfloat16, walls, measured)
+    assert text.strip() == "MEASURED fused: 30.00 ms on NVIDIA X (bench/results/gpu-1) = 3.00 x this estimate"
+    assert "no GPU measurement of curricular" in M.measured_text("CurricularFace", 8, 4, 1000, torch.bfloat16,
+                                                                 walls, measured)  # fmt: skip

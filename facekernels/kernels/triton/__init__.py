@@ -54,12 +54,14 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tests set this to fill every buffer a kernel writes with NaN first, so an unwritten element shows.
 POISON_OUTPUTS = False
 # Bytes of one backward chunk's working set between the kernel that writes D and the two GEMMs that read it: D
-# (B, chunk) in the GEMM dtype, the chunk of W and its float32 dW (``chunk_classes``), within the L2 cache (H100:
-# 50 MB) less room for X (1 MB at B = 1024, d = 512) and the per-row vectors. At B = 1024, d = 512, bfloat16:
-# 8192 classes, 123 chunks at C = 1M (at B = 256: 11648, 86 chunks). The float32 dots that the recompute writes
-# (B x chunk x 4 bytes) are read once by the kernel right after and are not counted: they go with the fused
-# recompute (issue 20, item 1). Tests make it small.
-CHUNK_BYTES = 40 * 2**20
+# (B, chunk) in the GEMM dtype, the chunk of W and its float32 dW (``chunk_classes``). Not sized to the L2 (50 MB,
+# which gave 123 chunks at B = 1024, C = 1M): the first GPU run (bench/results/h200-2026-12-04) timed a step
+# that bench/gpu_model.py fits only with every host call ~7.5x what it costs on the development machine, about
+# 0.25 ms of host per chunk of 4 launches against ~0.09 ms of GPU work. Fewer, larger chunks cost D's round trip
+# through HBM instead (~1.6 ms per million classes at B = 1024, bf16) and ~640 MB of temporaries. At B = 1024,
+# d = 512, bfloat16: 131072 classes, 8 chunks at C = 1M (at B = 256: 187136, 6 chunks). Which size wins is the
+# next GPU run's to say (bench/gpu_step_profile.py times 40 MB to 2.5 GB). Tests make it small.
+CHUNK_BYTES = 640 * 2**20
 # The embedding width the chunks are sized for when the caller does not say (the algorithm's protocol passes
 # (batch, classes, dtype)): the largest of the target widths (128, 256, 512), so a narrower W only leaves room.
 CHUNK_FEATURES = 512
