@@ -74,7 +74,7 @@ def main() -> None:
         torch.cuda.synchronize()
         got = kernels_of(step)
         launches, busy_us = sum(n for n, _ in got.values()), sum(us for _, us in got.values())
-        try:  # torch 2.11's meta addmm(out_dtype=) decomposition fails (seen on the H200): the count needs 2.13
+        try:  # a counting failure must not cost the measurements (torch 2.11 failed in it once: sm90.py)
             predicted = sm90.count_step(b, c, d, dt, head=args.head)
             prediction = f"{predicted.launches()}, {predicted.summary()['launches_by_phase']}"
         except Exception as e:  # noqa: BLE001 -- report, do not stop the measurements
