@@ -5,6 +5,9 @@
 # env.txt, run.txt, results.csv, table.md and plot.png (8 files: what the device tool brings back) into
 # bench/results/<gpu>-<date>/ within 10 minutes.
 # Options go to `facekernels-bench --suite gpu` (--help lists them: --minutes, --max-classes, --skip-build...).
+# Through the workplace's device tool (only $OUT comes back, 8 files at most, 10 minutes a command):
+#   bash bench/gpu_suite.sh --out $OUT/r --minutes 9 --no-progress
+# then copy the 8 files into bench/results/<gpu>-<date>/ and add a NOTES.md (bench/results/h200-2026-12-04).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python -m facekernels.benchmark.cli --suite gpu "$@"
+exec "${PYTHON:-python3}" -m facekernels.benchmark.cli --suite gpu "$@"

@@ -171,7 +171,8 @@ def main(argv=None) -> int:
     codes = {}
     if not args.skip_build:
         env = {**os.environ, "FACEKERNELS_CUDA": "1"}
-        cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "-e", "."]
+        # --no-deps: the machine's own torch stays (a resolver could otherwise try to replace it, with no network)
+        cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
         timeout_s = max(60, deadline - time.monotonic() - 2 * SWEEP_RESERVE_S)
         codes["build"] = _run_logged(cmd, os.path.join(out, "build.log"), env, timeout_s=timeout_s)
     if not args.skip_tests:
