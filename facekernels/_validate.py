@@ -55,6 +55,11 @@ def label_range_error(num_classes: int, ignore_index: int, found: int, note: str
                       + (f" {note}" if note else ""))  # fmt: skip
 
 
+def out_of_range_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """The mask of labels outside [0, num_classes) that are not ignore_index (on the labels' device)."""
+    return ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+
+
 def label_checks_enabled() -> bool:
     return _check_label_values
 
@@ -91,7 +96,7 @@ def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int
         check_labels(wait=False)
     if labels.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return  # a graph replays with other labels: nothing to read back per capture
-    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    bad = out_of_range_labels(labels, num_classes, ignore_index)
     deferred = labels.is_cuda if _defer_label_checks is None else _defer_label_checks
     if not deferred:
         if bool(bad.any()):  # a host sync on CUDA (deferred=False asked for it)

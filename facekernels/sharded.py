@@ -187,7 +187,7 @@ def sharded_margin_cross_entropy(
             error = err
         # the label values, agreed by every rank (a host read: the sharded step syncs once to agree anyway)
         if error is None and V.label_checks_enabled() and not torch.compiler.is_compiling():
-            wrong = ((labels < 0) | (labels >= num_classes)) & (labels != params.ignore_index)
+            wrong = V.out_of_range_labels(labels, num_classes, params.ignore_index)
             if bool(wrong.any()):
                 bad_label = int(labels[wrong][0])
     config = config or {}

@@ -35,7 +35,8 @@ needs_triton = pytest.mark.skipif(not triton_importable(), reason="needs triton"
 # tensors are facekernels.benchmark.gpu_suite.GPU_TESTS
 TRITON_ON_CPU = triton_importable() and not torch.cuda.is_available()
 triton_on_cpu = pytest.mark.skipif(not TRITON_ON_CPU,
-                                   reason="gives the triton backend CPU tensors: Triton's interpreter only, no CUDA")
+                                   reason="gives the triton backend CPU tensors: needs triton, under its interpreter "
+                                          "(a machine without CUDA)")  # fmt: skip
 # the heads' backends as pytest parameters: the fused ones, those that compute in float64, and all of them;
 # CPU_TENSOR_BACKENDS for the files that keep every input on the CPU
 FUSED_BACKENDS = [pytest.param("cpu", marks=needs_ext), pytest.param("triton", marks=needs_triton)]

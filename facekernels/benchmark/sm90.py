@@ -355,7 +355,8 @@ class StepCounter(TorchDispatchMode):
                         or name == "copy_" and args[0].device.type == "cpu"))  # fmt: skip
         if name in SYNC_OPS or to_host:
             return self._sync(func, args, kwargs)
-        if qualname == "aten::addmm" and func._overloadname == "dtype_out" and getattr(kwargs.get("out"), "is_meta", 0):
+        meta_out = getattr(kwargs.get("out"), "is_meta", False)
+        if qualname == "aten::addmm" and func._overloadname == "dtype_out" and meta_out:
             out = kwargs["out"]  # its result; torch 2.11's meta decomposition of this overload fails (on the H200)
         else:
             out = func(*args, **kwargs)
