@@ -59,7 +59,11 @@ SMS = 132  # NVIDIA H100 datasheet (SXM5)
 CLOCK = 1.83e9  # Hz: the clock at which the datasheet's 989 TFLOP/s dense bf16 holds (132 SMs x 4096 FLOP/clk)
 TENSOR_PEAK = {"bf16": 989e12, "fp16": 989e12, "tf32": 494.7e12}  # dense FLOP/s, NVIDIA H100 datasheet
 FP32_PEAK = 66.9e12  # FLOP/s without tensor cores (datasheet): cuBLAS float32 GEMMs at torch's default "highest"
-WGMMA_EFF = 0.75  # a Triton wgmma K loop on its own: assumed near cuBLAS's large-shape rate (~790 / 989)
+# A Triton wgmma K loop's share of the tensor peak. FITTED: the H200 profile (bench/results/h200-2026-12-04b,
+# profile.txt) timed _lse_partial_kernel at 5.2 ms for its 1.05 TFLOP with the epilogue (CurricularFace,
+# B = 1024, C = 1M, bf16), which this model gives only at 0.24; 0.75 (near cuBLAS's large-shape rate, ~790 / 989)
+# was assumed before a GPU ran it, and estimated that kernel at 2.3 ms.
+WGMMA_EFF = 0.24
 HBM_BW = 3.35e12 * 0.9  # HBM3 3.35 TB/s (datasheet), ~90 % reachable by streaming kernels
 L2_BW = 7.2e12  # L2 -> SMs: ~5.5 TB/s measured on H100 PCIe (chipsandcheese 2023, 114 SMs at 1.755 GHz) scaled
 #                 to SXM's 132 SMs at 1.98 GHz; the least certain constant
@@ -726,7 +730,7 @@ def measured_text(head: str, batch: int, features: int, classes: int, dtype: tor
         got = measured.get((name, provider, str(dtype).removeprefix("torch."), batch, features, classes))
         if got is not None:
             ms, device, folder = got
-            lines.append(f"   MEASURED {path.split(' ')[0]}: {ms:.2f} ms on {device} (bench/results/{folder}) = "
+            lines.append(f"   MEASURED {path.split(' ')[0].rstrip(':')}: {ms:.2f} ms on {device} (bench/results/{folder}) = "
                          f"{ms / (wall * 1e3):.2f} x this estimate")  # fmt: skip
     return "\n".join(lines or [f"   (no GPU measurement of {name} at this shape in bench/results)"])
 

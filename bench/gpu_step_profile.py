@@ -44,7 +44,7 @@ def kernels_of(fn) -> dict:
 
 
 def rel(a, b) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
@@ -66,8 +66,11 @@ def main() -> None:
     for b in args.batch:
         torch.manual_seed(b)
         module = getattr(facekernels, args.head)(d, c, backend="triton").to(dev, dt).train()
-        x = torch.randn(b, d, device=dev, dtype=dt, requires_grad=True)
-        labels = torch.randint(0, c, (b,), device=dev)
+        # a generator of its own: a failed graph capture leaves the default CUDA generator unusable (the H200 run
+        # of 2026-12-04 stopped at the next torch.randn: "Offset increment outside graph capture")
+        gen = torch.Generator(dev).manual_seed(b)
+        x = torch.randn(b, d, device=dev, dtype=dt, generator=gen).requires_grad_(True)
+        labels = torch.randint(0, c, (b,), device=dev, generator=gen)
         step = step_fn(module, x, labels)
         for _ in range(3):
             step()
@@ -101,7 +104,7 @@ def main() -> None:
               + "; ".join(by_chunk))  # fmt: skip
         w = module.weight.detach()
         xd = x.detach()
-        g = torch.randn(b, c, device=dev, dtype=dt) if b * c * 2 < 8 * 2**30 else None
+        g = torch.randn(b, c, device=dev, dtype=dt, generator=gen) if b * c * 2 < 8 * 2**30 else None
         floor_ms = float("nan")
         if g is not None:  # logits X W^T, dX = G W, dW = G^T X
             floor_ms = do_bench(lambda: (xd @ w.t(), g @ w, g.t() @ xd), warmup=50, rep=300, return_mode="median")

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import torch
 
-# (2^31 - 1) and the golden-ratio multiplier of Knuth's multiplicative hash: column weights in [1, 2^31)
-_PRIME, _GOLDEN = 2_147_483_647, 2_654_435_761
+# (2^31 - 1) and the golden-ratio multiplier of Knuth's multiplicative hash (2654435761) reduced modulo it: the
+# same column weights, in [1, 2^31). The literal must fit in int32: torch.compile's Triton code multiplies a
+# 32-bit index by it, and triton 3.6 rejects 2654435761 there (the H200 run's compiled triplet baseline failed
+# so). Should that product wrap, the weights differ, and a hash they still are: a collision is checked below.
+_PRIME, _GOLDEN = 2_147_483_647, 2_654_435_761 % 2_147_483_647
 
 
 def representatives(rows: torch.Tensor) -> torch.Tensor:

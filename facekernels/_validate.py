@@ -92,10 +92,12 @@ def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int
     ones (the comment at the top); skipped inside torch.compile and when turned off (``set_label_checks``)."""
     if not _check_label_values or labels.numel() == 0 or torch.compiler.is_compiling():
         return
+    if labels.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # a graph replays with other labels: nothing to read back per capture. Before the pending reports: their
+        # event query is illegal during capture (it invalidated the capture of the H200's step profile)
+        return
     if _pending_label_reports:
         check_labels(wait=False)
-    if labels.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return  # a graph replays with other labels: nothing to read back per capture
     bad = out_of_range_labels(labels, num_classes, ignore_index)
     deferred = labels.is_cuda if _defer_label_checks is None else _defer_label_checks
     if not deferred:

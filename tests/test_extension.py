@@ -102,6 +102,15 @@ exec {cxx} "$@"
 CU_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 
 
+def test_argument_checks_build_their_messages_without_a_stream():
+    # TORCH_CHECK_* stream their message arguments (c10::str), which segfaulted for numbers in the H200 machine's
+    # CUDA build; every check goes through FK_CHECK_* (csrc/include/facekernels/check_message.h)
+    sources = glob.glob(os.path.join(ROOT, "csrc", "**", "*.*"), recursive=True)
+    streamed = [f"{os.path.relpath(p, ROOT)}:{n}" for p in sources if not p.endswith("check_message.h")
+                for n, line in enumerate(open(p), 1) if "TORCH_CHECK" in line]  # fmt: skip
+    assert not streamed, streamed
+
+
 def test_there_are_cuda_kernel_files():
     assert CU_FILES, "csrc/cuda/ must hold the CUDA kernels"
 

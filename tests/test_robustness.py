@@ -627,7 +627,7 @@ def deferred_label_checks():
     fk._validate._pending_label_reports.clear()
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 def test_deferred_label_check_raises_at_the_next_call_and_meanwhile_gives_nan(backend, deferred_label_checks):
     if backend == "cpu" and not extension_built():
         pytest.skip("needs facekernels._C")
@@ -646,6 +646,25 @@ def test_deferred_label_check_raises_at_the_next_call_and_meanwhile_gives_nan(ba
     with pytest.raises(ValueError, match="found 7"):  # the documented sync point: the first bad label
         fk.check_labels()
     fk.check_labels()  # nothing pending
+
+
+def test_label_check_during_cuda_graph_capture_touches_no_event(monkeypatch, deferred_label_checks):
+    # capturing a step (torch.cuda.graphs, reduce-overhead) after uncaptured steps: their reports' events must
+    # not be queried, an event query during capture invalidates it. CUDA labels stood in for on CPU.
+    class Event:
+        def query(self):
+            raise AssertionError("an event queried during capture")
+
+    class CudaLabels:
+        device = torch.device("cuda")
+
+        def numel(self):
+            return 4
+
+    fk._validate._pending_label_reports.append((Event(), torch.tensor([0, 0]), 5, -1))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    fk._validate.check_label_values(CudaLabels(), 5, -1)
+    assert len(fk._validate._pending_label_reports) == 1  # read after the capture, not during it
 
 
 def test_label_checks_on_cpu_labels_stay_immediate_by_default():

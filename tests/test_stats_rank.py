@@ -200,7 +200,8 @@ def test_topk_is_the_official_trainers_accuracy(backend, small_tiles):
     top = (64.0 * cos).topk(5, dim=1).indices
     lower, upper = rank_window(cos, y, _tolerance(backend, dtype))
     clear = lower == upper  # no class within the rounding of the target: topk's order is the oracle's
-    assert int(clear.sum()) >= 40
+    # 40 of the 48 rows at float32's 1e-5, 28 at the GPU's tensor-float32 tolerance (the H200, 2026-12-04)
+    assert int(clear.sum()) >= 24
     for k in (1, 5):
         official = (top[:, :k] == y.unsqueeze(1)).any(dim=1)
         assert torch.equal(stats.topk(k).cpu()[clear], official[clear]), k
@@ -263,8 +264,8 @@ def test_no_count_without_stats(backend, monkeypatch):
         real_launch = tk._launch
         monkeypatch.setattr(tk, "_launch", lambda kernel, grid, *a, **meta: (launches.append(meta.get("RANK")),
                                                                               real_launch(kernel, grid, *a, **meta)))
-    x, w, y = kit.head_inputs(6, 20, 8, dtype=torch.float32)
     head = _head("arcface", 8, 20, backend, torch.float32)
+    x, w, y = (a.to(head.weight.device) for a in kit.head_inputs(6, 20, 8, dtype=torch.float32))
     head.return_stats = False
     with torch.no_grad():
         head.weight.copy_(w)

@@ -30,6 +30,7 @@
 #include <limits>
 #include <vector>
 
+#include "facekernels/check_message.h"
 #include "facekernels/common.h"
 #include "facekernels/head_math.h"
 
@@ -60,9 +61,9 @@ int64_t resolve_class_tile(int64_t class_tile, int64_t batch, int64_t num_classe
 at::ScalarType acc_dtype(at::ScalarType input) { return input == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_row_tensor(const at::Tensor& v, const char* name, int64_t n, at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == n && v.device().is_cpu(), name, " must be a CPU tensor of shape (",
+  FK_CHECK_VALUE(v.dim() == 1 && v.size(0) == n && v.device().is_cpu(), name, " must be a CPU tensor of shape (",
                     n, ",); got ", v.sizes(), " on ", v.device());
-  TORCH_CHECK_TYPE(v.scalar_type() == dtype, name, " must be ", dtype, "; got ", v.scalar_type());
+  FK_CHECK_TYPE(v.scalar_type() == dtype, name, " must be ", dtype, "; got ", v.scalar_type());
 }
 
 // The checks both head kernels share. The Python algorithm validated the user's inputs already; these catch
@@ -71,33 +72,33 @@ void check_head_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
                      const at::Tensor& target, const at::Tensor& phi, const at::Tensor& tau,
                      const c10::optional<at::Tensor>& t, double s, int64_t negatives, double cos_bound,
                      int64_t subcenters, int64_t class_tile) {
-  TORCH_CHECK_VALUE(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
+  FK_CHECK_VALUE(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
                     "embeddings and weight must be 2-D with the same number of features; got ", x.sizes(), " and ",
                     w.sizes());
-  TORCH_CHECK_VALUE(w.size(0) > 0, "weight must have at least one class (row)");
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()) && x.scalar_type() == w.scalar_type(),
+  FK_CHECK_VALUE(w.size(0) > 0, "weight must have at least one class (row)");
+  FK_CHECK_TYPE(at::isFloatingType(x.scalar_type()) && x.scalar_type() == w.scalar_type(),
                    "embeddings and weight must be floating-point tensors of one dtype; got ", x.scalar_type(),
                    " and ", w.scalar_type());
-  TORCH_CHECK_VALUE(x.device().is_cpu() && w.device().is_cpu(), "embeddings and weight must be CPU tensors");
+  FK_CHECK_VALUE(x.device().is_cpu() && w.device().is_cpu(), "embeddings and weight must be CPU tensors");
   const auto acc = acc_dtype(x.scalar_type());
   const int64_t batch = x.size(0);
   check_row_tensor(inv_x, "inv_x", batch, acc);
-  TORCH_CHECK_VALUE(subcenters >= 1 && w.size(0) % subcenters == 0,
+  FK_CHECK_VALUE(subcenters >= 1 && w.size(0) % subcenters == 0,
                     "subcenters must be >= 1 and divide the weight's rows; got ", subcenters, " for ", w.size(0),
                     " rows");
-  TORCH_CHECK_VALUE(cos_bound > 0 && cos_bound <= 1, "cos_bound must be in (0, 1]; got ", cos_bound);
+  FK_CHECK_VALUE(cos_bound > 0 && cos_bound <= 1, "cos_bound must be in (0, 1]; got ", cos_bound);
   check_row_tensor(inv_w, "inv_w", w.size(0), acc);
   check_row_tensor(target, "target", batch, at::kLong);
   check_row_tensor(phi, "phi", batch, acc);
   check_row_tensor(tau, "tau", batch, acc);
-  TORCH_CHECK_VALUE(negatives >= 0 && negatives <= 2, "negatives must be 0..2 (facekernels.Negatives); got ",
+  FK_CHECK_VALUE(negatives >= 0 && negatives <= 2, "negatives must be 0..2 (facekernels.Negatives); got ",
                     negatives);
-  TORCH_CHECK_VALUE(std::isfinite(s) && s > 0, "s must be a finite positive scale; got ", s);
-  TORCH_CHECK_VALUE(class_tile >= 0, "class_tile must be >= 0 (0: default); got ", class_tile);
+  FK_CHECK_VALUE(std::isfinite(s) && s > 0, "s must be a finite positive scale; got ", s);
+  FK_CHECK_VALUE(class_tile >= 0, "class_tile must be >= 0 (0: default); got ", class_tile);
   if (negatives == static_cast<int64_t>(Negatives::kCurricular)) {
-    TORCH_CHECK_VALUE(t.has_value() && t->defined() && t->dim() == 0 && t->device().is_cpu(),
+    FK_CHECK_VALUE(t.has_value() && t->defined() && t->dim() == 0 && t->device().is_cpu(),
                       "t (a 0-dim CPU tensor) is required when negatives is CURRICULAR");
-    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "t must be float32; got ", t->scalar_type());
+    FK_CHECK_TYPE(t->scalar_type() == at::kFloat, "t must be float32; got ", t->scalar_type());
   }
 }
 
@@ -407,8 +408,8 @@ std::tuple<at::Tensor, at::Tensor> margin_backward_cpu(
 // 1 / max(||a_r||, eps) per row, in float32 (float64 for float64 input). The squares are summed in double:
 // a float32 sum overflows for rows with norms above ~1.8e19 and would turn them into zero vectors.
 at::Tensor inv_norms_cpu(const at::Tensor& a) {
-  TORCH_CHECK_VALUE(a.dim() == 2 && a.device().is_cpu(), "inv_norms takes a 2-D CPU tensor; got ", a.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(a.scalar_type()), "inv_norms takes a floating-point tensor; got ",
+  FK_CHECK_VALUE(a.dim() == 2 && a.device().is_cpu(), "inv_norms takes a 2-D CPU tensor; got ", a.sizes());
+  FK_CHECK_TYPE(at::isFloatingType(a.scalar_type()), "inv_norms takes a floating-point tensor; got ",
                    a.scalar_type());
   const auto rows = a.contiguous();
   const int64_t n = rows.size(0), d = rows.size(1);

@@ -2,8 +2,8 @@
 builds the CUDA extension, runs the tests that touch a GPU (GPU_TESTS; the rest run on CPU in CI), runs the
 GPU sweep and writes everything into bench/results/<gpu>-<date>/, ready to commit:
 
-    build.log  tests.log  profile.txt (bench/gpu_step_profile.py)  env.txt (nvidia-smi, versions, commit, command)
-    run.txt  results.csv  table.md  plot.png
+    build.log  tests.log  profile.txt (bench/gpu_step_profile.py, then bench/gpu_tile_sweep.py)
+    env.txt (nvidia-smi, versions, commit, command)  run.txt  results.csv  table.md  plot.png
 
 The sweep, in this order, so that a run cut by the deadline (default: everything within 10 minutes) loses the
 least useful cases (those left are recorded as "skipped(deadline)"):
@@ -97,10 +97,11 @@ def result_dir(root: str, device: torch.device, today: datetime.date | None = No
     return os.path.join(root, f"{slug(name)}-{(today or datetime.date.today()).isoformat()}")
 
 
-def _run_logged(cmd: list, log_path: str, env: dict | None = None, timeout_s: float = 600) -> int:
-    """Run cmd with its output going to log_path (and a summary line to stderr); its exit code."""
+def _run_logged(cmd: list, log_path: str, env: dict | None = None, timeout_s: float = 600, append: bool = False) -> int:
+    """Run cmd with its output going to log_path (after what it holds, with ``append``; and a summary line to
+    stderr); its exit code."""
     start = time.perf_counter()
-    with open(log_path, "w") as log:
+    with open(log_path, "a" if append else "w") as log:
         log.write(f"$ {' '.join(shlex.quote(c) for c in cmd)}\n")
         log.flush()
         try:
@@ -185,11 +186,17 @@ def main(argv=None) -> int:
         codes["tests"] = _run_logged(cmd, os.path.join(out, "tests.log"), timeout_s=timeout_s)
 
     profile = os.path.join(results.REPO_ROOT, "bench", "gpu_step_profile.py")
+    tiles = os.path.join(results.REPO_ROOT, "bench", "gpu_tile_sweep.py")
     if device.type == "cuda" and not args.skip_profile and os.path.exists(profile):
         # one step's kernels, launches and GPU time each, its CUDA-graph time and the floor: what the sweep's
-        # step times alone cannot say (which kernel is slow)
+        # step times alone cannot say (which kernel is slow); then the Triton tiles timed, into the same file
+        # (the device tool brings back 8 files)
         timeout_s = max(30, min(150, deadline - time.monotonic() - SWEEP_RESERVE_S))
         _run_logged([sys.executable, profile], os.path.join(out, "profile.txt"), timeout_s=timeout_s)
+        seconds = min(60, deadline - time.monotonic() - SWEEP_RESERVE_S - 20)
+        if seconds > 20 and os.path.exists(tiles):
+            _run_logged([sys.executable, tiles, "--seconds", f"{seconds:.0f}"], os.path.join(out, "profile.txt"),
+                        timeout_s=seconds + 20, append=True)  # fmt: skip
 
     settings = measure.Settings()
     sweep_start = time.perf_counter()

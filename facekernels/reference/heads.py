@@ -13,6 +13,7 @@ import math
 import torch
 
 from .._params import HeadParams, Negatives
+from .._validate import out_of_range_labels
 from .._rowmath import (
     MarginState,
     acc_dtype,
@@ -57,7 +58,11 @@ def eager_margin_cross_entropy(
         raw = first_max(raw.view(raw.shape[0], weight.shape[0] // p.subcenters, p.subcenters))[0]
     cos = clamp_cosine(raw, p.cos_bound)
 
-    safe_labels = torch.where(valid, labels, 0).unsqueeze(1)
+    # a label outside [0, C) that the label check has not stopped (CUDA labels are checked on the device and
+    # reported at a later call, _validate.py): its row reads column 0 (a gather out of range would be a
+    # device-side assert) and its loss is NaN, as the fused path's
+    out_of_range = out_of_range_labels(labels, cos.shape[1], p.ignore_index)
+    safe_labels = torch.where(valid & ~out_of_range, labels, 0).unsqueeze(1)
     # the per-row target math runs in float32 at least: phi' reaches 1/SIN_THETA_EPS, beyond float16
     c_target = cos.gather(1, safe_labels).squeeze(1).to(torch.promote_types(dtype, torch.float32))
     # MagFace's margins carry autograd history through the norms: phi differentiates through them
@@ -86,7 +91,7 @@ def eager_margin_cross_entropy(
     row_loss = torch.logsumexp(logits, dim=1).to(phi.dtype) - p.s * phi
     if margins.extra is not None:
         row_loss = row_loss + margins.extra
-    row_loss = torch.where(valid, row_loss, 0)
+    row_loss = torch.where(valid, torch.where(out_of_range, torch.nan, row_loss), 0)
 
     loss = reduce_row_losses(row_loss.to(acc_dtype(dtype)), valid, p.reduction)
     if not stats:

@@ -4,6 +4,7 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include "facekernels/check_message.h"
 #include "facekernels/cuda_launchers.h"
 
 namespace facekernels {
@@ -19,7 +20,7 @@ inline DType to_kernel_dtype(c10::ScalarType t) {
     case c10::kDouble:
       return DType::kFloat64;
     default:
-      TORCH_CHECK_TYPE(false, "expected float32, float16, bfloat16 or float64 tensors; got ", t);
+      FK_CHECK_TYPE(false, "expected float32, float16, bfloat16 or float64 tensors; got ", t);
   }
 }
 

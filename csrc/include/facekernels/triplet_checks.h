@@ -8,19 +8,20 @@
 
 #include <string>
 
+#include "facekernels/check_message.h"
 #include "facekernels/triplet_select.h"
 
 namespace facekernels {
 
 inline void check_triplet_args(const at::Tensor& embeddings, const at::Tensor& labels, double margin) {
-  TORCH_CHECK_VALUE(embeddings.dim() == 2, "embeddings must be 2-D; got ", embeddings.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(embeddings.scalar_type()),
+  FK_CHECK_VALUE(embeddings.dim() == 2, "embeddings must be 2-D; got ", embeddings.sizes());
+  FK_CHECK_TYPE(at::isFloatingType(embeddings.scalar_type()),
                    "embeddings must be float16, bfloat16, float32 or float64; got ", embeddings.scalar_type());
-  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "labels must be int64; got ", labels.scalar_type());
-  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == embeddings.size(0), "labels must have shape (",
+  FK_CHECK_TYPE(labels.scalar_type() == at::kLong, "labels must be int64; got ", labels.scalar_type());
+  FK_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == embeddings.size(0), "labels must have shape (",
                     embeddings.size(0), ",); got ", labels.sizes());
-  TORCH_CHECK_VALUE(embeddings.device() == labels.device(), "embeddings and labels must be on one device");
-  TORCH_CHECK_VALUE(margin >= 0, "margin must be >= 0; got ", margin);
+  FK_CHECK_VALUE(embeddings.device() == labels.device(), "embeddings and labels must be on one device");
+  FK_CHECK_VALUE(margin >= 0, "margin must be >= 0; got ", margin);
 }
 
 // The rows' representatives (csrc/include/facekernels/triplet_select.h, pair_distance) as a pointer, nullptr
@@ -30,15 +31,15 @@ inline const int64_t* representatives_ptr(const c10::optional<at::Tensor>& repre
                                           const at::Tensor& embeddings) {
   if (!representatives.has_value()) return nullptr;
   const at::Tensor& rep = *representatives;
-  TORCH_CHECK_TYPE(rep.scalar_type() == at::kLong, "representatives must be int64; got ", rep.scalar_type());
-  TORCH_CHECK_VALUE(rep.dim() == 1 && rep.size(0) == embeddings.size(0), "representatives must have shape (",
+  FK_CHECK_TYPE(rep.scalar_type() == at::kLong, "representatives must be int64; got ", rep.scalar_type());
+  FK_CHECK_VALUE(rep.dim() == 1 && rep.size(0) == embeddings.size(0), "representatives must have shape (",
                     embeddings.size(0), ",); got ", rep.sizes());
-  TORCH_CHECK_VALUE(rep.device() == embeddings.device(), "representatives and embeddings must be on one device");
-  TORCH_CHECK_VALUE(rep.is_contiguous(), "representatives must be contiguous");
+  FK_CHECK_VALUE(rep.device() == embeddings.device(), "representatives and embeddings must be on one device");
+  FK_CHECK_VALUE(rep.is_contiguous(), "representatives must be contiguous");
   if (rep.device().is_cpu() && rep.numel() > 0) {
     const int64_t* r = rep.data_ptr<int64_t>();
     for (int64_t i = 0; i < rep.numel(); ++i)
-      TORCH_CHECK_VALUE(r[i] >= 0 && r[i] < rep.numel(), "representatives must be row indices in [0, ",
+      FK_CHECK_VALUE(r[i] >= 0 && r[i] < rep.numel(), "representatives must be row indices in [0, ",
                         rep.numel(), "); got ", r[i], " at ", i);
   }
   return rep.data_ptr<int64_t>();
@@ -48,14 +49,14 @@ inline Mining parse_mining(const std::string& s) {
   if (s == "semihard") return Mining::kSemihard;
   if (s == "hard") return Mining::kHard;
   if (s == "all") return Mining::kAll;
-  TORCH_CHECK_VALUE(false, "mining must be 'semihard', 'hard' or 'all'; got '", s, "'");
+  FK_CHECK_VALUE(false, "mining must be 'semihard', 'hard' or 'all'; got '", s, "'");
 }
 
 inline Distance parse_distance(const std::string& s) {
   if (s == "squared_euclidean") return Distance::kSquaredEuclidean;
   if (s == "euclidean") return Distance::kEuclidean;
   if (s == "cosine") return Distance::kCosine;
-  TORCH_CHECK_VALUE(false, "distance must be 'squared_euclidean', 'euclidean' or 'cosine'; got '", s, "'");
+  FK_CHECK_VALUE(false, "distance must be 'squared_euclidean', 'euclidean' or 'cosine'; got '", s, "'");
 }
 
 // float32 accumulation, float64 for float64 inputs
