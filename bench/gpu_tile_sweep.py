@@ -121,6 +121,13 @@ def main() -> None:
                 tk._fused_tiles, tk.FUSED_BLOCK_C = real_fused_tiles, real_block_c
         tk._fused = lambda subcenters, dtype: False
         report("step", "cuBLAS float32 dots + elementwise kernel (never fused)", step)
+        real_rows = tk.GRAD_BLOCK_B
+        for rows in (128, 32):  # the elementwise kernel's rows a step (default 64; 128 is what the H200 timed)
+            tk.GRAD_BLOCK_B = rows
+            try:
+                report("step", f"never fused, elementwise kernel at {rows} rows", step)
+            finally:
+                tk.GRAD_BLOCK_B = real_rows
     finally:
         tk._fused = real_fused
 

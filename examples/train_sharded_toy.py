@@ -81,6 +81,9 @@ def main():
             break
     if rank == 0:
         print(f"final loss {loss.item().hex()}", flush=True)  # exact, for comparing runs
+    # every rank done with its collectives before any tears down: a rank leaving while the other was still in
+    # gloo's shutdown aborted once under load ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -214,19 +214,18 @@ def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int
 
 
 # ``_grad_logits_from_dots_kernel``'s tile (bfloat16 / float16 and the sub-center heads, ``_fused``):
-# elementwise (no tl.dot), 128 rows x 32 classes a step over 4 warps (32 values a thread; 64 spill), 128-byte
-# row segments of the float32 dots. A program owns its 32 classes for all rows (backward.py: k summed whole, no
-# second launch). With inter-class filtering, 64 rows (its threshold test spills 8 bytes at 128 for bfloat16 on
-# triton 3.9); with sub-centers, 32 (the running max's index is a second tile: 64 rows spill 104 bytes for
-# float32 on triton 3.6.0).
-GRAD_BLOCK_B, GRAD_BLOCK_C, GRAD_WARPS = 128, 32, 4
-GRAD_BLOCK_B_FILTER, GRAD_BLOCK_B_SUBCENTERS = 64, 32
+# elementwise (no tl.dot), 64 rows x 32 classes a step over 4 warps (16 values a thread), 128-byte row segments
+# of the float32 dots. A program owns its 32 classes for all rows (backward.py: k summed whole, no second
+# launch). 128 rows spilled 8 bytes for bfloat16 on triton 3.6.0 (plain negatives, an odd C) and 3.9 (with
+# inter-class filtering); the H200's 17.2 ms step (CurricularFace) ran at 128, unspilled: 64 is not timed. With
+# sub-centers, 32 rows (the running max's index is a second tile: 64 rows spill 104 bytes for float32 on
+# triton 3.6.0).
+GRAD_BLOCK_B, GRAD_BLOCK_C, GRAD_WARPS = 64, 32, 4
+GRAD_BLOCK_B_SUBCENTERS = 32
 
 
 def _grad_block_b(settings: KernelSettings) -> int:
-    if settings.subcenters > 1:
-        return GRAD_BLOCK_B_SUBCENTERS
-    return GRAD_BLOCK_B_FILTER if settings.filter_threshold != math.inf else GRAD_BLOCK_B
+    return GRAD_BLOCK_B if settings.subcenters == 1 else GRAD_BLOCK_B_SUBCENTERS
 
 
 # The fused recompute (``_grad_logits_kernel``): 64 classes a program (the epilogue beside a 128 x 128
