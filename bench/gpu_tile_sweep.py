@@ -4,8 +4,8 @@
 tile_config / _fused_tiles (facekernels/kernels/triton/__init__.py) are the widest tiles that compile for sm_90
 without spills: chosen statically, never timed before the H200 run of 2026-12-04, where the profile put the two
 kernels at 5.2 and 8.3 ms of a 19.7 ms CurricularFace step (B = 1024, C = 1M, bf16) against 1.4 ms each for a
-GEMM of their shape at the tensor cores' rate. The backward's variants force the fused recompute (``_fused``,
-which bfloat16 no longer takes by default), then time the path without it. Each variant's loss and gradients are compared with the default's
+GEMM of their shape at the tensor cores' rate. The backward's variants force the fused recompute (``_fused``),
+then time the path without it (cuBLAS's dots), at three row tiles of its elementwise kernel. Each variant's loss and gradients are compared with the default's
 (a fast but wrong tile is reported as such).
 
     python bench/gpu_tile_sweep.py [--head CurricularFace] [--batch 1024] [--classes 1000000] [--seconds 80]
@@ -108,7 +108,7 @@ def main() -> None:
     report("step", "as configured (the default)", step)
     print("training step (forward at the default tiles), the backward's fused recompute at _fused_tiles:")
     real_fused = tk._fused
-    tk._fused = lambda subcenters, dtype: subcenters == 1  # every dtype, for these variants
+    tk._fused = lambda subcenters: subcenters == 1
     try:
         for cfg in BACKWARD:
             if time.monotonic() > stop:
@@ -119,10 +119,10 @@ def main() -> None:
                 report("step", cfg, step)
             finally:
                 tk._fused_tiles, tk.FUSED_BLOCK_C = real_fused_tiles, real_block_c
-        tk._fused = lambda subcenters, dtype: False
+        tk._fused = lambda subcenters: False
         report("step", "cuBLAS float32 dots + elementwise kernel (never fused)", step)
         real_rows = tk.GRAD_BLOCK_B
-        for rows in (128, 32):  # the elementwise kernel's rows a step (default 64; 128 is what the H200 timed)
+        for rows in (64, 32):  # the elementwise kernel's rows a step (default 128, what the H200 timed)
             tk.GRAD_BLOCK_B = rows
             try:
                 report("step", f"never fused, elementwise kernel at {rows} rows", step)

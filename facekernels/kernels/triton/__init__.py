@@ -213,45 +213,42 @@ def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int
     return combine_lse(lse_parts, dim=1), max_parts.amax(dim=1), rank
 
 
-# ``_grad_logits_from_dots_kernel``'s tile (bfloat16 / float16 and the sub-center heads, ``_fused``):
-# elementwise (no tl.dot), 64 rows x 32 classes a step over 4 warps (16 values a thread), 128-byte row segments
-# of the float32 dots. A program owns its 32 classes for all rows (backward.py: k summed whole, no second
-# launch). 128 rows spilled 8 bytes for bfloat16 on triton 3.6.0 (plain negatives, an odd C) and 3.9 (with
-# inter-class filtering); the H200's 17.2 ms step (CurricularFace) ran at 128, unspilled: 64 is not timed. With
-# sub-centers, 32 rows (the running max's index is a second tile: 64 rows spill 104 bytes for float32 on
-# triton 3.6.0).
-GRAD_BLOCK_B, GRAD_BLOCK_C, GRAD_WARPS = 64, 32, 4
+# ``_grad_logits_from_dots_kernel``'s tile (the sub-center heads'): elementwise (no tl.dot), 128 rows x 32
+# classes a step over 4 warps (32 values a thread; 64 spill), 128-byte row segments of the float32 dots. A
+# program owns its 32 classes for all rows (backward.py: k summed whole, no second launch). With sub-centers, 32
+# rows (the running max's index is a second tile: 64 rows spill 104 bytes for float32 on triton 3.6.0).
+GRAD_BLOCK_B, GRAD_BLOCK_C, GRAD_WARPS = 128, 32, 4
 GRAD_BLOCK_B_SUBCENTERS = 32
 
 
-def _grad_block_b(settings: KernelSettings) -> int:
-    return GRAD_BLOCK_B if settings.subcenters == 1 else GRAD_BLOCK_B_SUBCENTERS
+def _grad_block_b(subcenters: int) -> int:
+    return GRAD_BLOCK_B if subcenters == 1 else GRAD_BLOCK_B_SUBCENTERS
 
 
 # The fused recompute (``_grad_logits_kernel``): 64 classes a program (the epilogue beside a 128 x 128
-# accumulator spills), the forward's rows, K steps, stages and warps (``tile_config``).
-FUSED_RECOMPUTE = True  # False: never (tests compare the two paths)
+# accumulator spills), the forward's rows, K steps and stages (``tile_config``). False: cuBLAS writes float32 dots
+# and ``_grad_logits_from_dots_kernel`` reads them (tests compare the two).
+FUSED_RECOMPUTE = True
 FUSED_BLOCK_C = 64
 
 
 def _fused_tiles(batch: int, dtype: torch.dtype) -> TileConfig:
-    """The forward's rows, K steps, stages and warps at 64 classes (238 registers for bfloat16, 249 for
-    float32's tf32x3 on triton 3.9, no spills)."""
+    """The forward's rows, K steps and stages at 64 classes (238 registers for bfloat16, 249 for float32's
+    tf32x3 on triton 3.9, no spills)."""
     cfg = tile_config(batch, dtype)
     return TileConfig(cfg.block_b, FUSED_BLOCK_C, cfg.block_k, cfg.num_warps, cfg.num_stages)
 
 
-def _fused(subcenters: int, dtype: torch.dtype) -> bool:
-    """Whether a chunk takes the fused recompute, or cuBLAS's float32 dots and the elementwise kernel
-    (``_grad_logits_from_dots_kernel``, B x 4 bytes more temporaries per class of a chunk: 512 MiB at
-    B = 1024, bfloat16). For float32 inputs the fused kernel's tf32x3 tensor-core products stand against
-    cuBLAS's float32 GEMM without tensor cores (torch's default "highest" precision), so they stay fused (not
-    timed). For bfloat16 / float16, cuBLAS's dots: on the H200 a CurricularFace step (B = 1024, C = 1M) took
-    17.2 ms with them, 19.9 ms fused, 17.8 ms fused on 4 warps (which spills) and 18.9 ms fused at 64 x 64
-    tiles (bench/gpu_tile_sweep.py; bench/results/h200-2026-12-04b). Sub-centers always take the dots: their
-    running max and index beside the accumulator spill (40 bytes on triton 3.9 for bfloat16 even at 64 x 64
-    tiles, 184 for float32)."""
-    return FUSED_RECOMPUTE and subcenters == 1 and dtype == torch.float32
+def _fused(subcenters: int) -> bool:
+    """Whether a chunk takes the fused recompute: not with sub-centers, whose running max and index beside the
+    accumulator spill (40 bytes on triton 3.9 for bfloat16 even at 64 x 64 tiles, 184 for float32); they keep
+    cuBLAS's dots and the elementwise kernel. On the H200 the dots (FUSED_RECOMPUTE = False) made a CurricularFace
+    step (B = 1024, C = 1M, bfloat16) faster, 17.2 ms against 19.9 fused (bench/gpu_tile_sweep.py;
+    bench/results/h200-2026-12-04b), for B x 4 bytes more temporaries per class of a chunk. But the elementwise
+    kernel spills 8 bytes in some bfloat16 / float16 variants, against tests/test_gpu_static.py's rule: on triton
+    3.6.0 at 128 rows for plain negatives at an odd C, and at 64 rows for MV-Softmax; on triton 3.9 at 128 rows
+    with inter-class filtering. So the default stays fused until that kernel is spill-free."""
+    return FUSED_RECOMPUTE and subcenters == 1
 
 
 def _padded_columns(rows: int, subcenters: int) -> int:
@@ -265,14 +262,14 @@ def _padded_columns(rows: int, subcenters: int) -> int:
 def grad_chunk(settings: KernelSettings, g, x, w, inv_x, inv_w, target, c0: int, phi, dphi, tau, t, lse):
     """(D (B, n k) in the GEMM dtype, k = -inv_w^2 P (n k,) float32) of one class chunk w (n k, d), the rows of
     the classes c0 .. c0 + n (``target`` holds global class ids, -1 for none): kernels/triton/backward.py. One
-    launch where ``_fused``; else two: cuBLAS's float32 dots and the elementwise kernel. No tensor op on the
+    launch (``FUSED_RECOMPUTE``; else two: cuBLAS's float32 dots and the elementwise kernel); no tensor op on the
     targets."""
     batch, columns = x.shape[0], w.shape[0]
     padded = _padded_columns(columns, settings.subcenters)
     d = _empty((batch, padded), _gemm_dtype(x.dtype), x.device)[:, :columns]
     corr = _empty(padded, torch.float32, x.device)
     classes = columns // settings.subcenters
-    if batch and columns and _fused(settings.subcenters, x.dtype):
+    if batch and columns and _fused(settings.subcenters):
         x, w = _aligned_rows(x), _aligned_rows(w)
         cfg = _fused_tiles(batch, x.dtype)
         _launch(_grad_logits_kernel, (triton.cdiv(classes, cfg.block_c),), x, w, inv_x, inv_w, target, phi,
@@ -285,7 +282,7 @@ def grad_chunk(settings: KernelSettings, g, x, w, inv_x, inv_w, target, c0: int,
         _mm_float32(x, w.t(), out=dots)  # the one recompute of the chunk's cosines (before normalisation)
         _launch(_grad_logits_from_dots_kernel, (triton.cdiv(classes, GRAD_BLOCK_C),), dots, inv_x, inv_w, target,
                 phi, dphi, tau, t, lse, g, d, corr, batch, classes, c0, dots.stride(0), d.stride(0), *settings.scalars,
-                **settings.constexprs, BLOCK_B=_grad_block_b(settings), BLOCK_C=GRAD_BLOCK_C,
+                **settings.constexprs, BLOCK_B=_grad_block_b(settings.subcenters), BLOCK_C=GRAD_BLOCK_C,
                 num_warps=GRAD_WARPS)  # fmt: skip
     elif columns:
         corr.zero_()  # no rows: D is empty and k is 0
