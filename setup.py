@@ -122,13 +122,11 @@ def _extensions():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))  # noqa: E731
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     openmp = _openmp_flags()
-    # no -std: torch's BuildExtension adds the standard torch itself was built with (C++20 for torch 2.10 on;
-    # this said C++17). The CUDA build on the H200 machine (torch 2.11, nvcc 13) compiled with it.
-    cxx = ["-O3", *openmp]
+    cxx = ["-O3", "-std=c++17", *openmp]
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc", "include")], extra_link_args=openmp)
     if with_cuda:
         sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
-        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *_arch_flags()]
+        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", *_arch_flags()]
         ext = CUDAExtension(
             "facekernels._C",
             sources,
