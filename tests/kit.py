@@ -6,12 +6,15 @@ Tests import it as ``import kit`` (pytest puts tests/ on sys.path, as for ``orac
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+import facekernels as fk
 from facekernels import _extension
+from facekernels._rowmath import MarginState
 
 # ---------------------------------------------------------------------------------------------- backends
 
@@ -82,6 +85,83 @@ def head_inputs(batch, classes, features, *, dtype=torch.float64, near_frac=0.5,
     if ignore_frac:
         y[torch.rand(batch, generator=g) < ignore_frac] = ignore_index
     return x.to(dtype), w.to(dtype), y
+
+
+class Case(NamedTuple):
+    """One conformance case: a head of the registry (``head``, a name of ``fk.head_names()``) at ``margins``.
+
+    ``spread_norms``: the heads of docs/heads.md "More heads" (per-row margins, sub-centers, filtering) take
+    inputs whose rows' norms spread over [1, 14]: below, inside and above MagFace's [l_a, u_a] here, and around
+    AdaFace's running mean (``state``), so that z_i clips at both ends.
+    """
+
+    head: str
+    margins: dict
+    spread_norms: bool = False
+
+    @property
+    def k(self) -> int:
+        """Rows of the weight per class (sub-centers)."""
+        return self.margins.get("k", 1)
+
+    def params(self, **options):
+        return fk.head_params(self.head, **options, **self.margins)
+
+    def t0(self, device="cpu"):
+        """CurricularFace's t before the first step (a float32 buffer, as the module's), else None."""
+        return torch.tensor(0.15, device=device) if self.head == "curricular" else None
+
+    def state(self, device="cpu"):
+        """A fresh training-step state: AdaFace's statistics (mean 6, std 3, so that the norms of ``inputs``
+        clip z_i at both ends), an ElasticFace generator seeded alike for every run, else None."""
+        if self.head == "adaface":
+            return MarginState(torch.tensor(6.0, device=device), torch.tensor(3.0, device=device))
+        if self.head.startswith("elastic"):
+            return MarginState(generator=torch.Generator(device).manual_seed(5))
+        return None
+
+    def inputs(self, batch, classes, features, dtype=torch.float64, **kw):
+        """``head_inputs`` for this case: k rows of w per class, and the rows' norms spread if ``spread_norms``."""
+        x, w, y = head_inputs(batch, classes * self.k, features, **kw)
+        if self.spread_norms:
+            x = x / x.norm(dim=1, keepdim=True) * torch.linspace(1.0, 14.0, batch, dtype=torch.float64)[:, None]
+        y = torch.where(y >= 0, y // self.k, y)
+        return x.to(dtype), w.to(dtype), y
+
+
+_more = dict(spread_norms=True)
+# The conformance cases, by name: every registered head at least once (test_registry checks it). The first
+# nine are the independent oracle's (oracle.head_loss writes each one's published formula out).
+CASES = {
+    "norm_softmax": Case("norm_softmax", dict(s=64.0)),
+    "arcface": Case("arcface", dict(s=64.0, m=0.5)),
+    "arcface_easy": Case("arcface", dict(s=30.0, m=0.5, easy_margin=True)),
+    "cosface": Case("cosface", dict(s=64.0, m=0.35)),
+    "combined": Case("combined", dict(s=64.0, m1=1.0, m2=0.3, m3=0.0)),
+    "combined_general": Case("combined", dict(s=32.0, m1=0.9, m2=0.4, m3=0.15)),
+    "mv_am": Case("mv_softmax", dict(s=32.0, m=0.35, t=0.2, is_am=True)),
+    "mv_arc": Case("mv_softmax", dict(s=32.0, m=0.5, t=0.12, is_am=False)),
+    "curricular": Case("curricular", dict(s=64.0, m=0.5, momentum=0.1)),
+    "adaface": Case("adaface", dict(s=64.0, m=0.4, h=0.9, t_alpha=0.5), **_more),
+    "magface": Case("magface", dict(s=32.0, l_a=3.0, u_a=10.0, l_m=0.45, u_m=0.8, lambda_g=35.0), **_more),
+    "magface_monotonic": Case("magface", dict(s=32.0, l_a=3.0, u_a=10.0, l_m=0.45, u_m=0.8, easy_margin=False),
+                              **_more),  # fmt: skip
+    "magface_cos": Case("magface", dict(s=32.0, l_a=3.0, u_a=10.0, l_m=0.35, u_m=0.8, lambda_g=150.0, kind="cos"),
+                        **_more),  # fmt: skip
+    "elastic_arc": Case("elastic_arcface", dict(m=0.5, std=0.1), **_more),
+    "elastic_arc_plus": Case("elastic_arcface", dict(m=0.5, std=0.1, plus=True, fallback="none"), **_more),
+    "elastic_cos_official": Case("elastic_cosface", dict(m=0.35, std=0.1, plus="official"), **_more),
+    "subcenter": Case("subcenter_arcface", dict(k=3), **_more),
+    "subcenter_easy": Case("subcenter_arcface", dict(s=30.0, k=2, easy_margin=True), **_more),
+    # small s: the filtered logits 0 keep a visible share of the softmax (and so of any wrong gradient)
+    "filter_arc": Case("arcface", dict(s=8.0, interclass_filtering_threshold=0.3), **_more),
+    "filter_cos": Case("cosface", dict(s=4.0, interclass_filtering_threshold=0.2), **_more),
+    "filter_norm": Case("norm_softmax", dict(s=2.0, interclass_filtering_threshold=0.25), **_more),
+    "filter_combined": Case("combined", dict(s=8.0, m2=0.5, fallback="none", interclass_filtering_threshold=0.3),
+                            **_more),  # fmt: skip
+}
+ORACLE_CASES = [name for name, case in CASES.items() if not case.spread_norms]  # oracle.head_loss knows these
+MORE_CASES = [name for name, case in CASES.items() if case.spread_norms]
 
 
 def triplet_inputs(batch, classes, features=5, *, dtype=torch.float64, spread=None, generator=None):

@@ -10,24 +10,9 @@ from __future__ import annotations
 
 import math
 
+import kit
 import torch
 import torch.nn.functional as F
-
-HEADS = ["norm_softmax", "arcface", "arcface_easy", "cosface", "combined", "combined_general", "mv_am", "mv_arc",
-         "curricular"]  # fmt: skip
-
-# (head name of facekernels.head_params, its margins) for each oracle case
-HEAD_CASES = {
-    "norm_softmax": ("norm_softmax", dict(s=64.0)),
-    "arcface": ("arcface", dict(s=64.0, m=0.5)),
-    "arcface_easy": ("arcface", dict(s=30.0, m=0.5, easy_margin=True)),
-    "cosface": ("cosface", dict(s=64.0, m=0.35)),
-    "combined": ("combined", dict(s=64.0, m1=1.0, m2=0.3, m3=0.0)),
-    "combined_general": ("combined", dict(s=32.0, m1=0.9, m2=0.4, m3=0.15)),
-    "mv_am": ("mv_softmax", dict(s=32.0, m=0.35, t=0.2, is_am=True)),
-    "mv_arc": ("mv_softmax", dict(s=32.0, m=0.5, t=0.12, is_am=False)),
-    "curricular": ("curricular", dict(s=64.0, m=0.5, momentum=0.1)),
-}
 
 
 def _arc(c, m):
@@ -35,11 +20,11 @@ def _arc(c, m):
 
 
 def head_loss(x, w, y, case, *, t=0.0, margin_grad="exact", reduction="mean", ignore_index=-100):
-    """Loss of ``case`` (a key of HEAD_CASES) in float64 with autograd; returns (loss, t used).
+    """Loss of ``case`` (a name of kit.ORACLE_CASES) in float64 with autograd; returns (loss, t used).
 
     For "curricular", ``t`` is the value before this step, and the returned t is the updated one.
     """
-    head, kw = HEAD_CASES[case]
+    kw = kit.CASES[case].margins
     s = kw["s"]
     x64, w64 = x.double(), w.double()
     x_hat = x64 / x64.norm(dim=1, keepdim=True).clamp_min(1e-12)

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from facekernels import _extension
-from facekernels._backends import head_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -2,7 +2,7 @@
 compiled CPU kernels and the Triton kernels (under Triton's interpreter here, float32; on CUDA when there is a
 GPU), against the float64 reference (itself checked against the independent oracle in test_reference_heads.py).
 
-Adding a back-end or a head is one entry in BACKENDS or oracle.HEADS. Every kernel-written buffer starts as
+Adding a back-end or a case is one entry in kit.FUSED_BACKENDS or kit.CASES. Every kernel-written buffer starts as
 NaN (POISON_OUTPUTS) and the class tiles / backward chunks are made small, so that small odd shapes cover many
 tiles, several chunks and ragged last ones.
 """
@@ -10,7 +10,6 @@ tiles, several chunks and ragged last ones.
 import math
 
 import kit
-import oracle
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -19,7 +18,6 @@ import facekernels as fk
 from facekernels import _extension
 from facekernels import functional as fkf
 from facekernels._backends import head_loss
-from facekernels._rowmath import MarginState
 from facekernels.reference import eager_margin_cross_entropy as ref_loss
 
 DEVICE = kit.TRITON_DEVICE
@@ -46,15 +44,6 @@ def small_tiles(monkeypatch):
         monkeypatch.setattr(tk, "POISON_OUTPUTS", True)
 
 
-def _params(case, **options):
-    head, kw = oracle.HEAD_CASES[case]
-    return fk.head_params(head, **options, **kw)
-
-
-def _t0(case, device="cpu"):
-    return torch.tensor(0.15, device=device) if case == "curricular" else None
-
-
 def _loss_and_grads(backend, x, w, y, params, t, training=True, g=None, state=None):
     xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
     loss = head_loss(xa, wa, y, params, t, training, backend, state=state)
@@ -64,21 +53,29 @@ def _loss_and_grads(backend, x, w, y, params, t, training=True, g=None, state=No
     return loss, xa.grad, wa.grad, g
 
 
-def _check(backend, x, w, y, params, case, *, training=True, what=""):
-    """The back-end against the reference: to 1e-9 in float64; by the error-ratio rule in float32."""
-    t_got, t_low, t_ref = (_t0(case, x.device) for _ in range(3))
-    got, dx, dw, g = _loss_and_grads(backend, x, w, y, params, t_got, training)
-    want, dx_ref, dw_ref, _ = _loss_and_grads("reference", x.double(), w.double(), y, params, t_ref, training, g=g)
+def _check(backend, x, w, y, case, *, training=True, what="", **options):
+    """The back-end against the reference for ``case`` (a name of kit.CASES) with head ``options``: to 1e-9 in
+    float64, by the error-ratio rule in float32; the training-step state (CurricularFace's t, AdaFace's
+    statistics) must come out alike. Returns the back-end's (loss, dx, dw)."""
+    case_ = kit.CASES[case]
+    params = case_.params(**options)
+    ts, states = [case_.t0(x.device) for _ in range(3)], [case_.state(x.device) for _ in range(3)]
+    got, dx, dw, g = _loss_and_grads(backend, x, w, y, params, ts[0], training, state=states[0])
+    want = _loss_and_grads("reference", x.double(), w.double(), y, params, ts[1], training, g=g, state=states[1])
     assert got.dtype == kit_acc(x.dtype) and dx.dtype == x.dtype and dw.dtype == w.dtype
+    names, what = ("loss", "dx", "dw"), what or case
     if x.dtype == torch.float64:
-        for name, a, b in [("loss", got, want), ("dx", dx, dx_ref), ("dw", dw, dw_ref)]:
-            kit.assert_close(a, b, rtol=1e-9, atol=1e-10, what=f"{what}{name}")
+        for name, a, b in zip(names, (got, dx, dw), want):
+            kit.assert_close(a, b, rtol=1e-9, atol=1e-10, what=f"{what} {name}")
     else:
-        low, dx_low, dw_low, _ = _loss_and_grads("reference", x, w, y, params, t_low, training, g=g)
-        for name, a, b, c in [("loss", got, low, want), ("dx", dx, dx_low, dx_ref), ("dw", dw, dw_low, dw_ref)]:
-            kit.assert_error_ratio(a, b, c, floor=kit.logit_floor(params.s, x.dtype), what=f"{what}{name}")
-    if t_got is not None:
-        assert t_got.item() == pytest.approx(t_ref.item(), abs=1e-6)
+        low = _loss_and_grads("reference", x, w, y, params, ts[2], training, g=g, state=states[2])
+        for name, a, b, c in zip(names, (got, dx, dw), low, want):
+            kit.assert_error_ratio(a, b, c, floor=kit.logit_floor(params.s, x.dtype), what=f"{what} {name}")
+    if ts[0] is not None:
+        assert ts[0].item() == pytest.approx(ts[1].item(), abs=1e-6)
+    if states[0] is not None and states[0].batch_mean is not None:  # AdaFace's statistics
+        for a, b in zip(states[0][:2], states[1][:2]):
+            assert a.item() == pytest.approx(b.item(), rel=1e-6)
     return got, dx, dw
 
 
@@ -87,7 +84,7 @@ def kit_acc(dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", oracle.HEADS)
+@pytest.mark.parametrize("case", kit.ORACLE_CASES)
 @pytest.mark.parametrize("margin_grad", kit.fast_first("exact", "straight_through"))
 @pytest.mark.parametrize("reduction", kit.fast_first("mean", "sum", "none"))
 @pytest.mark.parametrize("ignore_index", kit.fast_first(3, None, -100))
@@ -101,7 +98,7 @@ def test_matches_reference(backend, case, margin_grad, reduction, ignore_index, 
     if ignore_index is not None:
         y[0] = ignore_index
     x, w, y = x.to(_device(backend)), w.to(_device(backend)), y.to(_device(backend))
-    got, dx, _ = _check(backend, x, w, y, _params(case, **options), case)
+    got, dx, _ = _check(backend, x, w, y, case, **options)
     if ignore_index is not None:
         ignored = y == ignore_index
         assert torch.all(dx[ignored] == 0)
@@ -111,84 +108,20 @@ def test_matches_reference(backend, case, margin_grad, reduction, ignore_index, 
 
 # ------------------------------------------------------------------------------------------ more heads
 
-# The heads of docs/heads.md "More heads": per-row margins, sub-centers, inter-class filtering. case -> (head,
-# margins). Their inputs spread the rows' norms over [1, 14] (below, inside and above MagFace's [l_a, u_a] here,
-# and around AdaFace's running mean, so that z_i clips at both ends).
-MORE_CASES = {
-    "adaface": ("adaface", dict(s=64.0, m=0.4, h=0.9, t_alpha=0.5)),
-    "magface": ("magface", dict(s=32.0, l_a=3.0, u_a=10.0, l_m=0.45, u_m=0.8, lambda_g=35.0)),
-    "magface_monotonic": ("magface", dict(s=32.0, l_a=3.0, u_a=10.0, l_m=0.45, u_m=0.8, easy_margin=False)),
-    "magface_cos": ("magface", dict(s=32.0, l_a=3.0, u_a=10.0, l_m=0.35, u_m=0.8, lambda_g=150.0, kind="cos")),
-    "elastic_arc": ("elastic_arcface", dict(m=0.5, std=0.1)),
-    "elastic_arc_plus": ("elastic_arcface", dict(m=0.5, std=0.1, plus=True, fallback="none")),
-    "elastic_cos_official": ("elastic_cosface", dict(m=0.35, std=0.1, plus="official")),
-    "subcenter": ("subcenter_arcface", dict(k=3)),
-    "subcenter_easy": ("subcenter_arcface", dict(s=30.0, k=2, easy_margin=True)),
-    # small s: the filtered logits 0 keep a visible share of the softmax (and so of any wrong gradient)
-    "filter_arc": ("arcface", dict(s=8.0, interclass_filtering_threshold=0.3)),
-    "filter_cos": ("cosface", dict(s=4.0, interclass_filtering_threshold=0.2)),
-    "filter_norm": ("norm_softmax", dict(s=2.0, interclass_filtering_threshold=0.25)),
-    "filter_combined": ("combined", dict(s=8.0, m2=0.5, fallback="none", interclass_filtering_threshold=0.3)),
-}
-
-
-def _more_inputs(case, batch, classes, features, dtype, **kw):
-    """head_inputs with the rows' norms spread over [1, 14]; for sub-centers k rows of w per class."""
-    k = MORE_CASES[case][1].get("k", 1)
-    x, w, y = kit.head_inputs(batch, classes * k, features, **kw)
-    x = x / x.norm(dim=1, keepdim=True) * torch.linspace(1.0, 14.0, batch, dtype=torch.float64).unsqueeze(1)
-    y = torch.where(y >= 0, y // k, y)
-    return x.to(dtype), w.to(dtype), y
-
-
-def _more_state(case, device):
-    """A fresh state: AdaFace's statistics (mean 6, std 3: the batch's norms clip z_i at both ends), or an
-    ElasticFace generator seeded alike for every run."""
-    head = MORE_CASES[case][0]
-    if head == "adaface":
-        return MarginState(torch.tensor(6.0, device=device), torch.tensor(3.0, device=device))
-    if head.startswith("elastic"):
-        return MarginState(generator=torch.Generator(device).manual_seed(5))
-    return None
-
-
-def _check_more(backend, x, w, y, case, training=True, **options):
-    """The back-end against the reference (as _check) for a MORE_CASES head; AdaFace's updated statistics too."""
-    head, kw = MORE_CASES[case]
-    params = fk.head_params(head, **options, **kw)
-    runs = [(b, xx, ww, _more_state(case, x.device))
-            for b, xx, ww in ((backend, x, w), ("reference", x.double(), w.double()), ("reference", x, w))]  # fmt: skip
-    got = _loss_and_grads(*runs[0][:3], y, params, None, training, state=runs[0][3])
-    g = got[3]
-    want = _loss_and_grads(*runs[1][:3], y, params, None, training, g=g, state=runs[1][3])
-    names = ("loss", "dx", "dw")
-    if x.dtype == torch.float64:
-        for name, a, b in zip(names, got[:3], want[:3]):
-            kit.assert_close(a, b, rtol=1e-9, atol=1e-10, what=f"{case} {name}")
-    else:
-        low = _loss_and_grads(*runs[2][:3], y, params, None, training, g=g, state=runs[2][3])
-        for name, a, b, c in zip(names, got[:3], low[:3], want[:3]):
-            kit.assert_error_ratio(a, b, c, floor=kit.logit_floor(params.s, x.dtype), what=f"{case} {name}")
-    if head == "adaface":
-        for a, b in zip(runs[0][3][:2], runs[1][3][:2]):
-            assert a.item() == pytest.approx(b.item(), rel=1e-6)
-    return got
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", list(MORE_CASES))
+@pytest.mark.parametrize("case", kit.MORE_CASES)
 @pytest.mark.parametrize("reduction", kit.fast_first("mean", "none"))
 @pytest.mark.parametrize("ignore_index", kit.fast_first(3, None))
 def test_more_heads_match_reference(backend, case, reduction, ignore_index, small_tiles):
     # C = 150 classes: two Triton backward chunks (k = 3: four, the last ragged) and two forward splits
     options = dict(reduction=reduction, margin_grad="exact" if reduction == "mean" else "straight_through")
     kw = dict(ignore_frac=0.3, ignore_index=ignore_index) if ignore_index is not None else {}
-    x, w, y = _more_inputs(case, 13, 150, 19, _dtype(backend), **kw)
+    x, w, y = kit.CASES[case].inputs(13, 150, 19, _dtype(backend), **kw)
     if ignore_index is not None:
         options["ignore_index"] = ignore_index
         y[0] = ignore_index
     dev = _device(backend)
-    got, dx, _, _ = _check_more(backend, x.to(dev), w.to(dev), y.to(dev), case, **options)
+    got, dx, _ = _check(backend, x.to(dev), w.to(dev), y.to(dev), case, **options)
     if ignore_index is not None:
         ignored = (y == ignore_index).to(dev)
         assert torch.all(dx[ignored] == 0)
@@ -199,12 +132,11 @@ def test_more_heads_match_reference(backend, case, reduction, ignore_index, smal
 def test_more_heads_in_eval_mode(backend, case, small_tiles):
     # eval: AdaFace reads its statistics without updating them; ElasticFace gives every row m, drawing nothing
     dev = _device(backend)
-    x, w, y = (a.to(dev) for a in _more_inputs(case, 11, 140, 9, _dtype(backend)))
-    _check_more(backend, x, w, y, case, training=False)
-    state = _more_state(case, dev)
-    head, kw = MORE_CASES[case]
+    x, w, y = (a.to(dev) for a in kit.CASES[case].inputs(11, 140, 9, _dtype(backend)))
+    _check(backend, x, w, y, case, training=False)
+    state = kit.CASES[case].state(dev)
     before = [a.clone() if isinstance(a, torch.Tensor) else a.get_state() for a in state if a is not None]
-    head_loss(x, w, y, fk.head_params(head, **kw), None, False, backend, state=state)
+    head_loss(x, w, y, kit.CASES[case].params(), None, False, backend, state=state)
     after = [a if isinstance(a, torch.Tensor) else a.get_state() for a in state if a is not None]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
@@ -233,17 +165,15 @@ def test_more_heads_nan_in_nan_out(backend, small_tiles):
     # a NaN embedding row: that row's loss is NaN, AdaFace's statistics keep their values (the batch's mean norm is
     # NaN: the step is skipped, as AMP skips it); a NaN in one sub-center of class 0: every row's loss is NaN
     dev = _device(backend) if backend != "reference" else "cpu"
-    x, w, y = (a.to(dev) for a in _more_inputs("adaface", 9, 150, 7, torch.float32))
+    x, w, y = (a.to(dev) for a in kit.CASES["adaface"].inputs(9, 150, 7, torch.float32))
     x[2, 1] = float("nan")
     for case in ("adaface", "magface", "elastic_arc"):
-        head, kw = MORE_CASES[case]
-        state = _more_state(case, dev)
-        loss = head_loss(x, w, y, fk.head_params(head, reduction="none", **kw), None, True, backend,
-                                         state=state)  # fmt: skip
+        state = kit.CASES[case].state(dev)
+        loss = head_loss(x, w, y, kit.CASES[case].params(reduction="none"), None, True, backend, state=state)
         assert torch.isnan(loss[2]) and torch.isfinite(loss[torch.arange(9, device=dev) != 2]).all(), (case, loss)
         if case == "adaface":
             assert (state.batch_mean.item(), state.batch_std.item()) == (6.0, 3.0)
-    x, w, y = (a.to(dev) for a in _more_inputs("subcenter", 9, 150, 7, torch.float32))
+    x, w, y = (a.to(dev) for a in kit.CASES["subcenter"].inputs(9, 150, 7, torch.float32))
     w[0, 3] = float("nan")
     loss = head_loss(x, w, y, fk.head_params("subcenter_arcface", reduction="none"), None, True,
                                      backend)  # fmt: skip
@@ -257,8 +187,8 @@ def test_more_heads_nan_in_nan_out(backend, small_tiles):
 def test_more_heads_odd_shapes(backend, case, shape):
     # default tiles and chunks; B = 70 takes Triton's 128-row tiles; B = 1 leaves AdaFace's std as it is
     dev = _device(backend)
-    x, w, y = (a.to(dev) for a in _more_inputs(case, *shape, dtype=_dtype(backend)))
-    _check_more(backend, x, w, y, case)
+    x, w, y = (a.to(dev) for a in kit.CASES[case].inputs(*shape, dtype=_dtype(backend)))
+    _check(backend, x, w, y, case)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -269,13 +199,13 @@ def test_odd_shapes(backend, case, shape):
     # default tiles and chunks; B = 70 takes Triton's 128-row tiles, B = 1 and d = 3 the smallest
     x, w, y = kit.head_inputs(*shape, dtype=_dtype(backend))
     dev = _device(backend)
-    _check(backend, x.to(dev), w.to(dev), y.to(dev), _params(case), case)
+    _check(backend, x.to(dev), w.to(dev), y.to(dev), case)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_curricular_t_over_steps_eval_and_a_batch_without_valid_rows(backend, small_tiles):
     dev, dtype = _device(backend), _dtype(backend)
-    params = _params("curricular")
+    params = kit.CASES["curricular"].params()
     t, t_ref = torch.zeros((), device=dev), torch.zeros((), device=dev)
     for step in range(3):
         x, w, y = (a.to(dev) for a in kit.head_inputs(11, 150, 9, dtype=dtype, ignore_frac=0.2))
@@ -305,10 +235,10 @@ def test_non_finite_ignored_row_touches_nothing(backend, bad, small_tiles):
     y[4] = -100
     x[4, 2] = bad
     for case in ("arcface", "curricular"):
-        loss, dx, dw, _ = _loss_and_grads(backend, x, w, y, _params(case), _t0(case, dev))
+        loss, dx, dw, _ = _loss_and_grads(backend, x, w, y, kit.CASES[case].params(), kit.CASES[case].t0(dev))
         assert torch.isfinite(loss) and torch.isfinite(dw).all(), case
         assert torch.all(dx[4] == 0) and torch.isfinite(dx).all(), case
-        want, *_ = _loss_and_grads("reference", x.double(), w.double(), y, _params(case), _t0(case, dev))
+        want, *_ = _loss_and_grads("reference", x.double(), w.double(), y, kit.CASES[case].params(), kit.CASES[case].t0(dev))
         kit.assert_close(loss, want, rtol=1e-5, atol=1e-5, what=case)
 
 
@@ -323,7 +253,7 @@ def test_nan_class_row_gives_a_nan_loss_whatever_tile_or_thread_holds_it(backend
     w[0, 3] = float("nan")
     y = (y % (w.shape[0] // 2)) + w.shape[0] // 2
     dev = _device(backend)
-    got = head_loss(x.to(dev), w.to(dev), y.to(dev), _params("arcface", reduction="none"), None,
+    got = head_loss(x.to(dev), w.to(dev), y.to(dev), kit.CASES["arcface"].params(reduction="none"), None,
                                     True, backend)  # fmt: skip
     assert torch.isnan(got).all(), got
 
@@ -334,9 +264,9 @@ def test_nan_embedding_row_stays_nan(backend, small_tiles):
     x, w, y = kit.head_inputs(5, 150, 6, dtype=_dtype(backend))
     x[2, 1] = float("nan")
     for case in ("arcface", "curricular"):
-        params = _params(case, reduction="none")
-        got = head_loss(x.to(dev), w.to(dev), y.to(dev), params, _t0(case, dev), False, backend)
-        want = ref_loss(x.double(), w.double(), y, params, _t0(case), False)
+        params = kit.CASES[case].params(reduction="none")
+        got = head_loss(x.to(dev), w.to(dev), y.to(dev), params, kit.CASES[case].t0(dev), False, backend)
+        want = ref_loss(x.double(), w.double(), y, params, kit.CASES[case].t0(), False)
         assert torch.isnan(got[2]) and torch.isnan(want[2])
         keep = torch.arange(5) != 2
         kit.assert_close(got[keep.to(dev)], want[keep], rtol=1e-5, atol=1e-5, what="finite rows")
@@ -347,7 +277,7 @@ def test_curricular_t_survives_a_non_finite_batch(backend):
     # an Inf embedding sets the batch's mean target cosine to NaN: t must skip that batch (AMP's GradScaler
     # skips its step too) and later clean batches must train as if it never came
     dev = _device(backend) if backend != "reference" else "cpu"
-    params = _params("curricular")
+    params = kit.CASES["curricular"].params()
     t, t_clean = torch.full((), 0.3, device=dev), torch.full((), 0.3, device=dev)
     x, w, y = (a.to(dev) for a in kit.head_inputs(8, 150, 7, dtype=torch.float32))
     x_bad = x.clone()
@@ -366,7 +296,7 @@ def test_huge_norms_are_not_zero_vectors(backend):
     # once would overflow the float32 dot products of the Triton tiles, which take the raw inputs: README.)
     dev = _device(backend) if backend != "reference" else "cpu"
     x, w, y = (a.to(dev) for a in kit.head_inputs(7, 150, 9, dtype=torch.float32))
-    params = _params("arcface")
+    params = kit.CASES["arcface"].params()
     want = head_loss(x, w, y, params, None, True, backend)
     for xs, ws in ((x * 1e20, w), (x, w * 1e20)):
         got = head_loss(xs, ws, y, params, None, True, backend)
@@ -381,12 +311,12 @@ def test_higher_order_and_forward_mode_raise_instead_of_a_silent_zero(backend):
     dev = _device(backend)
     x, w, y = (a.to(dev) for a in kit.head_inputs(5, 40, 6, dtype=torch.float32))
     xa = x.clone().requires_grad_()
-    loss = head_loss(xa, w, y, _params("arcface"), None, True, backend)
+    loss = head_loss(xa, w, y, kit.CASES["arcface"].params(), None, True, backend)
     (grad,) = torch.autograd.grad(loss, xa, create_graph=True)
     with pytest.raises(RuntimeError, match="second derivatives of the fused heads are not implemented"):
         torch.autograd.grad(grad.sum(), xa)
     with pytest.raises(NotImplementedError, match="jvp"):
-        torch.func.jvp(lambda a: head_loss(a, w, y, _params("arcface"), None, True, backend), (x,),
+        torch.func.jvp(lambda a: head_loss(a, w, y, kit.CASES["arcface"].params(), None, True, backend), (x,),
                        (torch.ones_like(x),))  # fmt: skip
 
 
@@ -394,7 +324,7 @@ def test_higher_order_and_forward_mode_raise_instead_of_a_silent_zero(backend):
 def test_torch_func_grad_matches_backward(backend):
     dev = _device(backend)
     x, w, y = (a.to(dev) for a in kit.head_inputs(5, 40, 6, dtype=torch.float32))
-    params = _params("mv_arc")
+    params = kit.CASES["mv_arc"].params()
     got = torch.func.grad(lambda a: head_loss(a, w, y, params, None, True, backend))(x)
     _, want, _, _ = _loss_and_grads(backend, x, w, y, params, None, g=torch.ones((), dtype=torch.float64))
     kit.assert_close(got, want, rtol=1e-6, atol=1e-7, what="torch.func.grad")
@@ -405,7 +335,7 @@ def test_torch_func_grad_matches_backward(backend):
 def test_requires_grad_combinations(backend, need_dx, need_dw, small_tiles):
     dev = _device(backend)
     x, w, y = (a.to(dev) for a in kit.head_inputs(6, 150, 5, dtype=torch.float32))
-    params = _params("arcface")
+    params = kit.CASES["arcface"].params()
     xa, wa = x.clone().requires_grad_(need_dx), w.clone().requires_grad_(need_dw)
     xb, wb = x.double().requires_grad_(need_dx), w.double().requires_grad_(need_dw)
     got = head_loss(xa, wa, y, params, None, True, backend)
@@ -426,7 +356,7 @@ def test_requires_grad_combinations(backend, need_dx, need_dw, small_tiles):
 def test_gradient_accumulation_uses_each_forwards_t(backend):
     # two forwards before one backward: each backward must use the t its own forward used
     dev = _device(backend)
-    params = _params("curricular")
+    params = kit.CASES["curricular"].params()
     x, w, y = (a.to(dev) for a in kit.head_inputs(8, 60, 6, dtype=_dtype(backend)))
     t, t_ref = torch.zeros((), device=dev), torch.zeros((), device=dev)
     wa, wb = w.clone().requires_grad_(), w.double().requires_grad_()
@@ -446,10 +376,10 @@ def test_ignore_index_inside_the_class_range_and_strided_inputs(backend, small_t
     dev = _device(backend)
     x, w, y = kit.head_inputs(17, 140, 7, dtype=_dtype(backend))
     y[:4] = 3
-    params = _params("curricular", ignore_index=3, reduction="sum")
     x_view, w_view = x.t().contiguous().t(), w[::2].repeat_interleave(2, 0)
     assert not x_view.is_contiguous()
-    _, dx, _ = _check(backend, x_view.to(dev), w_view.to(dev), y.to(dev), params, "curricular")
+    _, dx, _ = _check(backend, x_view.to(dev), w_view.to(dev), y.to(dev), "curricular", ignore_index=3,
+                      reduction="sum")  # fmt: skip
     assert torch.all(dx[(y == 3).to(dev)] == 0)
 
 
@@ -459,8 +389,8 @@ def test_mixed_dtypes_promote_like_the_reference(backend):
     x, w, y = (a.to(dev) for a in kit.head_inputs(7, 23, 6))
     dtypes = (torch.bfloat16, torch.float32) if backend == "cpu" else (torch.float16, torch.float32)
     x, w = x.to(dtypes[0]), w.to(dtypes[1])
-    got, dx, dw, g = _loss_and_grads(backend, x, w, y, _params("mv_arc"), None)
-    want, dx_ref, dw_ref, _ = _loss_and_grads("reference", x, w, y, _params("mv_arc"), None, g=g)
+    got, dx, dw, g = _loss_and_grads(backend, x, w, y, kit.CASES["mv_arc"].params(), None)
+    want, dx_ref, dw_ref, _ = _loss_and_grads("reference", x, w, y, kit.CASES["mv_arc"].params(), None, g=g)
     assert (got.dtype, dx.dtype, dw.dtype) == (want.dtype, dx_ref.dtype, dw_ref.dtype) == (torch.float32, *dtypes)
     kit.assert_close(got, want, rtol=2e-2, atol=2e-2, what="loss")
 
@@ -470,7 +400,7 @@ def test_exact_margin_grad_at_the_poles_is_finite(backend):
     dev = _device(backend)
     w = torch.randn(4, 6, device=dev)
     x = torch.cat([w[:2], -w[2:3]]).clone().requires_grad_()  # theta = 0 twice, theta = pi once
-    loss = head_loss(x, w, torch.tensor([0, 1, 2], device=dev), _params("combined_general"), None,
+    loss = head_loss(x, w, torch.tensor([0, 1, 2], device=dev), kit.CASES["combined_general"].params(), None,
                                      True, backend)  # fmt: skip
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
@@ -482,17 +412,17 @@ def test_empty_batch(backend):
     w = torch.randn(5, 4, device=dev, requires_grad=True)
     x = torch.randn(0, 4, device=dev, requires_grad=True)
     y = torch.zeros(0, dtype=torch.long, device=dev)
-    loss = head_loss(x, w, y, _params("arcface"), None, True, backend)
+    loss = head_loss(x, w, y, kit.CASES["arcface"].params(), None, True, backend)
     loss.backward()
     assert loss.item() == 0.0 and torch.all(w.grad == 0)
-    assert head_loss(x, w, y, _params("arcface", reduction="none"), None, True, backend).shape == (0,)
+    assert head_loss(x, w, y, kit.CASES["arcface"].params(reduction="none"), None, True, backend).shape == (0,)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_repeated_runs_are_bitwise_equal(backend, small_tiles):
     dev = _device(backend)
     x, w, y = (a.to(dev) for a in kit.head_inputs(9, 300, 7, dtype=torch.float32))
-    runs = [_loss_and_grads(backend, x, w, y, _params("mv_am"), None, g=torch.ones((), dtype=torch.float64))
+    runs = [_loss_and_grads(backend, x, w, y, kit.CASES["mv_am"].params(), None, g=torch.ones((), dtype=torch.float64))
             for _ in range(2)]  # fmt: skip
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -523,20 +453,19 @@ def test_no_batch_by_classes_tensor(backend, small_tiles):
     for case in ("curricular", "mv_am", "arcface"):
         xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
         with _RecordSizes() as rec:
-            head_loss(xa, wa, y, _params(case), _t0(case, dev), True, backend).backward()
+            head_loss(xa, wa, y, kit.CASES[case].params(), kit.CASES[case].t0(dev), True, backend).backward()
         big = [(f, s) for f, s in rec.shapes if len(s) == 2 and s[0] * s[1] >= 13 * 397 and 13 in s]
         assert not big, big
         with _RecordSizes() as rec:
-            ref_loss(xa, wa, y, _params(case), _t0(case, dev)).backward()
+            ref_loss(xa, wa, y, kit.CASES[case].params(), kit.CASES[case].t0(dev)).backward()
         assert any(s == (13, 397) for _, s in rec.shapes)
     # the more heads: sub-centers (k rows of w per class), per-row margins, filtering
-    for case in MORE_CASES:
-        x, w, y = (a.to(dev) for a in _more_inputs(case, 13, 397, 7, torch.float32))
-        head, kw = MORE_CASES[case]
+    for case in kit.MORE_CASES:
+        x, w, y = (a.to(dev) for a in kit.CASES[case].inputs(13, 397, 7, torch.float32))
         xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
         with _RecordSizes() as rec:
-            head_loss(xa, wa, y, fk.head_params(head, **kw), None, True, backend,
-                                      state=_more_state(case, dev)).backward()  # fmt: skip
+            head_loss(xa, wa, y, kit.CASES[case].params(), None, True, backend,
+                      state=kit.CASES[case].state(dev)).backward()  # fmt: skip
         big = [(f, s) for f, s in rec.shapes if len(s) == 2 and s[0] * s[1] >= 13 * 397 and 13 in s]
         assert not big, (case, big)
 
@@ -591,7 +520,7 @@ def test_more_heads_torch_compile_fullgraph(backend, module, small_tiles):
     }[module]
     head, eager = make().to(dev), make().to(dev)
     eager.load_state_dict(head.state_dict())
-    x, _, y = (a.to(dev) for a in _more_inputs("adaface", 7, 150, 16, torch.float32))
+    x, _, y = (a.to(dev) for a in kit.CASES["adaface"].inputs(7, 150, 16, torch.float32))
     torch._dynamo.reset()  # each head class recompiles forward: stay below Dynamo's recompile limit
     compiled = torch.compile(head, fullgraph=True, backend="aot_eager" if dev == "cpu" else "inductor")
     torch.manual_seed(3)  # ElasticFace draws from the default generator
@@ -628,51 +557,26 @@ def test_torch_compile_fullgraph(backend, small_tiles):
 # ------------------------------------------------------------------------------------------ low precision
 
 
-def _low_precision_case(backend, dtype, case, shape, scale_g=1.0):
-    """(kernel, eager-in-dtype, float64) losses and gradients on the same rounded inputs."""
-    dev = _device(backend)
-    x, w, y = (a.to(dev) for a in kit.head_inputs(*shape, dtype=dtype, ignore_frac=0.2))
-    params = _params(case, reduction="none")
-    g = scale_g * torch.rand(x.shape[0], dtype=torch.float64, device=dev)
-    runs = [_loss_and_grads(b, xx, ww, y, params, _t0(case, dev), g=g)
-            for b, xx, ww in [(backend, x, w), ("reference", x, w), ("reference", x.double(), w.double())]]  # fmt: skip
-    return runs
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", ["arcface", "cosface", "mv_am", "curricular"])
+@pytest.mark.parametrize("case", ["arcface", "cosface", "mv_am", "curricular", "adaface", "magface",
+                                  "elastic_arc_plus", "subcenter", "filter_arc"])  # fmt: skip
 def test_cpu_low_precision_error_ratio(dtype, case, small_tiles):
+    # (kernel, eager-in-dtype, float64) losses and gradients on the same rounded inputs
     if not _extension.is_available():
         pytest.skip("needs facekernels._C")
-    got, low, want = _low_precision_case("cpu", dtype, case, (21, 45, 24))
+    case_ = kit.CASES[case]
+    x, w, y = case_.inputs(21, 45, 24, dtype=dtype, ignore_frac=0.2)
+    params = case_.params(reduction="none")
+    g = torch.rand(x.shape[0], dtype=torch.float64)
+    got, low, want = [_loss_and_grads(b, xx, ww, y, params, case_.t0(), g=g, state=case_.state())
+                      for b, xx, ww in [("cpu", x, w), ("reference", x, w), ("reference", x.double(), w.double())]]
     assert got[0].dtype == torch.float32 and got[1].dtype == dtype and got[2].dtype == dtype
     for name, i in (("loss", 0), ("dx", 1), ("dw", 2)):
-        kit.assert_error_ratio(got[i], low[i], want[i], k=2, what=name)
+        kit.assert_error_ratio(got[i], low[i], want[i], k=2, what=f"{case} {name}")
 
 
 # The Triton kernels in bfloat16 / float16 (every head, option and the float16 flush case): test_heads_lowp.py,
 # under the interpreter here. Only what needs a GPU (C = 1M, memory) stays here, gpu-marked.
-
-
-def _more_low_precision_case(backend, dtype, case, shape):
-    """(kernel, eager-in-dtype, float64) losses and gradients of a MORE_CASES head on the same rounded inputs."""
-    dev = _device(backend)
-    x, w, y = (a.to(dev) for a in _more_inputs(case, *shape, dtype=dtype, ignore_frac=0.2))
-    head, kw = MORE_CASES[case]
-    params = fk.head_params(head, reduction="none", **kw)
-    g = torch.rand(x.shape[0], dtype=torch.float64, device=dev)
-    return [_loss_and_grads(b, xx, ww, y, params, None, g=g, state=_more_state(case, dev))
-            for b, xx, ww in [(backend, x, w), ("reference", x, w), ("reference", x.double(), w.double())]]  # fmt: skip
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", ["adaface", "magface", "elastic_arc_plus", "subcenter", "filter_arc"])
-def test_cpu_more_heads_low_precision_error_ratio(dtype, case, small_tiles):
-    if not _extension.is_available():
-        pytest.skip("needs facekernels._C")
-    got, low, want = _more_low_precision_case("cpu", dtype, case, (21, 45, 24))
-    for name, i in (("loss", 0), ("dx", 1), ("dw", 2)):
-        kit.assert_error_ratio(got[i], low[i], want[i], k=2, what=f"{case} {name}")
 
 
 def _million_class_inputs(batch=1024, classes=1_000_003, features=128):
@@ -689,7 +593,7 @@ def test_triton_million_classes_memory():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    loss = head_loss(x, w, y, _params("curricular"), torch.zeros((), device=DEVICE), True, "triton")
+    loss = head_loss(x, w, y, kit.CASES["curricular"].params(), torch.zeros((), device=DEVICE), True, "triton")
     loss.backward()
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < x.shape[0] * w.shape[0]
@@ -701,7 +605,7 @@ def test_triton_million_classes_memory():
 def test_triton_million_classes_error_ratio():
     # B = 1024, C = 1M, d = 128, bfloat16; the float64 / bfloat16 eager runs go 64 rows at a time
     x, w, y = _million_class_inputs()
-    params = _params("arcface", reduction="sum")
+    params = kit.CASES["arcface"].params(reduction="sum")
 
     def run(backend, xx, ww):
         xx, ww = xx.detach().clone().requires_grad_(), ww.detach().clone().requires_grad_()
@@ -728,8 +632,8 @@ def test_stats_match_the_logits(backend, case, small_tiles):
     dev = _device(backend)
     x, w, y = (a.to(dev) for a in kit.head_inputs(40, 300, 33, dtype=_dtype(backend), ignore_frac=0.1,
                                                   near_frac=0.5))  # fmt: skip
-    params = _params(case)
-    t_got, t_ref = _t0(case, dev), _t0(case, dev)
+    params = kit.CASES[case].params()
+    t_got, t_ref = kit.CASES[case].t0(dev), kit.CASES[case].t0(dev)
     loss, stats = head_loss(x, w, y, params, t_got, True, backend, True)
     want_loss, want = head_loss(x.double(), w.double(), y, params, t_ref, True, "reference", True)
     kit.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5, what="loss")

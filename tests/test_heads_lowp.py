@@ -13,7 +13,7 @@ plus a floor of one rounding of D at the largest value: bfloat16's unit roundoff
 rounding is at most u, 2^-9 on average). A float16 or bfloat16 eager reference would not do: it rounds the
 cosines themselves (s = 64 times 2^-9 in a logit), and its bound would hide the kernels' defects.
 
-The default run covers every head of test_heads.py (oracle.HEADS and MORE_CASES) in each dtype once, the
+The default run covers every case of kit.CASES (kit.ORACLE_CASES and kit.MORE_CASES) in each dtype once, the
 options rotating over the cases (every margin_grad, reduction, ignore_index value in each dtype);
 ``FACEKERNELS_FULL_GRID=1`` runs every head x every option combination (README, Backends).
 """
@@ -25,10 +25,9 @@ import sys
 
 import interpreter_bf16
 import kit
-import oracle
 import pytest
 import torch
-from test_heads import DEVICE, MORE_CASES, _loss_and_grads, _more_inputs, _more_state, _params, _t0
+from test_heads import DEVICE, _loss_and_grads
 from test_heads import small_tiles  # noqa: F401  (the fixture: small chunks, poisoned outputs)
 
 import facekernels as fk
@@ -142,12 +141,12 @@ def _model(x, w, y, params, t, training, g, state):
     return loss, dx.to(x.dtype), dw.to(w.dtype)
 
 
-def _check_lowp(x, w, y, params, *, case, training=True, state=None, what=""):
+def _check_lowp(x, w, y, case, *, training=True, what="", **options):
     """The triton backend in x's dtype against the float64 reference on the same (rounded) inputs, bounded by
-    the model's error. ``state``: a function giving a fresh MarginState (AdaFace, ElasticFace)."""
-    state = state or (lambda: None)
-    ts = [_t0(case, x.device) for _ in range(3)]
-    states = [state() for _ in range(3)]
+    the model's error, for ``case`` (a name of kit.CASES) with head ``options``."""
+    case_, what = kit.CASES[case], what or case
+    params = case_.params(**options)
+    ts, states = [case_.t0(x.device) for _ in range(3)], [case_.state(x.device) for _ in range(3)]
     loss, dx, dw, g = _loss_and_grads("triton", x, w, y, params, ts[0], training, state=states[0])
     want = _loss_and_grads("reference", x.double(), w.double(), y, params, ts[1], training, g=g, state=states[1])
     low = _model(x, w, y, params, ts[2], training, g, states[2])
@@ -182,8 +181,8 @@ def _grid(cases, options, spread):
 
 
 # case i takes margin_grad i % 2, reduction i % 3, ignore_index (i // 3) % 3 (OPTIONS is their product)
-HEADS_GRID = _grid(oracle.HEADS, OPTIONS, lambda i: 9 * (i % 2) + 3 * (i % 3) + (i // 3) % 3)
-MORE_GRID = _grid(list(MORE_CASES), MORE_OPTIONS, lambda i: 2 * (i % 2) + (i // 2) % 2)
+HEADS_GRID = _grid(kit.ORACLE_CASES, OPTIONS, lambda i: 9 * (i % 2) + 3 * (i % 3) + (i // 3) % 3)
+MORE_GRID = _grid(kit.MORE_CASES, MORE_OPTIONS, lambda i: 2 * (i % 2) + (i // 2) % 2)
 
 
 @pytest.mark.parametrize("dtype, case, option", HEADS_GRID)
@@ -198,7 +197,7 @@ def test_heads_low_precision(dtype, case, option, small_tiles):
     if ignore_index is not None:
         y[0] = ignore_index
     x, w, y = x.to(DEVICE), w.to(DEVICE), y.to(DEVICE)
-    _, dx, _ = _check_lowp(x, w, y, _params(case, **options), case=case, what=case)
+    _, dx, _ = _check_lowp(x, w, y, case, **options)
     if ignore_index is not None:
         assert torch.all(dx[y == ignore_index] == 0)
 
@@ -209,27 +208,19 @@ def test_more_heads_low_precision(dtype, case, option, small_tiles):
     reduction, ignore_index = option
     options = dict(reduction=reduction, margin_grad="exact" if reduction == "mean" else "straight_through")
     kw = dict(ignore_frac=0.3, ignore_index=ignore_index) if ignore_index is not None else {}
-    x, w, y = _more_inputs(case, *SHAPE, dtype, **kw)
+    x, w, y = kit.CASES[case].inputs(*SHAPE, dtype, **kw)
     if ignore_index is not None:
         options["ignore_index"] = ignore_index
         y[0] = ignore_index
-    head, margins = MORE_CASES[case]
-    x, w, y = x.to(DEVICE), w.to(DEVICE), y.to(DEVICE)
-    _check_lowp(x, w, y, fk.head_params(head, **options, **margins), case=case,
-                state=lambda: _more_state(case, DEVICE), what=case)  # fmt: skip
+    _check_lowp(x.to(DEVICE), w.to(DEVICE), y.to(DEVICE), case, **options)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["curricular", "adaface", "elastic_cos_official"])
 def test_heads_low_precision_in_eval_mode(dtype, case, small_tiles):
     # eval: CurricularFace reads t, AdaFace its statistics, ElasticFace gives every row m
-    if case == "curricular":
-        x, w, y = kit.head_inputs(*SHAPE, dtype=dtype)
-        params, state = _params(case), None
-    else:
-        x, w, y = _more_inputs(case, *SHAPE, dtype)
-        params, state = fk.head_params(MORE_CASES[case][0], **MORE_CASES[case][1]), lambda: _more_state(case, DEVICE)
-    _check_lowp(x.to(DEVICE), w.to(DEVICE), y.to(DEVICE), params, case=case, training=False, state=state, what=case)
+    x, w, y = kit.CASES[case].inputs(*SHAPE, dtype)
+    _check_lowp(x.to(DEVICE), w.to(DEVICE), y.to(DEVICE), case, training=False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -237,13 +228,8 @@ def test_heads_low_precision_in_eval_mode(dtype, case, small_tiles):
 def test_low_precision_default_tiles(dtype, case):
     # default chunks and tiles: B = 70 takes the forward's 128-row tiles, C = 1031 the paired class steps and
     # a ragged tail; d = 72 two K steps, the second partial
-    if case in MORE_CASES:
-        x, w, y = _more_inputs(case, 70, 1031 if case != "subcenter" else 343, 72, dtype)
-        params, state = fk.head_params(MORE_CASES[case][0], **MORE_CASES[case][1]), None
-    else:
-        x, w, y = kit.head_inputs(70, 1031, 72, dtype=dtype)
-        params, state = _params(case), None
-    _check_lowp(x.to(DEVICE), w.to(DEVICE), y.to(DEVICE), params, case=case, state=state, what=case)
+    x, w, y = kit.CASES[case].inputs(70, 1031 // kit.CASES[case].k, 72, dtype)
+    _check_lowp(x.to(DEVICE), w.to(DEVICE), y.to(DEVICE), case)
 
 
 def test_float16_keeps_gradients_below_float16s_range(small_tiles):
@@ -251,7 +237,7 @@ def test_float16_keeps_gradients_below_float16s_range(small_tiles):
     # (6e-8). The weight gradient must still be right to bfloat16 accuracy, not flushed to zero (the eager
     # float16 head flushes them: the error-ratio rule alone would not see it). (Was GPU-only in test_heads.py.)
     x, w, y = (a.to(DEVICE) for a in kit.head_inputs(64, 2003, 48, dtype=torch.float16, ignore_frac=0.2))
-    params = _params("arcface", reduction="none")
+    params = kit.CASES["arcface"].params(reduction="none")
     g = 1e-5 * torch.rand(64, dtype=torch.float64, device=DEVICE)
     _, _, dw, _ = _loss_and_grads("triton", x, w, y, params, None, g=g)
     _, _, dw_ref, _ = _loss_and_grads("reference", x.double(), w.double(), y, params, None, g=g)
@@ -269,7 +255,7 @@ def _near_parallel_inputs(dtype, case, batch=37, classes=203, features=40):
     (angles ~0.02-0.03), 0.96-0.9999 in bfloat16. One class row of w per class (sub-centers: k rows, the first
     the one the rows are near)."""
     gen = torch.Generator().manual_seed(11)
-    k = MORE_CASES[case][1].get("k", 1) if case in MORE_CASES else 1
+    k = kit.CASES[case].k
     w = torch.randn(classes * k, features, dtype=torch.float64, generator=gen)
     y = torch.randint(0, classes, (batch,), generator=gen)
     w_hat = w / w.norm(dim=1, keepdim=True)
@@ -288,8 +274,7 @@ def test_near_parallel_classes_weight_gradient(dtype, case, small_tiles):
     # w_j's direction from the D^T X that the GEMM computed (stored D, float32 sums); otherwise the error is
     # ~ u / sin(theta) of the result (17 % median per class in float16 before issue 20 item 6).
     x, w, y = _near_parallel_inputs(dtype, case)
-    head, kw = ("arcface", {}) if case == "arcface" else MORE_CASES[case]
-    params = fk.head_params(head, reduction="none", **dict(kw, s=16.0))
+    params = fk.head_params(kit.CASES[case].head, reduction="none", **dict(kit.CASES[case].margins, s=16.0))
     cos = torch.nn.functional.cosine_similarity(x.double(), w.double()[y * params.subcenters], dim=1)
     assert cos.min() > (0.9994 if dtype == torch.float16 else 0.95), cos.min()
     x, w, y = x.to(DEVICE), w.to(DEVICE), y.to(DEVICE)

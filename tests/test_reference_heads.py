@@ -27,12 +27,11 @@ def _inputs(batch, classes, features, dtype=torch.float64, ignore_frac=0.0):
 
 
 def _ref(x, w, y, case, t=None, **options):
-    head, kw = oracle.HEAD_CASES[case]
-    params = fk.head_params(head, **options, **kw)
+    params = kit.CASES[case].params(**options)
     return ref_loss(x, w, y, params, t=t, training=True)
 
 
-@pytest.mark.parametrize("case", oracle.HEADS)
+@pytest.mark.parametrize("case", kit.ORACLE_CASES)
 @pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("ignore", [False, True])
@@ -61,8 +60,7 @@ def test_reference_matches_oracle(case, margin_grad, reduction, ignore):
 
 @pytest.mark.parametrize("case", ["norm_softmax", "arcface", "cosface", "combined_general", "mv_am", "mv_arc"])
 def test_reference_gradcheck_exact(case):
-    head, kw = oracle.HEAD_CASES[case]
-    params = fk.head_params(head, **kw)
+    params = kit.CASES[case].params()
     x, w, y = _inputs(5, 6, 4)
     x.requires_grad_()
     w.requires_grad_()
@@ -167,8 +165,7 @@ def test_second_derivatives_match_the_oracle(case):
     # Hessian-vector products of the reference (phi' of _rowmath, differentiated again) against the oracle's
     # direct acos / cos formulas through autograd, in float64, away from the poles (where sin theta is floored)
     x, w, y = kit.head_inputs(6, 9, 5)
-    head, kw = oracle.HEAD_CASES[case]
-    params = fk.head_params(head, reduction="sum", **kw)
+    params = kit.CASES[case].params(reduction="sum")
     v = torch.randn_like(x)
 
     def hvp(loss_fn):

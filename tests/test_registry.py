@@ -84,12 +84,10 @@ def test_docs_heads_md_tables_agree_with_the_registry(spec):
 
 
 def test_every_registered_head_is_in_the_conformance_matrices():
-    # tests/test_heads.py runs every backend against the reference over oracle.HEAD_CASES and MORE_CASES (and
-    # test_reference_heads / test_heads_more the reference against the independent oracles): a head registered
-    # without a case there would have no conformance test
-    from test_heads import MORE_CASES
-
-    covered = {head for head, _ in oracle.HEAD_CASES.values()} | {head for head, _ in MORE_CASES.values()}
+    # tests/test_heads.py runs every backend against the reference over kit.CASES (and test_reference_heads /
+    # test_heads_more the reference against the independent oracles): a head registered without a case there
+    # would have no conformance test
+    covered = {case.head for case in kit.CASES.values()}
     assert set(SPECS) <= covered, f"heads without a conformance case: {sorted(set(SPECS) - covered)}"
 
 
@@ -114,7 +112,7 @@ def extra_head(monkeypatch):
         dict(cosface.arg_docs), filtering=True,
     ))  # fmt: skip
     # the independent float64 oracle's CosFace case, at this head's margin
-    monkeypatch.setitem(oracle.HEAD_CASES, "cosface", ("cosface", dict(s=64.0, m=0.4)))
+    monkeypatch.setitem(kit.CASES, "cosface", kit.Case("cosface", dict(s=64.0, m=0.4)))
     yield spec
     unregister_head(spec.name)
 

@@ -26,26 +26,19 @@ TRIPLET_BACKENDS = ["reference", "cpu"]
 CPU_HEAD_BACKENDS = kit.FLOAT64_BACKENDS
 
 
-def _case_params(case, **options):
-    head, kw = oracle.HEAD_CASES[case]
-    return head, kw, fk.head_params(head, **options, **kw)
-
-
 def _loss(backend, x, w, y, case, t=None, **options):
-    head, kw = oracle.HEAD_CASES[case]
-    if head == "mv_softmax":
-        kw = dict(kw)
-        kw.pop("t")
-        return fkf.margin_cross_entropy(x, w, y, head, t=oracle.HEAD_CASES[case][1]["t"], backend=backend,
-                                        **options, **kw)  # fmt: skip
-    return fkf.margin_cross_entropy(x, w, y, head, t=t, backend=backend, **options, **kw)
+    """The public functional for ``case`` of kit.CASES; ``t`` is CurricularFace's buffer (MV-Softmax's t is a
+    margin of the case)."""
+    kw = dict(kit.CASES[case].margins)
+    t = kw.pop("t", t)
+    return fkf.margin_cross_entropy(x, w, y, kit.CASES[case].head, t=t, backend=backend, **options, **kw)
 
 
 # ------------------------------------------------------------------------------------ edges: heads
 
 
 @pytest.mark.parametrize("backend", HEAD_BACKENDS)
-@pytest.mark.parametrize("case", oracle.HEADS)
+@pytest.mark.parametrize("case", kit.ORACLE_CASES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.slow
 def test_nan_or_inf_embeddings_give_nan_loss(backend, case, bad):
@@ -57,7 +50,7 @@ def test_nan_or_inf_embeddings_give_nan_loss(backend, case, bad):
 
 
 @pytest.mark.parametrize("backend", HEAD_BACKENDS)
-@pytest.mark.parametrize("case", oracle.HEADS)
+@pytest.mark.parametrize("case", kit.ORACLE_CASES)
 def test_edge_inputs_give_finite_loss_and_gradients(backend, case):
     w = torch.randn(6, 8)
     x = torch.randn(6, 8)
@@ -336,7 +329,7 @@ def head_problems(draw):
     batch = draw(st.integers(0, 9))
     classes = draw(st.integers(1, 19))
     features = draw(st.integers(1, 17))
-    case = draw(st.sampled_from(oracle.HEADS))
+    case = draw(st.sampled_from(kit.ORACLE_CASES))
     options = dict(
         margin_grad=draw(st.sampled_from(["exact", "straight_through"])),
         reduction=draw(st.sampled_from(["mean", "sum", "none"])),

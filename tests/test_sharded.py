@@ -9,47 +9,34 @@ results; the comparisons run here, in the test process."""
 import os
 
 import kit
-import oracle
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import facekernels as fk
-from facekernels import _extension
+from facekernels import _extension, heads
 from facekernels import functional as fkf
 from facekernels.sharded import sample_classes, shard_range
 
 pytestmark = [pytest.mark.skipif(not _extension.is_available(), reason="needs the compiled extension facekernels._C"),
               pytest.mark.slow]  # gloo process groups of 2 and 4 processes per test
 
-HEAD_CLASSES = {
-    "norm_softmax": fk.NormSoftmax,
-    "arcface": fk.ArcFace,
-    "cosface": fk.CosFace,
-    "combined": fk.CombinedMargin,
-    "mv_softmax": fk.MVSoftmax,
-    "curricular": fk.CurricularFace,
-}
 T0 = 0.15
-# The heads of docs/heads.md "More heads": case -> (module, margins). AdaFace starts from statistics near the
-# inputs' norms (ADAFACE_STATS) so that z clips at both ends; ElasticFace draws from a generator seeded alike on
-# every rank and in the single-process head.
-MORE_CASES = {
-    "adaface": (fk.AdaFace, dict(h=0.9, t_alpha=0.5)),
-    "magface": (fk.MagFace, dict(s=32.0, l_a=2.0, u_a=8.0, l_m=0.45, u_m=0.8)),
-    "magface_cos": (fk.MagFace, dict(s=32.0, l_a=2.0, u_a=8.0, l_m=0.35, u_m=0.8, lambda_g=150.0, kind="cos")),
-    "elastic_arc_plus": (fk.ElasticArcFace, dict(std=0.1, plus=True)),
-    "elastic_cos_official": (fk.ElasticCosFace, dict(std=0.1, plus="official")),
-    "subcenter": (fk.SubCenterArcFace, dict(k=3)),
-    "filter_arc": (fk.ArcFace, dict(s=8.0, interclass_filtering_threshold=0.3)),
-}
+# The cases of kit.CASES that run sharded: the oracle's, and these of docs/heads.md "More heads" with their
+# margins overridden where this file's inputs need it: they keep the norms they are drawn with (~1-5 at d = 7), so
+# MagFace's band is [2, 8] here, not [3, 10]. AdaFace starts from statistics near those norms (ADAFACE_STATS) so
+# that z clips at both ends; ElasticFace draws from a generator seeded alike on every rank and in the
+# single-process head.
+MORE_CASES = {name: dict(kit.CASES[name].margins, **override) for name, override in {
+    "adaface": {}, "magface": dict(l_a=2.0, u_a=8.0), "magface_cos": dict(l_a=2.0, u_a=8.0), "elastic_arc_plus": {},
+    "elastic_cos_official": {}, "subcenter": {}, "filter_arc": {}}.items()}  # fmt: skip
 ADAFACE_STATS = (4.0, 2.0)
 
 
 def _k(sc):
     """Rows of the weight per class (sub-centers)."""
-    return MORE_CASES[sc["case"]][1].get("k", 1) if sc["case"] in MORE_CASES else 1
+    return kit.CASES[sc["case"]].k
 
 
 def _scenario(name, case, classes, b_local=5, d=7, steps=1, reduction="mean", ignore_index=-100, ignore_frac=0.2,
@@ -63,7 +50,7 @@ def _scenario(name, case, classes, b_local=5, d=7, steps=1, reduction="mean", ig
 
 # world 2: every head case once (C = 13: 7 + 6 classes), several CurricularFace steps, sum reduction,
 # ignore_index inside the class range, labels mostly on one shard, Partial FC
-SCENARIOS_2 = [_scenario(f"{case}", case, 13, seed=i) for i, case in enumerate(oracle.HEADS)] + [
+SCENARIOS_2 = [_scenario(f"{case}", case, 13, seed=i) for i, case in enumerate(kit.ORACLE_CASES)] + [
     _scenario("curricular_steps", "curricular", 13, steps=4, seed=20),
     _scenario("mv_arc_steps_skew", "mv_arc", 13, steps=2, skew=0.9, seed=21),
     _scenario("cosface_sum", "cosface", 13, reduction="sum", seed=22),
@@ -144,13 +131,10 @@ def _inputs(sc, world, step):
 
 
 def _make_head(sc, classes, **kw):
-    if sc["case"] in MORE_CASES:
-        cls, margins = MORE_CASES[sc["case"]]
-        if cls in (fk.ElasticArcFace, fk.ElasticCosFace):
-            margins = dict(margins, generator=torch.Generator().manual_seed(sc["seed"]))
-    else:
-        head, margins = oracle.HEAD_CASES[sc["case"]]
-        cls = HEAD_CLASSES[head]
+    case = kit.CASES[sc["case"]]
+    cls, margins = heads.module_class(case.head), MORE_CASES.get(sc["case"], case.margins)
+    if cls in (fk.ElasticArcFace, fk.ElasticCosFace):
+        margins = dict(margins, generator=torch.Generator().manual_seed(sc["seed"]))
     module = cls(sc["d"], classes, **margins, reduction=sc["reduction"], ignore_index=sc["ignore_index"],
                  margin_grad=sc["margin_grad"], **kw)  # fmt: skip
     if cls is fk.CurricularFace:

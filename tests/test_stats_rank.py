@@ -27,7 +27,6 @@ import torch.multiprocessing as mp
 
 import facekernels as fk
 from facekernels import _extension
-from facekernels import functional as fkf
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

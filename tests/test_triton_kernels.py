@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import kit
-import oracle
 import pytest
 import torch
 
@@ -21,11 +20,6 @@ triton = pytest.importorskip("triton")
 tk = pytest.importorskip("facekernels.kernels.triton")
 
 DEVICE = kit.TRITON_DEVICE
-
-
-def _params(case, **options):
-    head, kw = oracle.HEAD_CASES[case]
-    return fk.head_params(head, **options, **kw)
 
 
 def _op_args(batch=7, classes=130, features=64, negatives=2):
@@ -64,21 +58,21 @@ def test_frozen_weight_runs_no_weight_gradient_gemm(monkeypatch):
     x, w, y = (a.to(DEVICE) for a in kit.head_inputs(7, 130, 64, dtype=torch.float32))
     x1, x32, x64 = x.clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()
     monkeypatch.setattr(torch, "mm", spy)
-    head_loss(x1, w, y, _params("cosface"), None, True, "triton").backward()
+    head_loss(x1, w, y, kit.CASES["cosface"].params(), None, True, "triton").backward()
     monkeypatch.undo()
-    head_loss(x32, w, y, _params("cosface"), None, True, "reference").backward()
-    head_loss(x64, w.double(), y, _params("cosface"), None, True, "reference").backward()
+    head_loss(x32, w, y, kit.CASES["cosface"].params(), None, True, "reference").backward()
+    head_loss(x64, w.double(), y, kit.CASES["cosface"].params(), None, True, "reference").backward()
     assert w.grad is None
     assert mm_shapes and all(a[0] == 7 for a, _ in mm_shapes), mm_shapes  # only (B, n) @ (n, d): d embeddings
     # against the float64 oracle by the error-ratio rule (a fixed rtol / atol is one BLAS's rounding)
-    kit.assert_error_ratio(x1.grad, x32.grad, x64.grad, floor=kit.logit_floor(_params("cosface").s, torch.float32),
+    kit.assert_error_ratio(x1.grad, x32.grad, x64.grad, floor=kit.logit_floor(kit.CASES["cosface"].params().s, torch.float32),
                            what="d embeddings")
 
 
 def test_float64_and_mixed_float64_are_the_references():
     x, w, y = (a.to(DEVICE) for a in kit.head_inputs(3, 5, 4, dtype=torch.float32))
     with pytest.raises(TypeError, match="float64 is the reference's"):
-        head_loss(x.double(), w.double(), y, _params("arcface"), None, True, "triton")
+        head_loss(x.double(), w.double(), y, kit.CASES["arcface"].params(), None, True, "triton")
     with pytest.raises(TypeError, match="both be float64 or neither"):  # refused before any backend
         fkf.margin_cross_entropy(x, w.double(), y, "arcface", backend="triton")
 
@@ -87,7 +81,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setattr(tk, "_INTERPRETED", False)
     x, w, y = kit.head_inputs(3, 5, 4, dtype=torch.float32)
     with pytest.raises(fk.BackendUnavailableError, match="needs CUDA tensors"):
-        head_loss(x, w, y, _params("arcface"), None, True, "triton")
+        head_loss(x, w, y, kit.CASES["arcface"].params(), None, True, "triton")
 
 
 def test_missing_triton_raises_backend_unavailable():
@@ -138,7 +132,7 @@ def test_backward_with_and_without_the_fused_recompute(fused, case, options, mon
     real_launch = tk._launch
     monkeypatch.setattr(tk, "_launch", lambda kernel, *a, **k: (launched.append(kernel.fn.__name__),
                                                                  real_launch(kernel, *a, **k)))
-    params = _params(case, reduction="none", **options)
+    params = kit.CASES[case].params(reduction="none", **options)
     x, w, y = (a.to(DEVICE) for a in kit.head_inputs(67, 300, 40, dtype=torch.float32, ignore_frac=0.2))
     g = torch.rand(67, dtype=torch.float64, device=DEVICE)
     t = (lambda: torch.tensor(0.3, device=DEVICE)) if params.uses_t else (lambda: None)
