@@ -35,8 +35,8 @@ def _report(extra_path=None):
 def _check(version, launches):
     assert launches, "no launch captured"
     kernels = {f["kernel"] for f in launches}
-    # the heads' path: inverse norms, the forward log-sum-exp and the backward logits gradient
-    assert {"_inv_norm_kernel", "_lse_partial_kernel", "_grad_logits_kernel"} <= kernels, kernels
+    # the heads' path: inverse norms, the forward log-sum-exp and its splits' combine, the backward logits gradient
+    assert {"_inv_norm_kernel", "_lse_partial_kernel", "_combine_lse_kernel", "_grad_logits_kernel"} <= kernels, kernels
     failures = []
     for f in launches:
         where = (f"triton {version}: {f['kernel']} {f['dtype']} B={f['batch']} d={f['features']} "

@@ -238,7 +238,8 @@ def test_non_finite_ignored_row_touches_nothing(backend, bad, small_tiles):
         loss, dx, dw, _ = _loss_and_grads(backend, x, w, y, kit.CASES[case].params(), kit.CASES[case].t0(dev))
         assert torch.isfinite(loss) and torch.isfinite(dw).all(), case
         assert torch.all(dx[4] == 0) and torch.isfinite(dx).all(), case
-        want, *_ = _loss_and_grads("reference", x.double(), w.double(), y, kit.CASES[case].params(), kit.CASES[case].t0(dev))
+        want, *_ = _loss_and_grads("reference", x.double(), w.double(), y, kit.CASES[case].params(),
+                                   kit.CASES[case].t0(dev))  # fmt: skip
         kit.assert_close(loss, want, rtol=1e-5, atol=1e-5, what=case)
 
 

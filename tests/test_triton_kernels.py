@@ -65,8 +65,8 @@ def test_frozen_weight_runs_no_weight_gradient_gemm(monkeypatch):
     assert w.grad is None
     assert mm_shapes and all(a[0] == 7 for a, _ in mm_shapes), mm_shapes  # only (B, n) @ (n, d): d embeddings
     # against the float64 oracle by the error-ratio rule (a fixed rtol / atol is one BLAS's rounding)
-    kit.assert_error_ratio(x1.grad, x32.grad, x64.grad, floor=kit.logit_floor(kit.CASES["cosface"].params().s, torch.float32),
-                           what="d embeddings")
+    floor = kit.logit_floor(kit.CASES["cosface"].params().s, torch.float32)
+    kit.assert_error_ratio(x1.grad, x32.grad, x64.grad, floor=floor, what="d embeddings")
 
 
 def test_float64_and_mixed_float64_are_the_references():
@@ -148,3 +148,31 @@ def test_backward_with_and_without_the_fused_recompute(fused, case, options, mon
     for i, name in enumerate(("dx", "dw")):
         kit.assert_error_ratio(runs[0][i], runs[1][i], runs[2][i], floor=kit.logit_floor(params.s, torch.float32),
                                what=name)
+
+
+@pytest.mark.parametrize("parts", [1, 3, 70])
+def test_combine_lse_kernel_against_float64(parts):
+    # the class splits' (max, sum exp(z - max)) partials of 45 rows (two programs, the second ragged); 70 parts
+    # take two BLOCK_P steps. Row 0: no class (every partial -inf, sum 0): -inf; row 1: a NaN partial; row 2 one
+    # partial far below the others (its share underflows); poisoned outputs
+    from facekernels.kernels.triton.forward import _combine_lse_kernel
+
+    gen = torch.Generator().manual_seed(parts)
+    part_max = 30 * torch.randn(45, parts, generator=gen, dtype=torch.float64)
+    part_sum = 1 + 100 * torch.rand(45, parts, generator=gen, dtype=torch.float64)
+    part_max[0], part_sum[0] = -math.inf, 0.0
+    part_max[1, -1] = math.nan
+    part_max[2, 0] -= 1e4
+    lse, row_max = (torch.full((45,), 7.0, device=DEVICE) for _ in range(2))
+    tk._launch(_combine_lse_kernel, (triton.cdiv(45, tk.COMBINE_BLOCK_R),), part_max.float().to(DEVICE),
+               part_sum.float().to(DEVICE), lse, row_max, 45, parts, BLOCK_R=tk.COMBINE_BLOCK_R,
+               BLOCK_P=min(64, triton.next_power_of_2(parts)))  # fmt: skip
+    rounded_max, rounded_sum = part_max.float().double(), part_sum.float().double()  # the kernel's inputs
+    want = torch.logsumexp(rounded_max + rounded_sum.log(), dim=1)
+    want_max = rounded_max.amax(dim=1)
+    assert lse[0].item() == -math.inf and row_max[0].item() == -math.inf
+    assert math.isnan(lse[1].item()) and math.isnan(row_max[1].item())
+    # float32 arithmetic: a few roundings of the largest term (max_j ~ 100 here, log sum_j ~ 5)
+    eps = torch.finfo(torch.float32).eps
+    kit.assert_close(lse[2:], want[2:], rtol=0.0, atol=16 * eps * want[2:].abs().max().item(), what="lse")
+    assert torch.equal(row_max[2:].double().cpu(), want_max[2:])

@@ -3,7 +3,7 @@
 
 * inverse norms: ``_inv_norm_kernel`` (float64 sums), once per step for x and W;
 * forward: ``_lse_partial_kernel`` over (row blocks x class splits), wgmma-sized tiles, online log-sum-exp;
-  the splits' partials are combined in torch (``_rowmath.combine_lse``);
+  the splits' partials are combined by ``_combine_lse_kernel``;
 * backward (``TritonBackward``, driven chunk by chunk by facekernels/_algorithm.py), per class chunk sized to
   stay in L2 (``chunk_classes``): ``_grad_logits_kernel`` recomputes the chunk's cosines with tl.dot tiles and
   writes the scaled logits gradient D (B, chunk) and the per-class normalisation corrections k (sub-centers:
@@ -36,7 +36,6 @@ import torch
 
 from ..._errors import BackendUnavailableError
 from ..._params import NORM_EPS, HeadParams
-from ..._rowmath import combine_lse
 
 try:
     import triton
@@ -46,7 +45,7 @@ except ImportError as err:  # the backend raises BackendUnavailableError when it
 else:
     _TRITON_IMPORT_ERROR = None
     from .backward import _grad_logits_kernel, _grad_logits_from_dots_kernel
-    from .forward import _inv_norm_kernel, _lse_partial_kernel
+    from .forward import _combine_lse_kernel, _inv_norm_kernel, _lse_partial_kernel
 
 # Triton decides at decoration time whether its kernels run under the interpreter (CPU tensors).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -183,9 +182,7 @@ def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int
     row_blocks = triton.cdiv(batch, cfg.block_b)
     # the RANK variant (stats) runs unpaired: its count beside two accumulators would spill (forward.py)
     paired_end = classes // (2 * cfg.block_c) * 2 * cfg.block_c if k == 1 and target_cos is None else 0
-    empty = torch.full((batch, 1), -math.inf, device=x.device)
-    partials = [(empty, empty)]
-    rank = None if target_cos is None else torch.zeros(batch, dtype=torch.int64, device=x.device)
+    launches = []  # (first class, end, paired, splits, classes per split)
     for c0, c1, paired in ((0, paired_end, True), (paired_end, classes, False)):
         if c1 == c0 or batch == 0:
             continue
@@ -196,21 +193,34 @@ def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int
         if _INTERPRETED:
             splits = min(steps, 2)  # a couple of splits, to exercise the combine
         per_split = triton.cdiv(steps, splits) * step
-        splits = triton.cdiv(c1 - c0, per_split)
-        part_max = _empty((batch, splits), torch.float32, x.device)
-        part_sum = _empty((batch, splits), torch.float32, x.device)
-        part_rank = None if rank is None else _empty((batch, splits), torch.int32, x.device)
+        launches.append((c0, c1, paired, triton.cdiv(c1 - c0, per_split), per_split))
+    if not launches:  # no class (or no row): lse and max -inf, no class beats a target
+        rank = None if target_cos is None else torch.zeros(batch, dtype=torch.int64, device=x.device)
+        return torch.full((batch,), -math.inf, device=x.device), torch.full((batch,), -math.inf, device=x.device), rank
+    # every launch writes its splits' columns of one (B, parts) buffer: one combine after them
+    parts = sum(splits for *_, splits, _ in launches)
+    part_max = _empty((batch, parts), torch.float32, x.device)
+    part_sum = _empty((batch, parts), torch.float32, x.device)
+    part_rank = None if target_cos is None else _empty((batch, parts), torch.int32, x.device)
+    column = 0
+    for c0, c1, paired, splits, per_split in launches:
         _launch(_lse_partial_kernel, (row_blocks, splits), x, w[c0 * k : c1 * k], inv_x, inv_w[c0 * k : c1 * k],
-                target - c0, phi, tau, t, part_max, part_sum, target_cos, part_rank, batch, c1 - c0, features,
-                x.stride(0), w.stride(0), per_split, splits, s, mv_t, cos_bound, filter_threshold,
-                NEGATIVES=negatives, FILTER=filter_threshold != math.inf, SUBCENTERS=k, BLOCK_B=cfg.block_b,
-                BLOCK_C=cfg.block_c, BLOCK_K=cfg.block_k, PAIRED=paired, DOT_PRECISION=_dot_precision(x.dtype),
-                RANK=rank is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
-        partials.append((part_max + torch.log(part_sum), part_max))
-        if rank is not None:
-            rank += part_rank.sum(dim=1, dtype=torch.int64)  # int32 per split (< 2^31 classes), int64 summed
-    lse_parts, max_parts = (torch.cat(parts, dim=1) for parts in zip(*partials))
-    return combine_lse(lse_parts, dim=1), max_parts.amax(dim=1), rank
+                target, phi, tau, t, part_max[:, column:], part_sum[:, column:], target_cos,
+                None if part_rank is None else part_rank[:, column:], batch, c1 - c0, features, c0, x.stride(0),
+                w.stride(0), parts, per_split, s, mv_t, cos_bound, filter_threshold, NEGATIVES=negatives,
+                FILTER=filter_threshold != math.inf, SUBCENTERS=k, BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c,
+                BLOCK_K=cfg.block_k, PAIRED=paired, DOT_PRECISION=_dot_precision(x.dtype), RANK=part_rank is not None,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+        column += splits
+    lse, row_max = _empty(batch, torch.float32, x.device), _empty(batch, torch.float32, x.device)
+    _launch(_combine_lse_kernel, (triton.cdiv(batch, COMBINE_BLOCK_R),), part_max, part_sum, lse, row_max, batch,
+            parts, BLOCK_R=COMBINE_BLOCK_R, BLOCK_P=min(64, triton.next_power_of_2(parts)))  # fmt: skip
+    # int32 per split (< 2^31 classes), int64 summed
+    return lse, row_max, None if part_rank is None else part_rank.sum(dim=1, dtype=torch.int64)
+
+
+# ``_combine_lse_kernel``: rows per program (a row's partials are one contiguous run of ``parts`` floats)
+COMBINE_BLOCK_R = 32
 
 
 # ``_grad_logits_from_dots_kernel``'s tile (the sub-center heads'): elementwise (no tl.dot), 128 rows x 32

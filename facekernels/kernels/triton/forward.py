@@ -87,11 +87,14 @@ def _dot_tile(X, W, rows, row_mask, w_rows, w_mask, D, stride_x, stride_w, BLOCK
 @triton.jit
 def _lse_partial_kernel(X, W, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, tau_ptr, t_ptr,
                         part_max_ptr, part_sum_ptr, target_cos_ptr, part_rank_ptr,
-                        B, C, D, stride_x, stride_w, classes_per_split, n_splits, s, mv_t, bound, filter_threshold,
+                        B, C, D, class_offset, stride_x, stride_w, stride_part, classes_per_split, s, mv_t, bound,
+                        filter_threshold,
                         NEGATIVES: tl.constexpr, FILTER: tl.constexpr, SUBCENTERS: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PAIRED: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, RANK: tl.constexpr):
-    """Program (row block, class split): online (max, sum exp(z - max)) of its rows over its classes.
+    """Program (row block, class split): online (max, sum exp(z - max)) of its rows over its classes, into
+    column ``split`` of the (B, stride_part) partials. W holds the classes class_offset .. class_offset + C: the
+    targets are global class ids, made relative here (no tensor op on them per launch).
 
     RANK (stats only; the pointers are None otherwise and the kernel is the same as without): also counts, per
     row, its classes whose margin-free cosine beats the row's target cosine (``_beats_target``), from the same
@@ -114,7 +117,7 @@ def _lse_partial_kernel(X, W, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, tau_ptr
     split = tl.program_id(1).to(tl.int64)
     row_mask = rows < B
     inv_x = tl.load(inv_x_ptr + rows, mask=row_mask, other=0.0)
-    target = tl.load(target_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
+    target = tl.load(target_ptr + rows, mask=row_mask, other=-1).to(tl.int32) - class_offset  # < 0: none here
     phi = tl.load(phi_ptr + rows, mask=row_mask, other=0.0)
     tau = tl.load(tau_ptr + rows, mask=row_mask, other=0.0)
     t = 0.0
@@ -172,8 +175,35 @@ def _lse_partial_kernel(X, W, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, tau_ptr
             run_max, run_sum = _online_lse(acc_b * inv_x[:, None] * inv_w_b[None, :], cols_b, mask_b, target, phi,
                                            tau, t, mv_t, s, bound, filter_threshold, run_max, run_sum, NEGATIVES,
                                            FILTER)  # fmt: skip
-    out = rows * n_splits + split
+    out = rows * stride_part + split
     tl.store(part_max_ptr + out, run_max, mask=row_mask)
     tl.store(part_sum_ptr + out, run_sum, mask=row_mask)
     if RANK:
         tl.store(part_rank_ptr + out, beats, mask=row_mask)
+
+
+@triton.jit
+def _combine_lse_kernel(part_max_ptr, part_sum_ptr, lse_ptr, row_max_ptr, B, n_parts, BLOCK_R: tl.constexpr,
+                        BLOCK_P: tl.constexpr):
+    """Per row, the class splits' partials (max_j, sum_j) combined: row max M = max_j max_j and
+    lse = M + log sum_j sum_j exp(max_j - M), shifted by 0 instead when M = -inf (no class: lse -inf); a NaN
+    partial makes both NaN (tl.max drops NaN, so it is tracked apart). One launch instead of a dozen torch ops."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < B
+    run_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    run_sum = tl.zeros((BLOCK_R,), tl.float32)
+    nan = tl.zeros((BLOCK_R,), tl.int32)
+    for p0 in range(0, n_parts, BLOCK_P):
+        parts = p0 + tl.arange(0, BLOCK_P)
+        mask = row_mask[:, None] & (parts < n_parts)[None, :]
+        at = rows[:, None] * n_parts + parts[None, :]
+        part_max = tl.load(part_max_ptr + at, mask=mask, other=float("-inf"))
+        part_sum = tl.load(part_sum_ptr + at, mask=mask, other=0.0)
+        nan |= tl.max((part_max != part_max).to(tl.int32), axis=1)
+        new_max = tl.maximum(run_max, tl.max(part_max, axis=1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(part_sum * tl.exp(part_max - shift[:, None]), axis=1)
+        run_max = new_max
+    lse = tl.where(run_max == float("-inf"), 0.0, run_max) + tl.log(run_sum)
+    tl.store(lse_ptr + rows, tl.where(nan != 0, float("nan"), lse), mask=row_mask)
+    tl.store(row_max_ptr + rows, tl.where(nan != 0, float("nan"), run_max), mask=row_mask)
