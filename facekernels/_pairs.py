@@ -12,6 +12,7 @@ whatever the GEMM: the reference and kernels/triplet.py here, the C++ and CUDA k
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # (2^31 - 1) and the golden-ratio multiplier of Knuth's multiplicative hash (2654435761) reduced modulo it: the
 # same column weights, in [1, 2^31). The literal must fit in int32: torch.compile's Triton code multiplies a
@@ -65,3 +66,23 @@ def canonical_gram(gram: torch.Tensor, rep: torch.Tensor) -> torch.Tensor:
     """The (B, B) Gram matrix as every backend reads it (module docstring), differentiable; O(B^2) copies (the
     fused kernels read G through the representatives in place instead)."""
     return _CanonicalGram.apply(gram, rep)
+
+
+def pair_distances(rows: torch.Tensor, distance: str) -> torch.Tensor:
+    """(B, B) distances between the (B, d) ``rows`` (already normalised for "cosine"), as differentiable torch ops
+    (pair_distance of triplet_select.h): read through the rows' representatives, so exactly 0 on the diagonal
+    and between equal rows; floored at 0 by relu (a zero (sub)gradient where not strictly positive); the norms
+    from the Gram diagonal, not a separate (e * e).sum (the same products summed the same way); euclidean's
+    sqrt with a zero (sub)gradient where the distance is 0, as torch.cdist's backward (never inf, which would
+    turn a second derivative into NaN). NaN stays NaN."""
+    rep = representatives(rows)
+    equal = rep.unsqueeze(1) == rep.unsqueeze(0)
+    gram = canonical_gram(rows @ rows.t(), rep)
+    if distance == "cosine":
+        return torch.where(equal, 0, F.relu(1 - gram))
+    sq_norm = gram.diagonal()
+    sq_dist = torch.where(equal, 0, F.relu(sq_norm.unsqueeze(1) + sq_norm.unsqueeze(0) - 2 * gram))
+    if distance == "squared_euclidean":
+        return sq_dist
+    zero = sq_dist == 0
+    return torch.where(zero, 0, torch.where(zero, 1, sq_dist).sqrt())

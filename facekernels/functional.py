@@ -98,6 +98,20 @@ margin_cross_entropy.__doc__ = margin_cross_entropy.__doc__.replace("one of HEAD
     width=108, subsequent_indent=" " * 12).lstrip())  # fmt: skip
 
 
+# the triplet loss's options, documented once: here and in facekernels.TripletMarginLoss (triplet.py)
+TRIPLET_OPTION_DOCS = """\
+        margin: the hinge margin, >= 0 (unused with soft=True).
+        mining: "semihard" (FaceNet / TF-Addons: per positive pair, the closest negative farther than the
+            positive, else the farthest negative), "hard" (batch-hard: per anchor, the farthest positive and the
+            closest negative) or "all" (every valid triplet).
+        distance: "squared_euclidean", "euclidean" or "cosine" (1 - cosine similarity).
+        normalize: L2-normalise the embeddings first (FaceNet).
+        soft: softplus(d_ap - d_an) instead of the hinge max(d_ap - d_an + margin, 0).
+        reduction: "mean" (over the mined terms), "mean_nonzero" (over the terms > 0), "sum", or "none".
+        backend: "auto" (compiled kernels for the tensors' device), "cpu", "cuda" or "reference".
+"""
+
+
 def triplet_margin_loss(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -114,15 +128,7 @@ def triplet_margin_loss(
     Args:
         embeddings: (B, d) float16, bfloat16, float32 or float64 tensor.
         labels: (B,) int64 (or int32) labels; rows with equal labels are positives of each other.
-        margin: the hinge margin, >= 0 (unused with soft=True).
-        mining: "semihard" (FaceNet / TF-Addons: per positive pair, the closest negative farther than the
-            positive, else the farthest negative), "hard" (batch-hard: per anchor, the farthest positive and the
-            closest negative) or "all" (every valid triplet).
-        distance: "squared_euclidean", "euclidean" or "cosine" (1 - cosine similarity).
-        normalize: L2-normalise the embeddings first (FaceNet).
-        soft: softplus(d_ap - d_an) instead of the hinge max(d_ap - d_an + margin, 0).
-        reduction: "mean" (over the mined terms), "mean_nonzero" (over the terms > 0), "sum", or "none".
-        backend: "auto" (compiled kernels for the tensors' device), "cpu", "cuda" or "reference".
+        OPTIONS
 
     Returns:
         The loss (0-dim; 0 with a zero gradient when the batch has no triplet), or with reduction="none"
@@ -141,3 +147,6 @@ def triplet_margin_loss(
     # the gradient otherwise. The product comes first: 0 * sum(embeddings) would overflow for finite rows (a
     # float16 sum passes 65504 at B d ~ 1e5, a float32 one near 1e37 per element) and turn inf * 0 into NaN.
     return result + (embeddings * 0).sum(dtype=result.dtype)
+
+
+triplet_margin_loss.__doc__ = triplet_margin_loss.__doc__.replace("        OPTIONS\n", TRIPLET_OPTION_DOCS)

@@ -92,7 +92,42 @@ _NOT_MARGINS = frozenset({"self", "in_features", "num_classes", "reduction", "ig
                           "process_group", "sample_rate", "sample_seed", "generator"})  # fmt: skip
 
 
-class _MarginHead(nn.Module):
+class _SavedGenerator:
+    """A module's torch.Generator (in the attribute named ``_generator_attribute``) saved in state_dict() as its
+    extra state, so that a run resumed from a checkpoint draws the same numbers: a uint8 tensor (the generator's
+    state, empty without a generator), so that every value of state_dict() stays a tensor (safetensors, EMA
+    helpers). A state dict without it (another trainer's layout, an older checkpoint) still loads."""
+
+    _generator_attribute: str
+    _extra_state_key: str  # the extra state's key in the head's state_dict(), for errors
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The generator's state (a uint8 tensor; empty without a generator), for state_dict()."""
+        generator = getattr(self, self._generator_attribute)
+        return torch.empty(0, dtype=torch.uint8) if generator is None else generator.get_state()
+
+    def set_extra_state(self, state) -> None:
+        """Restore the generator from ``state`` (get_extra_state's tensor; empty: leave it as it is).
+
+        Args:
+            state: a 1-D uint8 tensor.
+        """
+        generator = _restored_generator(getattr(self, self._generator_attribute), state, self._extra_state_key)
+        setattr(self, self._generator_attribute, generator)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # fmt: skip
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)  # fmt: skip
+        key = prefix + "_extra_state"  # missing: nothing to restore, the generator stays as it is
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)
+
+
+class _MarginHead(_SavedGenerator, nn.Module):
+    # Partial FC's sampling generator is module state (_SavedGenerator): a run resumed from state_dict() draws the
+    # same classes
+    _generator_attribute, _extra_state_key = "sample_generator", "_extra_state"
     spec: HeadSpec  # the head's declaration in the registry (facekernels/_head_params.py)
     head: str  # spec.name
     presets: dict = {}  # name -> constructor arguments that reproduce that trainer's head (see like())
@@ -239,26 +274,6 @@ class _MarginHead(nn.Module):
             self.weight.uniform_(-1.0, 1.0)
             self.weight.div_(self.weight.norm(dim=1, keepdim=True))
 
-    # Partial FC's sampling generator is module state: a run resumed from state_dict() draws the same classes.
-    # The extra state is a uint8 tensor (the generator's state, empty without a generator), so that every value
-    # of state_dict() stays a tensor (safetensors, EMA helpers).
-    def get_extra_state(self) -> torch.Tensor:
-        """The sampling generator's state (a uint8 tensor; empty without a generator), for state_dict()."""
-        return _generator_state(self.sample_generator)
-
-    def set_extra_state(self, state) -> None:
-        """Restore the sampling generator from ``state`` (get_extra_state's tensor; empty: leave it as it is).
-
-        Args:
-            state: a 1-D uint8 tensor.
-        """
-        self.sample_generator = _restored_generator(self.sample_generator, state, "_extra_state")
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):  # fmt: skip
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)  # fmt: skip
-        _allow_missing_extra_state(state_dict, prefix, missing_keys)
 
     def _t(self):
         return None
@@ -420,37 +435,16 @@ class _TBufferHead(_MarginHead):
             self.update_t = previous
 
 
-class _GeneratorState(nn.Module):
-    """Holds a torch.Generator whose state is saved in state_dict() (a uint8 tensor; empty without one), so that
-    a run resumed from a checkpoint draws the same numbers."""
+class _GeneratorState(_SavedGenerator, nn.Module):
+    """Holds an ElasticFace head's margin generator (``_SavedGenerator``)."""
+
+    _generator_attribute, _extra_state_key = "generator", "margin_generator._extra_state"
 
     def __init__(self, generator: torch.Generator | None):
         super().__init__()
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
         self.generator = generator
-
-    def get_extra_state(self) -> torch.Tensor:
-        """The generator's state (empty without a generator)."""
-        return _generator_state(self.generator)
-
-    def set_extra_state(self, state) -> None:
-        """Restore the generator from ``state`` (get_extra_state's tensor; empty: leave it as it is).
-
-        Args:
-            state: a 1-D uint8 tensor.
-        """
-        self.generator = _restored_generator(self.generator, state, "margin_generator._extra_state")
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):  # fmt: skip
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)  # fmt: skip
-        _allow_missing_extra_state(state_dict, prefix, missing_keys)
-
-
-def _generator_state(generator: torch.Generator | None) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.uint8) if generator is None else generator.get_state()
 
 
 def _restored_generator(generator: torch.Generator | None, state, key: str) -> torch.Generator | None:
@@ -466,14 +460,6 @@ def _restored_generator(generator: torch.Generator | None, state, key: str) -> t
         raise ValueError(f"{key} does not fit a {generator.device.type} generator ({err}); build the head with a "
                          "generator on the saved generator's device to restore it") from err  # fmt: skip
     return generator
-
-
-def _allow_missing_extra_state(state_dict, prefix: str, missing_keys: list) -> None:
-    # state dicts without the extra state (another trainer's layout, insightface's Partial FC shards, older
-    # checkpoints) still load with strict=True: nothing to restore, the generator stays as it is
-    key = prefix + "_extra_state"
-    if key not in state_dict and key in missing_keys:
-        missing_keys.remove(key)
 
 
 class _ElasticHead(_MarginHead):

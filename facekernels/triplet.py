@@ -5,22 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from . import _validate as V
-from .functional import triplet_margin_loss
+from .functional import TRIPLET_OPTION_DOCS, triplet_margin_loss
 
 
 class TripletMarginLoss(nn.Module):
     """FaceNet / TF-Addons semi-hard, batch-hard and batch-all triplet loss, mined inside the batch.
 
     Args:
-        margin: the hinge margin, >= 0 (unused with soft=True).
-        mining: "semihard" (FaceNet / TF-Addons: per positive pair, the closest negative farther than the
-            positive, else the farthest negative), "hard" (batch-hard: per anchor, the farthest positive and the
-            closest negative) or "all" (every valid triplet).
-        distance: "squared_euclidean", "euclidean" or "cosine" (1 - cosine similarity).
-        normalize: L2-normalise the embeddings first (FaceNet).
-        soft: softplus(d_ap - d_an) instead of the hinge max(d_ap - d_an + margin, 0).
-        reduction: "mean" (over the mined terms), "mean_nonzero" (over the terms > 0), "sum", or "none".
-        backend: "auto" (compiled kernels for the tensors' device), "cpu", "cuda" or "reference".
+        OPTIONS
 
     ``forward(embeddings, labels)`` returns the loss, or ``(terms, triplets)`` with reduction="none"
     (docs/triplet.md).
@@ -57,3 +49,6 @@ class TripletMarginLoss(nn.Module):
             f"margin={self.margin}, mining={self.mining!r}, distance={self.distance!r}, "
             f"normalize={self.normalize}, soft={self.soft}, reduction={self.reduction!r}, backend={self.backend!r}"
         )
+
+
+TripletMarginLoss.__doc__ = TripletMarginLoss.__doc__.replace("        OPTIONS\n", TRIPLET_OPTION_DOCS)

@@ -16,7 +16,7 @@ from facekernels import _extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = pytest.mark.skipif(not _extension.is_available(), reason="needs the compiled extension facekernels._C")
+pytestmark = kit.needs_ext
 
 
 def _op_args(batch=6, classes=11, features=5, dtype=torch.float32, negatives=0, subcenters=1, **change):

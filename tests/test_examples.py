@@ -8,15 +8,15 @@ import re
 import subprocess
 import sys
 
+import kit
 import pytest
 
-from facekernels import _extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "train_single.py")
 TINY = ["--batch", "16", "--classes", "30", "--in-features", "16", "--embedding", "8", "--warmup", "2"]
 
-pytestmark = [pytest.mark.skipif(not _extension.is_available(), reason="needs the compiled extension facekernels._C"),
+pytestmark = [kit.needs_ext,
               pytest.mark.slow]  # runs the example scripts (torchrun)
 
 

@@ -24,10 +24,6 @@ DEVICE = kit.TRITON_DEVICE
 BACKENDS = kit.FUSED_BACKENDS  # each compared with the reference
 
 
-def _device(backend):
-    return "cpu" if backend == "cpu" else DEVICE
-
-
 _dtype = kit.precise_dtype
 
 
@@ -97,7 +93,7 @@ def test_matches_reference(backend, case, margin_grad, reduction, ignore_index, 
                               ignore_index=ignore_index or -100)  # fmt: skip
     if ignore_index is not None:
         y[0] = ignore_index
-    x, w, y = x.to(_device(backend)), w.to(_device(backend)), y.to(_device(backend))
+    x, w, y = x.to(kit.device(backend)), w.to(kit.device(backend)), y.to(kit.device(backend))
     got, dx, _ = _check(backend, x, w, y, case, **options)
     if ignore_index is not None:
         ignored = y == ignore_index
@@ -120,7 +116,7 @@ def test_more_heads_match_reference(backend, case, reduction, ignore_index, smal
     if ignore_index is not None:
         options["ignore_index"] = ignore_index
         y[0] = ignore_index
-    dev = _device(backend)
+    dev = kit.device(backend)
     got, dx, _ = _check(backend, x.to(dev), w.to(dev), y.to(dev), case, **options)
     if ignore_index is not None:
         ignored = (y == ignore_index).to(dev)
@@ -131,7 +127,7 @@ def test_more_heads_match_reference(backend, case, reduction, ignore_index, smal
 @pytest.mark.parametrize("case", ["adaface", "elastic_arc_plus", "elastic_cos_official"])
 def test_more_heads_in_eval_mode(backend, case, small_tiles):
     # eval: AdaFace reads its statistics without updating them; ElasticFace gives every row m, drawing nothing
-    dev = _device(backend)
+    dev = kit.device(backend)
     x, w, y = (a.to(dev) for a in kit.CASES[case].inputs(11, 140, 9, _dtype(backend)))
     _check(backend, x, w, y, case, training=False)
     state = kit.CASES[case].state(dev)
@@ -153,7 +149,7 @@ def test_subcenter_ties_give_the_gradient_to_the_first(backend, small_tiles):
         four = torch.rand(n, 9).argsort(dim=1) < 4
         return signs * four * 2.0 ** torch.randint(0, 4, (n, 1)).float()
 
-    dev = _device(backend) if backend != "reference" else "cpu"
+    dev = kit.device(backend)
     x, w, y = rows(11), rows(140).repeat_interleave(3, dim=0), torch.randint(0, 140, (11,))
     *_, dw, _ = _loss_and_grads(backend, x.to(dev), w.to(dev), y.to(dev), fk.head_params("subcenter_arcface"), None)
     dw = dw.view(140, 3, 9)
@@ -164,7 +160,7 @@ def test_subcenter_ties_give_the_gradient_to_the_first(backend, small_tiles):
 def test_more_heads_nan_in_nan_out(backend, small_tiles):
     # a NaN embedding row: that row's loss is NaN, AdaFace's statistics keep their values (the batch's mean norm is
     # NaN: the step is skipped, as AMP skips it); a NaN in one sub-center of class 0: every row's loss is NaN
-    dev = _device(backend) if backend != "reference" else "cpu"
+    dev = kit.device(backend)
     x, w, y = (a.to(dev) for a in kit.CASES["adaface"].inputs(9, 150, 7, torch.float32))
     x[2, 1] = float("nan")
     for case in ("adaface", "magface", "elastic_arc"):
@@ -186,7 +182,7 @@ def test_more_heads_nan_in_nan_out(backend, small_tiles):
 @pytest.mark.slow
 def test_more_heads_odd_shapes(backend, case, shape):
     # default tiles and chunks; B = 70 takes Triton's 128-row tiles; B = 1 leaves AdaFace's std as it is
-    dev = _device(backend)
+    dev = kit.device(backend)
     x, w, y = (a.to(dev) for a in kit.CASES[case].inputs(*shape, dtype=_dtype(backend)))
     _check(backend, x, w, y, case)
 
@@ -198,13 +194,13 @@ def test_more_heads_odd_shapes(backend, case, shape):
 def test_odd_shapes(backend, case, shape):
     # default tiles and chunks; B = 70 takes Triton's 128-row tiles, B = 1 and d = 3 the smallest
     x, w, y = kit.head_inputs(*shape, dtype=_dtype(backend))
-    dev = _device(backend)
+    dev = kit.device(backend)
     _check(backend, x.to(dev), w.to(dev), y.to(dev), case)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_curricular_t_over_steps_eval_and_a_batch_without_valid_rows(backend, small_tiles):
-    dev, dtype = _device(backend), _dtype(backend)
+    dev, dtype = kit.device(backend), _dtype(backend)
     params = kit.CASES["curricular"].params()
     t, t_ref = torch.zeros((), device=dev), torch.zeros((), device=dev)
     for step in range(3):
@@ -230,7 +226,7 @@ def test_curricular_t_over_steps_eval_and_a_batch_without_valid_rows(backend, sm
 def test_non_finite_ignored_row_touches_nothing(backend, bad, small_tiles):
     # a NaN / Inf embedding in a row labelled ignore_index: finite loss, a 0 gradient for that row, and finite
     # gradients for every class weight (NaN * 0 in the products would poison every row of W)
-    dev = _device(backend) if backend != "reference" else "cpu"
+    dev = kit.device(backend)
     x, w, y = (a.to(dev) for a in kit.head_inputs(9, 150, 7, dtype=torch.float32))
     y[4] = -100
     x[4, 2] = bad
@@ -253,7 +249,7 @@ def test_nan_class_row_gives_a_nan_loss_whatever_tile_or_thread_holds_it(backend
     x, w, y = kit.head_inputs(6, 2048 if backend == "cpu" else 300, 8, dtype=torch.float32)
     w[0, 3] = float("nan")
     y = (y % (w.shape[0] // 2)) + w.shape[0] // 2
-    dev = _device(backend)
+    dev = kit.device(backend)
     got = head_loss(x.to(dev), w.to(dev), y.to(dev), kit.CASES["arcface"].params(reduction="none"), None,
                                     True, backend)  # fmt: skip
     assert torch.isnan(got).all(), got
@@ -261,7 +257,7 @@ def test_nan_class_row_gives_a_nan_loss_whatever_tile_or_thread_holds_it(backend
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_embedding_row_stays_nan(backend, small_tiles):
-    dev = _device(backend)
+    dev = kit.device(backend)
     x, w, y = kit.head_inputs(5, 150, 6, dtype=_dtype(backend))
     x[2, 1] = float("nan")
     for case in ("arcface", "curricular"):
@@ -277,7 +273,7 @@ def test_nan_embedding_row_stays_nan(backend, small_tiles):
 def test_curricular_t_survives_a_non_finite_batch(backend):
     # an Inf embedding sets the batch's mean target cosine to NaN: t must skip that batch (AMP's GradScaler
     # skips its step too) and later clean batches must train as if it never came
-    dev = _device(backend) if backend != "reference" else "cpu"
+    dev = kit.device(backend)
     params = kit.CASES["curricular"].params()
     t, t_clean = torch.full((), 0.3, device=dev), torch.full((), 0.3, device=dev)
     x, w, y = (a.to(dev) for a in kit.head_inputs(8, 150, 7, dtype=torch.float32))
@@ -295,7 +291,7 @@ def test_huge_norms_are_not_zero_vectors(backend):
     # the loss is invariant to the scale of a row: embeddings or class weights scaled by 1e20 (a float32 sum of
     # squares overflows at ~1.8e19) must give the loss of the unscaled rows, not that of zero vectors. (Both at
     # once would overflow the float32 dot products of the Triton tiles, which take the raw inputs: README.)
-    dev = _device(backend) if backend != "reference" else "cpu"
+    dev = kit.device(backend)
     x, w, y = (a.to(dev) for a in kit.head_inputs(7, 150, 9, dtype=torch.float32))
     params = kit.CASES["arcface"].params()
     want = head_loss(x, w, y, params, None, True, backend)
@@ -309,7 +305,7 @@ def test_huge_norms_are_not_zero_vectors(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_higher_order_and_forward_mode_raise_instead_of_a_silent_zero(backend):
-    dev = _device(backend)
+    dev = kit.device(backend)
     x, w, y = (a.to(dev) for a in kit.head_inputs(5, 40, 6, dtype=torch.float32))
     xa = x.clone().requires_grad_()
     loss = head_loss(xa, w, y, kit.CASES["arcface"].params(), None, True, backend)
@@ -323,7 +319,7 @@ def test_higher_order_and_forward_mode_raise_instead_of_a_silent_zero(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_func_grad_matches_backward(backend):
-    dev = _device(backend)
+    dev = kit.device(backend)
     x, w, y = (a.to(dev) for a in kit.head_inputs(5, 40, 6, dtype=torch.float32))
     params = kit.CASES["mv_arc"].params()
     got = torch.func.grad(lambda a: head_loss(a, w, y, params, None, True, backend))(x)
@@ -334,7 +330,7 @@ def test_torch_func_grad_matches_backward(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("need_dx, need_dw", [(True, True), (True, False), (False, True), (False, False)])
 def test_requires_grad_combinations(backend, need_dx, need_dw, small_tiles):
-    dev = _device(backend)
+    dev = kit.device(backend)
     x, w, y = (a.to(dev) for a in kit.head_inputs(6, 150, 5, dtype=torch.float32))
     params = kit.CASES["arcface"].params()
     xa, wa = x.clone().requires_grad_(need_dx), w.clone().requires_grad_(need_dw)
@@ -356,7 +352,7 @@ def test_requires_grad_combinations(backend, need_dx, need_dw, small_tiles):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_accumulation_uses_each_forwards_t(backend):
     # two forwards before one backward: each backward must use the t its own forward used
-    dev = _device(backend)
+    dev = kit.device(backend)
     params = kit.CASES["curricular"].params()
     x, w, y = (a.to(dev) for a in kit.head_inputs(8, 60, 6, dtype=_dtype(backend)))
     t, t_ref = torch.zeros((), device=dev), torch.zeros((), device=dev)
@@ -374,7 +370,7 @@ def test_gradient_accumulation_uses_each_forwards_t(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ignore_index_inside_the_class_range_and_strided_inputs(backend, small_tiles):
-    dev = _device(backend)
+    dev = kit.device(backend)
     x, w, y = kit.head_inputs(17, 140, 7, dtype=_dtype(backend))
     y[:4] = 3
     x_view, w_view = x.t().contiguous().t(), w[::2].repeat_interleave(2, 0)
@@ -386,7 +382,7 @@ def test_ignore_index_inside_the_class_range_and_strided_inputs(backend, small_t
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_dtypes_promote_like_the_reference(backend):
-    dev = _device(backend)
+    dev = kit.device(backend)
     x, w, y = (a.to(dev) for a in kit.head_inputs(7, 23, 6))
     dtypes = (torch.bfloat16, torch.float32) if backend == "cpu" else (torch.float16, torch.float32)
     x, w = x.to(dtypes[0]), w.to(dtypes[1])
@@ -398,7 +394,7 @@ def test_mixed_dtypes_promote_like_the_reference(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_exact_margin_grad_at_the_poles_is_finite(backend):
-    dev = _device(backend)
+    dev = kit.device(backend)
     w = torch.randn(4, 6, device=dev)
     x = torch.cat([w[:2], -w[2:3]]).clone().requires_grad_()  # theta = 0 twice, theta = pi once
     loss = head_loss(x, w, torch.tensor([0, 1, 2], device=dev), kit.CASES["combined_general"].params(), None,
@@ -409,7 +405,7 @@ def test_exact_margin_grad_at_the_poles_is_finite(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
-    dev = _device(backend)
+    dev = kit.device(backend)
     w = torch.randn(5, 4, device=dev, requires_grad=True)
     x = torch.randn(0, 4, device=dev, requires_grad=True)
     y = torch.zeros(0, dtype=torch.long, device=dev)
@@ -421,7 +417,7 @@ def test_empty_batch(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_repeated_runs_are_bitwise_equal(backend, small_tiles):
-    dev = _device(backend)
+    dev = kit.device(backend)
     x, w, y = (a.to(dev) for a in kit.head_inputs(9, 300, 7, dtype=torch.float32))
     runs = [_loss_and_grads(backend, x, w, y, kit.CASES["mv_am"].params(), None, g=torch.ones((), dtype=torch.float64))
             for _ in range(2)]  # fmt: skip
@@ -449,7 +445,7 @@ class _RecordSizes(TorchDispatchMode):
 def test_no_batch_by_classes_tensor(backend, small_tiles):
     # with the small chunks of the fixture, a Triton backward chunk is (B, 128): any (B, C) tensor, in forward
     # or backward, shows among the shapes the ops return (the same recorder sees the reference's logits)
-    dev = _device(backend)
+    dev = kit.device(backend)
     x, w, y = (a.to(dev) for a in kit.head_inputs(13, 397, 7, dtype=torch.float32))
     for case in ("curricular", "mv_am", "arcface"):
         xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -476,7 +472,7 @@ def test_no_batch_by_classes_tensor(backend, small_tiles):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_modules_and_functional_use_the_backend(backend, small_tiles):
-    dev = _device(backend)
+    dev = kit.device(backend)
     x, w, y = (a.to(dev) for a in kit.head_inputs(7, 150, 16, dtype=torch.float32))
     want = fkf.margin_cross_entropy(x, w, y, "combined", m1=0.9, m2=0.4, m3=0.15, backend="reference")
     head = fk.CombinedMargin(16, 150, m1=0.9, m2=0.4, m3=0.15, backend=backend).to(dev)
@@ -493,7 +489,7 @@ def test_modules_and_functional_use_the_backend(backend, small_tiles):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_inputs_same_errors_as_reference(backend):
-    dev = _device(backend)
+    dev = kit.device(backend)
     x, w = torch.randn(4, 6, device=dev), torch.randn(5, 6, device=dev)
     for labels, error, words in [([0, 1, 2, 9], ValueError, "labels must lie in"),
                                  ([0.0, 1, 2, 3], TypeError, "labels"), ([0, 1, 2], ValueError, "labels")]:  # fmt: skip
@@ -511,7 +507,7 @@ def test_bad_inputs_same_errors_as_reference(backend):
 @pytest.mark.parametrize("module", ["adaface", "magface", "elastic", "subcenter", "filter"])
 @pytest.mark.slow
 def test_more_heads_torch_compile_fullgraph(backend, module, small_tiles):
-    dev = _device(backend)
+    dev = kit.device(backend)
     make = {
         "adaface": lambda: fk.AdaFace(16, 150, h=0.9, t_alpha=0.5, backend=backend),
         "magface": lambda: fk.MagFace(16, 150, l_a=3.0, u_a=10.0, backend=backend),
@@ -540,7 +536,7 @@ def test_more_heads_torch_compile_fullgraph(backend, module, small_tiles):
 @pytest.mark.slow
 def test_torch_compile_fullgraph(backend, small_tiles):
     # aot_eager on CPU: Dynamo + AOTAutograd trace forward and backward in one graph, no C++ codegen
-    dev = _device(backend)
+    dev = kit.device(backend)
     head = fk.CurricularFace(16, 150, momentum=0.1, backend=backend).to(dev)
     eager = fk.CurricularFace(16, 150, momentum=0.1, backend=backend).to(dev)
     eager.load_state_dict(head.state_dict())
@@ -630,7 +626,7 @@ def test_triton_million_classes_error_ratio():
 def test_stats_match_the_logits(backend, case, small_tiles):
     # target cosine and top-1 correctness from the fused pass against the reference's logits matrix, on rows
     # that are right and rows that are wrong (near their class or not), with ignored rows
-    dev = _device(backend)
+    dev = kit.device(backend)
     x, w, y = (a.to(dev) for a in kit.head_inputs(40, 300, 33, dtype=_dtype(backend), ignore_frac=0.1,
                                                   near_frac=0.5))  # fmt: skip
     params = kit.CASES[case].params()

@@ -19,11 +19,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import facekernels as fk
-from facekernels import _extension
 from facekernels import optim as fo
 from facekernels.kernels import cpu as cpu_kernels
 
-pytestmark = pytest.mark.skipif(not _extension.is_available(), reason="needs the compiled extension facekernels._C")
+pytestmark = kit.needs_ext
 
 B, C, D = 29, 203, 37
 STEPS = 5

@@ -585,7 +585,7 @@ def test_curricular_t_keeps_its_float32_value_through_dtype_casts(cast):
     assert head.weight.dtype == getattr(torch, {"half": "float16"}.get(cast, cast))
 
 
-@pytest.mark.skipif(not extension_built(), reason="needs facekernels._C")
+@kit.needs_ext
 def test_triplet_under_torch_func():
     # torch.func.grad matches autograd; forward-mode AD and vmap raise torch's clear errors (no jvp / vmap rule)
     e, y = kit.triplet_inputs(8, 3, dtype=torch.float64)

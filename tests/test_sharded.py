@@ -15,11 +15,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import facekernels as fk
-from facekernels import _extension, heads
+from facekernels import heads
 from facekernels import functional as fkf
 from facekernels.sharded import sample_classes, shard_range
 
-pytestmark = [pytest.mark.skipif(not _extension.is_available(), reason="needs the compiled extension facekernels._C"),
+pytestmark = [kit.needs_ext,
               pytest.mark.slow]  # gloo process groups of 2 and 4 processes per test
 
 T0 = 0.15

@@ -10,15 +10,15 @@ import datetime
 import os
 import time
 
+import kit
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import facekernels as fk
-from facekernels import _extension
 
-pytestmark = [pytest.mark.skipif(not _extension.is_available(), reason="needs the compiled extension facekernels._C"),
+pytestmark = [kit.needs_ext,
               pytest.mark.slow]  # gloo process groups of 2 and 4 processes per test
 
 D, B_LOCAL = 6, 4

@@ -23,10 +23,9 @@ mined triplets (``_differentiable_slopes``), so the second derivative includes t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import _extension
-from .._pairs import canonical_gram, representatives
+from .._pairs import pair_distances, representatives
 from .._params import TripletParams
 from .._rowmath import normalize_rows
 
@@ -51,28 +50,12 @@ def _grad_from_slopes(w: torch.Tensor, rows: torch.Tensor, distance: str) -> tor
     return 2 * ((w.sum(1) + w.sum(0)).unsqueeze(1) * e - w_sym_e)
 
 
-def _distances(rows: torch.Tensor, distance: str) -> torch.Tensor:
-    """pair_distance of triplet_select.h as differentiable torch ops: (B, B), floored at 0, and a sqrt
-    whose derivative at 0 is 0 (never inf, which would turn a second derivative into NaN); the entries read
-    through the rows' representatives as the kernels read them (facekernels/_pairs.py)."""
-    rep = representatives(rows)
-    equal = rep.unsqueeze(1) == rep.unsqueeze(0)
-    gram = canonical_gram(rows @ rows.t(), rep)
-    if distance == "cosine":
-        return torch.where(equal, 0, F.relu(1 - gram))
-    sq = gram.diagonal()
-    raw = torch.where(equal, 0, F.relu(sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * gram))
-    if distance == "squared_euclidean":
-        return raw
-    return torch.where(raw > 0, torch.where(raw > 0, raw, 1).sqrt(), 0)
-
-
 def _differentiable_slopes(rows: torch.Tensor, triplets: torch.Tensor, params: TripletParams) -> torch.Tensor:
     """The (T, 2) slopes d term / d raw(a, p), d term / d raw(a, n) that the kernels return as numbers,
     recomputed as functions of the rows (triplet_term and distance_slope of triplet_select.h). Their
     derivative is the part of the second derivative that constant slopes miss: d(1 / 2d) for euclidean,
     sigmoid'(gap) for soft. The hinge's slope and the floors are piecewise constant (0 derivative)."""
-    dist = _distances(rows, params.distance)
+    dist = pair_distances(rows, params.distance)
     a, p, n = triplets.unbind(1)
     d_ap, d_an = dist[a, p], dist[a, n]
     gap = d_ap - d_an

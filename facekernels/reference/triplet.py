@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._pairs import canonical_gram, representatives
+from .._pairs import pair_distances
 from .._params import TripletParams
 from .heads import normalize_rows
 
@@ -20,9 +20,7 @@ _CHUNK_ELEMENTS = 1 << 24
 
 def pairwise_distances(embeddings: torch.Tensor, distance: str, normalize: bool) -> torch.Tensor:
     """(B, B) distances, exactly 0 on the diagonal and between equal rows, floored at 0, in float32 (float64 for
-    float64 inputs); differentiable.
-
-    Floors and hinges are relu: their (sub)gradient is 0 where the value is not strictly positive.
+    float64 inputs); differentiable (``facekernels._pairs.pair_distances``).
     """
     # float32 at least: a float16 row of norm 256 has a squared norm past float16's 65504 (NaN distances),
     # and normalising in float16 overflows at norm 65504 (zero rows)
@@ -30,21 +28,7 @@ def pairwise_distances(embeddings: torch.Tensor, distance: str, normalize: bool)
     e = normalize_rows(e) if normalize else e
     if distance == "cosine" and not normalize:
         e = normalize_rows(e)
-    # entries read through the rows' representatives (facekernels/_pairs.py): equal rows are at bitwise equal
-    # distances from every row, and at distance exactly 0 from each other (the diagonal too)
-    rep = representatives(e)
-    equal = rep.unsqueeze(1) == rep.unsqueeze(0)
-    gram = canonical_gram(e @ e.t(), rep)
-    if distance == "cosine":
-        return torch.where(equal, 0, F.relu(1 - gram))
-    # the norms from the Gram diagonal, not a separate (e * e).sum: the same products summed the same way
-    sq_norm = gram.diagonal()
-    sq_dist = torch.where(equal, 0, F.relu(sq_norm.unsqueeze(1) + sq_norm.unsqueeze(0) - 2 * gram))
-    if distance == "squared_euclidean":
-        return sq_dist
-    zero = sq_dist == 0
-    # sqrt with a zero (sub)gradient where the distance is 0, as torch.cdist's backward does (NaN stays NaN)
-    return torch.where(zero, 0, torch.where(zero, 1, sq_dist).sqrt())
+    return pair_distances(e, distance)
 
 
 def _masked_argmin(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

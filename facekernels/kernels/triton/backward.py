@@ -37,6 +37,20 @@ from .head_math import logit_tile, subcenter_max
 
 
 @triton.jit
+def _row_block(rows, row_mask, c0, inv_x_ptr, target_ptr, phi_ptr, dphi_ptr, tau_ptr, lse_ptr, g_ptr):
+    """A row block's inputs to D: 1 / ||x||, the target relative to the chunk (int32: c0, the chunk's first class,
+    subtracted here; < 0 or past the chunk: none in it), phi, phi', tau, the row's lse and its upstream gradient."""
+    inv_x = tl.load(inv_x_ptr + rows, mask=row_mask, other=0.0)
+    target = (tl.load(target_ptr + rows, mask=row_mask, other=-1) - c0).to(tl.int32)
+    phi = tl.load(phi_ptr + rows, mask=row_mask, other=0.0)
+    dphi = tl.load(dphi_ptr + rows, mask=row_mask, other=0.0)
+    tau = tl.load(tau_ptr + rows, mask=row_mask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+    return inv_x, target, phi, dphi, tau, lse, g
+
+
+@triton.jit
 def _grad_logits_from_dots_kernel(dots_ptr, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, dphi_ptr, tau_ptr, t_ptr,
                                   lse_ptr, g_ptr, d_ptr, corr_ptr,
                                   B, C, c0, stride_dots, stride_d, s, mv_t, bound, filter_threshold,
@@ -66,13 +80,8 @@ def _grad_logits_from_dots_kernel(dots_ptr, inv_x_ptr, inv_w_ptr, target_ptr, ph
     for r0 in range(0, B, BLOCK_B):
         rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
         row_mask = rows < B
-        inv_x = tl.load(inv_x_ptr + rows, mask=row_mask, other=0.0)
-        target = (tl.load(target_ptr + rows, mask=row_mask, other=-1) - c0).to(tl.int32)
-        phi = tl.load(phi_ptr + rows, mask=row_mask, other=0.0)
-        dphi = tl.load(dphi_ptr + rows, mask=row_mask, other=0.0)
-        tau = tl.load(tau_ptr + rows, mask=row_mask, other=0.0)
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-        g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+        inv_x, target, phi, dphi, tau, lse, g = _row_block(rows, row_mask, c0, inv_x_ptr, target_ptr, phi_ptr,
+                                                           dphi_ptr, tau_ptr, lse_ptr, g_ptr)  # fmt: skip
         mask = row_mask[:, None] & col_mask[None, :]
         if SUBCENTERS == 1:
             dots = tl.load(dots_ptr + rows[:, None] * stride_dots + cols[None, :], mask=mask, other=0.0)
@@ -132,13 +141,8 @@ def _grad_logits_kernel(X, W, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, dphi_pt
         row_mask = rows < B
         acc = _dot_tile(X, W, rows, row_mask, cols.to(tl.int64), col_mask, D, stride_x, stride_w, BLOCK_B, BLOCK_C,
                         BLOCK_K, DOT_PRECISION)
-        inv_x = tl.load(inv_x_ptr + rows, mask=row_mask, other=0.0)
-        target = (tl.load(target_ptr + rows, mask=row_mask, other=-1) - c0).to(tl.int32)
-        phi = tl.load(phi_ptr + rows, mask=row_mask, other=0.0)
-        dphi = tl.load(dphi_ptr + rows, mask=row_mask, other=0.0)
-        tau = tl.load(tau_ptr + rows, mask=row_mask, other=0.0)
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-        g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+        inv_x, target, phi, dphi, tau, lse, g = _row_block(rows, row_mask, c0, inv_x_ptr, target_ptr, phi_ptr,
+                                                           dphi_ptr, tau_ptr, lse_ptr, g_ptr)  # fmt: skip
         raw = acc * inv_x[:, None] * inv_w[None, :]
         z, dz_draw, is_target = logit_tile(raw, cols, target, phi, dphi, tau, t, mv_t, s, bound, filter_threshold,
                                           NEGATIVES, FILTER)
