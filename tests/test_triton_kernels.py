@@ -176,3 +176,26 @@ def test_combine_lse_kernel_against_float64(parts):
     eps = torch.finfo(torch.float32).eps
     kit.assert_close(lse[2:], want[2:], rtol=0.0, atol=16 * eps * want[2:].abs().max().item(), what="lse")
     assert torch.equal(row_max[2:].double().cpu(), want_max[2:])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_dw_correction_kernel_against_float64(dtype, in_place):
+    # out = dW + k w, summed in float32 and rounded once to out's dtype: 37 rows (a ragged row block) x 300 of d
+    # (a ragged 256-wide block), w every other row of a larger tensor (a row stride); in place: out is dW itself
+    # (float32, the fused optimizer's master rows); else a NaN-poisoned buffer in w's dtype
+    gen = torch.Generator().manual_seed(3)
+    dw = torch.randn(37, 300, generator=gen)
+    w = torch.randn(74, 300, generator=gen).to(dtype)[::2]
+    k = torch.randn(37, generator=gen)
+    exact = dw.double() + k.double()[:, None] * w.double()
+    dw_dev, w_dev, k_dev = (a.to(DEVICE) for a in (dw, w, k))
+    out = dw_dev if in_place else torch.full((37, 300), math.nan, dtype=dtype, device=DEVICE)
+    got = tk.dw_correction(dw_dev, w_dev, k_dev, out)
+    assert got is out and got.dtype == (torch.float32 if in_place else dtype)
+    # one rounding to out's dtype (half an ulp) of a float32 sum (a few float32 ulps of its terms)
+    half_ulp = torch.finfo(got.dtype).eps / 2
+    terms = dw.double().abs() + (k.double()[:, None] * w.double()).abs()
+    bound = half_ulp * exact.abs() + 4 * torch.finfo(torch.float32).eps * terms
+    err = (got.double().cpu() - exact).abs()
+    assert torch.isfinite(err).all() and (err <= bound).all(), f"largest error over its bound {(err / bound).max():.3g}"

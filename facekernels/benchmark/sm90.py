@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 # Target shapes of the static check (issue "GPU heads at GEMM speed", item 4): B in {256, 1024}, d in {128, 256,
 # 512}, every dtype and kernel variant, C = 1M and an odd C (the JIT specialises C on divisibility by 16).
@@ -304,13 +304,17 @@ class StepCounter(TorchDispatchMode):
     def _add(self, kind, name, **extra):
         self.result.calls.append(Call(kind, name, self.phase, **extra))
 
-    def launch(self, launch) -> None:
-        kernel, _, args, meta = launch
+    def launch(self, launch) -> tuple:
+        """Count a Triton launch; returns it with stand-ins for its tensors (``_stand_in``), as it is kept."""
+        kernel, grid, args, meta = launch
         tensors = [a for a in args if isinstance(a, torch.Tensor) and a.numel()]
         fresh = [a.untyped_storage()._cdata in self._allocated - self._touched for a in tensors]
         touches = tuple(self._touch(a, new) for a, new in zip(tensors, fresh))
+        with _disable_current_modes():  # the stand-ins are not the step's: not counted
+            launch = (kernel, grid, tuple(_stand_in(a) for a in args), meta)
         self._add("triton", kernel.fn.__name__, args=len(args), launch=launch, touches=touches,
                   constexprs=sum(1 for k in meta if k not in ("num_warps", "num_stages")))  # fmt: skip
+        return launch
 
     def _sync(self, func, args, kwargs):
         where = _caller()
@@ -419,8 +423,18 @@ class _LaunchLog(list):
         self._counter = counter
 
     def append(self, launch) -> None:
-        super().append(launch)
-        self._counter.launch(launch)
+        super().append(self._counter.launch(launch))
+
+
+def _stand_in(a):
+    """A meta tensor with a's dtype, shape, strides and storage offset (all a compile reads of it: the offset
+    decides the pointer's alignment), holding no reference to a. A kept launch must not keep the step's
+    tensors alive: autograd takes a gradient that nothing else references and copies one that is (a kernel
+    that writes a weight gradient would show an extra copy_ in the count that no GPU run makes)."""
+    if not isinstance(a, torch.Tensor):
+        return a
+    end = a.storage_offset() + sum((n - 1) * st for n, st in zip(a.shape, a.stride()) if n) + (1 if a.numel() else 0)
+    return torch.empty(end, dtype=a.dtype, device="meta").as_strided(a.shape, a.stride(), a.storage_offset())
 
 
 @contextlib.contextmanager

@@ -9,7 +9,8 @@
   writes the scaled logits gradient D (B, chunk) and the per-class normalisation corrections k (sub-centers:
   cuBLAS's float32 dots and ``_grad_logits_from_dots_kernel``), and two cuBLAS GEMMs give d x_hat / ||x|| +=
   D @ W_chunk (``torch.addmm`` into one float32 accumulator) and the chunk's weight gradient D^T @ X, finished
-  by its rank-1 normalisation correction k w in one pass that also rounds to w's dtype: four launches a chunk.
+  by its rank-1 normalisation correction k w in one pass that also rounds to w's dtype (``_dw_correction_kernel``):
+  four launches a chunk.
   The chunk loop launches the kernel directly: the ``triton_grad_logits`` op (and its dispatch, ~30 us a call)
   is used only while torch.compile / torch.func trace the backward.
 
@@ -44,7 +45,7 @@ except ImportError as err:  # the backend raises BackendUnavailableError when it
     _TRITON_IMPORT_ERROR: ImportError | None = err
 else:
     _TRITON_IMPORT_ERROR = None
-    from .backward import _grad_logits_kernel, _grad_logits_from_dots_kernel
+    from .backward import _dw_correction_kernel, _grad_logits_kernel, _grad_logits_from_dots_kernel
     from .forward import _combine_lse_kernel, _inv_norm_kernel, _lse_partial_kernel
 
 # Triton decides at decoration time whether its kernels run under the interpreter (CPU tensors).
@@ -299,6 +300,25 @@ def grad_chunk(settings: KernelSettings, g, x, w, inv_x, inv_w, target, c0: int,
     return d, corr[:columns]
 
 
+# ``_dw_correction_kernel``'s tile: 16 rows x 256 of d over 4 warps (32 values a thread)
+CORRECTION_BLOCK_R, CORRECTION_BLOCK_D = 16, 256
+
+
+def dw_correction(dw: torch.Tensor, w: torch.Tensor, k: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = dw + k[:, None] * w (dw (n, d) float32, k (n,) float32, w and out (n, d) in their dtypes; out may be
+    dw), summed in float32 and rounded once: one launch (``_dw_correction_kernel``). Rows with a unit stride
+    along d; others go through torch.addcmul (the same sum, one rounding)."""
+    rows, features = w.shape
+    if not all(a.stride(1) == 1 for a in (dw, w, out)):
+        return torch.addcmul(dw, w, k.unsqueeze(1), out=out)
+    if rows and features:
+        block_d = min(CORRECTION_BLOCK_D, triton.next_power_of_2(features))
+        _launch(_dw_correction_kernel, (triton.cdiv(rows, CORRECTION_BLOCK_R), triton.cdiv(features, block_d)), dw,
+                w, k, out, rows, features, dw.stride(0), w.stride(0), out.stride(0), BLOCK_R=CORRECTION_BLOCK_R,
+                BLOCK_D=block_d)  # fmt: skip
+    return out
+
+
 def grad_logits(g, x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, s: float, negatives: int, mv_t: float,
                 cos_bound: float, filter_threshold: float, subcenters: int):  # fmt: skip
     """``grad_chunk`` with the settings spelled out and targets relative to w (the op's form, for tracing and
@@ -498,11 +518,11 @@ class TritonBackward:
         dw = _mm_float32(d.t(), self.x_parts[0], out=dw_out if into else None)
         for part in self.x_parts[1:]:
             _addmm_float32_(dw, d.t(), part)
-        if into:
-            return dw.addcmul_(w, correction.unsqueeze(1))
-        if dw_out is None:
-            dw_out = torch.empty_like(w)
-        return torch.addcmul(dw, w, correction.unsqueeze(1), out=dw_out)
+        if self.traced:  # torch ops that torch.compile traces (a Triton launch takes no fake tensor)
+            if into:
+                return dw.addcmul_(w, correction.unsqueeze(1))
+            return torch.addcmul(dw, w, correction.unsqueeze(1), out=torch.empty_like(w) if dw_out is None else dw_out)
+        return dw_correction(dw, w, correction, dw if into else torch.empty_like(w) if dw_out is None else dw_out)
 
 
 @functools.cache

@@ -154,3 +154,22 @@ def _grad_logits_kernel(X, W, inv_x_ptr, inv_w_ptr, target_ptr, phi_ptr, dphi_pt
         acc_k += tl.sum(out.to(tl.float32) * raw * norm_x[:, None], axis=0)
         tl.store(d_ptr + rows[:, None] * stride_d + cols[None, :], out, mask=row_mask[:, None])
     tl.store(corr_ptr + cols, -inv_w * acc_k)
+
+
+@triton.jit
+def _dw_correction_kernel(dw_ptr, w_ptr, k_ptr, out_ptr, R, D, stride_dw, stride_w, stride_out,
+                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out = dW + k w over a chunk's R rows: D^T X (float32) plus the rank-1 normalisation correction (k per row,
+    float32, from the kernels above; w in its dtype), summed in float32 and rounded once to out's dtype. One
+    (BLOCK_R, BLOCK_D) tile a program, contiguous along d (a unit stride, specialised by the JIT: 16-byte
+    loads and stores), where torch.addcmul over float32, bfloat16 and a broadcast column takes its
+    mixed-dtype path. out may be dW itself (each element read before it is written, by the same thread)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_mask = rows < R
+    mask = row_mask[:, None] & (cols < D)[None, :]
+    dw = tl.load(dw_ptr + rows[:, None] * stride_dw + cols[None, :], mask=mask, other=0.0)
+    w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + rows, mask=row_mask, other=0.0)
+    out = dw + w * k[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
