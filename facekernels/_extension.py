@@ -21,7 +21,7 @@ BUILD_HINT = (
 
 
 @functools.cache
-def _load():
+def _load_ops():
     from . import _library  # noqa: F401  (the schemas the C++ implementations register against)
 
     try:
@@ -37,7 +37,7 @@ def _load():
 
 def is_available() -> bool:
     try:
-        _load()
+        _load_ops()
     except ExtensionUnavailableError:
         return False
     return True
@@ -45,11 +45,11 @@ def is_available() -> bool:
 
 def cuda_built() -> bool:
     """Whether the extension was compiled with its CUDA kernels."""
-    return bool(_load().cuda_built)
+    return bool(_load_ops().cuda_built)
 
 
 def ops():
     """torch.ops.facekernels, after loading the extension that registers it."""
-    _load()
+    _load_ops()
     return torch.ops.facekernels
 

@@ -52,7 +52,7 @@ What differs from an optimizer that reads ``.grad``:
 * ``master_weights=True`` (bfloat16 / float16 weights): the update runs on a float32 copy of the weight kept in
   the state (``master_weight``) with float32 state tensors, and the weight receives the rounded copy.
 
-Chunks of the update hold at most ``CHUNK_BYTES`` of the weight's rows (and a few temporaries of that size):
+Chunks of the update hold at most ``UPDATE_CHUNK_BYTES`` of the weight's rows (and a few temporaries of that size):
 with the CPU backend the backward then runs one kernel call per chunk instead of one for all the classes.
 """
 
@@ -65,7 +65,7 @@ from . import _validate as V
 
 # Bytes of the weight's rows per update chunk (float32 temporaries at least): in the L3 cache of a CPU, and
 # small beside the weight (the peak memory beyond weight and state). Tests make it small.
-CHUNK_BYTES = 4 * 2**20
+UPDATE_CHUNK_BYTES = 4 * 2**20
 # CPU tensors: a non-finite chunk is skipped by reading its flag on the host (no device is involved) and a finite
 # one updated in place. Tests set False to run the GPU's no-sync path (copies committed by torch.where) on CPU.
 HOST_SKIP_ON_CPU = True
@@ -158,14 +158,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     def _chunk_classes(self, features: int, subcenters: int, dtype: torch.dtype,
                        device: torch.device | None = None) -> int:
-        """Classes per backward chunk: their rows within CHUNK_BYTES (at float32's size or more) on a CPU. On a
+        """Classes per backward chunk: their rows within UPDATE_CHUNK_BYTES (at float32's size or more) on a CPU. On a
         GPU no bound of its own: the Triton backward's chunk is already sized for the L2 (D, W's rows and their
         dW), and the update's ~18 launches a chunk are per chunk, so a 4 MiB bound (2,048 classes at d = 512
         instead of 8,192) would quadruple them (bench/results/h100-model-2026-12-03: 8,802 update launches)."""
         if device is not None and device.type != "cpu":
             return 1 << 62
         size = max(torch.finfo(dtype).bits // 8, 4)
-        return max(1, CHUNK_BYTES // (features * subcenters * size))
+        return max(1, UPDATE_CHUNK_BYTES // (features * subcenters * size))
 
     def _param(self) -> torch.Tensor:
         return self.param_groups[0]["params"][0]

@@ -2,7 +2,7 @@
 (single-tensor form, foreach=False) on the unfused head's gradient: the independent oracle.
 
 Several steps, fresh random inputs every step, C = 203, d = 37, B = 29 (no multiple of any block), the update
-chunks made small (optim.CHUNK_BYTES) so that every backward has many chunks and a ragged last one. The cpu
+chunks made small (optim.UPDATE_CHUNK_BYTES) so that every backward has many chunks and a ragged last one. The cpu
 backend runs float64: rel <= 1e-12 (and bit for bit when the kernel's class tiles coincide with the unfused
 call's). The triton backend takes no float64 (TypeError): it runs float32 under the interpreter, against the
 unfused float32 head with torch's optimizer (tight) and, by the error-ratio rule, against the float64 reference
@@ -40,7 +40,7 @@ OPTIMIZERS = {
 @pytest.fixture(autouse=True)
 def _small_chunks(monkeypatch):
     # update chunks of 47 classes at d = 37 float64: 5 chunks over 203 classes, the last one ragged
-    monkeypatch.setattr(fo, "CHUNK_BYTES", D * 8 * 47)
+    monkeypatch.setattr(fo, "UPDATE_CHUNK_BYTES", D * 8 * 47)
 
 
 def _make(backend="cpu", dtype=torch.float64, head_cls=fk.ArcFace, device="cpu", **kwargs):
@@ -119,7 +119,7 @@ def test_cpu_float64_bit_for_bit_when_tiles_coincide(kind, monkeypatch):
     # machine; another GEMM path, e.g. ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE, differs by a few ulps),
     # and torch's update formulas must keep them there: 10x tighter than the general float64 test
     monkeypatch.setattr(cpu_kernels, "CLASS_TILE", 16)
-    monkeypatch.setattr(fo, "CHUNK_BYTES", D * 8 * 48)
+    monkeypatch.setattr(fo, "UPDATE_CHUNK_BYTES", D * 8 * 48)
     fused, fused_opt, plain, torch_opt = _pair(kind)
     batches = [_batch(torch.float64) for _ in range(STEPS)]
     _train(fused, fused_opt, batches, True)
@@ -335,7 +335,7 @@ def test_grad_scaler_unscales_and_skips_non_finite_chunks(commit_path):
     scaler.step(opt)
     scaler.update()
     assert bool(opt.last_found_inf) and scaler.get_scale() == 2.0**125
-    chunk = fo.CHUNK_BYTES // (D * 4)
+    chunk = fo.UPDATE_CHUNK_BYTES // (D * 4)
     kept = [torch.equal(head.weight[c : c + chunk], weight[c : c + chunk]) for c in range(0, C, chunk)]
     moved = [not torch.equal(head.weight[c : c + chunk], weight[c : c + chunk]) for c in range(0, C, chunk)]
     assert any(kept) and any(moved)
@@ -403,7 +403,7 @@ def _sharded_worker(rank, store, out_dir, chunk_bytes):
                             timeout=datetime.timedelta(seconds=300))  # fmt: skip
     try:
         torch.set_num_threads(1)
-        fo.CHUNK_BYTES = chunk_bytes
+        fo.UPDATE_CHUNK_BYTES = chunk_bytes
         results = {}
         for name, (backend, dtype, kind, rate) in SHARDED.items():
             steps = 2 if backend == "triton" else STEPS

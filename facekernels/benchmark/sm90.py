@@ -45,7 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 # 512}, every dtype and kernel variant, C = 1M and an odd C (the JIT specialises C on divisibility by 16).
 BATCHES = (256, 1024)
 FEATURES = (128, 256, 512)
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+REPORT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CLASSES = (1_000_000, 999_983)
 
 
@@ -162,7 +162,7 @@ def compile_launch(kernel, grid, args, meta) -> dict:
     return facts
 
 
-def report(batches=BATCHES, features=FEATURES, dtypes=DTYPES, variants=VARIANTS, classes=CLASSES):
+def report(batches=BATCHES, features=FEATURES, dtypes=REPORT_DTYPES, variants=VARIANTS, classes=CLASSES):
     """Facts of every launch at every target shape (one dict per launch; ``variant`` tells which compiled
     binary it reuses: the JIT caches a specialisation once)."""
     use_h100_target()
