@@ -92,8 +92,10 @@ class TargetLogit(NamedTuple):
     phi: torch.Tensor  # the target logit / s
     dphi: torch.Tensor  # d phi / d c (SIN_THETA_EPS-floored; 1 on a fallback branch; 1 for straight-through)
     tau: torch.Tensor  # phi_raw, the hard-negative threshold
-    dphi_dm2: torch.Tensor  # d phi / d m2 and d phi / d m3: for margins that depend on ||x|| (MagFace)
-    dphi_dm3: torch.Tensor
+    # d phi / d m2 and d phi / d m3, for per-row margins (tensors m2 / m3; MagFace's depend on ||x||); None for
+    # the head's own (scalar) margins, which nothing differentiates: not computed (9 launches a step on a GPU)
+    dphi_dm2: torch.Tensor | None
+    dphi_dm3: torch.Tensor | None
 
 
 def target_logit(c: torch.Tensor, p: HeadParams, m2=None, m3=None, differentiable: bool = False) -> TargetLogit:
@@ -114,15 +116,20 @@ def target_logit(c: torch.Tensor, p: HeadParams, m2=None, m3=None, differentiabl
     m3 = p.m3 if m3 is None else m3
     if not differentiable:
         c, m2, m3 = (a.detach() if isinstance(a, torch.Tensor) else a for a in (c, m2, m3))
-    zeros, ones = torch.zeros_like(c), torch.ones_like(c)
+    per_row = isinstance(m2, torch.Tensor) or isinstance(m3, torch.Tensor)  # d / dm2, d / dm3 wanted
+    ones = torch.ones_like(c)
+    dm2_raw = None
     if p.target_is_linear:
-        phi_raw, dphi_raw, dm2_raw = c - m3, ones, zeros
+        phi_raw, dphi_raw = c - m3, ones
+        if per_row:
+            dm2_raw = torch.zeros_like(c)
     else:
         sin_theta = (1 - c * c).clamp_min(0).sqrt()
         if p.m1 == 1.0 and p.fallback != Fallback.CLIP:
             phi_raw = c * _cos(m2) - sin_theta * _sin(m2) - m3
             dphi_raw = _cos(m2) + c * _sin(m2) / sin_theta.clamp_min(SIN_THETA_EPS)
-            dm2_raw = -(c * _sin(m2) + sin_theta * _cos(m2))
+            if per_row:
+                dm2_raw = -(c * _sin(m2) + sin_theta * _cos(m2))
         else:
             angle = p.m1 * torch.acos(c) + m2
             inside = ones
@@ -131,8 +138,9 @@ def target_logit(c: torch.Tensor, p: HeadParams, m2=None, m3=None, differentiabl
                 angle = angle.clamp(p.clip_eps, math.pi - p.clip_eps)
             phi_raw = torch.cos(angle) - m3
             dphi_raw = inside * p.m1 * torch.sin(angle) / sin_theta.clamp_min(SIN_THETA_EPS)
-            dm2_raw = -inside * torch.sin(angle)
-    phi, dphi, dm2, dm3 = phi_raw, dphi_raw, dm2_raw, -ones
+            if per_row:
+                dm2_raw = -inside * torch.sin(angle)
+    phi, dphi, dm2, dm3 = phi_raw, dphi_raw, dm2_raw, (-ones if per_row else None)
     if p.fallback not in (Fallback.NONE, Fallback.CLIP):
         if p.fallback in (Fallback.MONOTONIC, Fallback.OFFSET):
             # theta + m2 > pi  <=>  c < cos(pi - m2), for m2 > 0; never for m2 <= 0 (an ElasticFace draw may be
@@ -150,8 +158,9 @@ def target_logit(c: torch.Tensor, p: HeadParams, m2=None, m3=None, differentiabl
         use_raw = c > threshold
         phi = torch.where(use_raw, phi_raw, c - offset)
         dphi = torch.where(use_raw, dphi_raw, ones)
-        dm2 = torch.where(use_raw, dm2_raw, -d_offset * ones)
-        dm3 = torch.where(use_raw, dm3, zeros)
+        if per_row:
+            dm2 = torch.where(use_raw, dm2_raw, -d_offset * ones)
+            dm3 = torch.where(use_raw, dm3, 0.0)
     if p.margin_grad == "straight_through":
         dphi = ones
     return TargetLogit(phi, dphi, phi_raw, dm2, dm3)
