@@ -274,7 +274,6 @@ class _MarginHead(_SavedGenerator, nn.Module):
             self.weight.uniform_(-1.0, 1.0)
             self.weight.div_(self.weight.norm(dim=1, keepdim=True))
 
-
     def _t(self):
         return None
 

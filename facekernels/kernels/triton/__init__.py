@@ -306,10 +306,12 @@ CORRECTION_BLOCK_R, CORRECTION_BLOCK_D = 16, 256
 
 def dw_correction(dw: torch.Tensor, w: torch.Tensor, k: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = dw + k[:, None] * w (dw (n, d) float32, k (n,) float32, w and out (n, d) in their dtypes; out may be
-    dw), summed in float32 and rounded once: one launch (``_dw_correction_kernel``). Rows with a unit stride
-    along d; others go through torch.addcmul (the same sum, one rounding)."""
+    dw), summed in float32 and rounded once: one launch (``_dw_correction_kernel``). Traced (torch.compile: a
+    Triton launch takes no fake tensor) or rows without a unit stride along d: torch's addcmul, the same sum."""
     rows, features = w.shape
-    if not all(a.stride(1) == 1 for a in (dw, w, out)):
+    if _traced(dw) or not all(a.stride(1) == 1 for a in (dw, w, out)):
+        if out is dw:
+            return dw.addcmul_(w, k.unsqueeze(1))
         return torch.addcmul(dw, w, k.unsqueeze(1), out=out)
     if rows and features:
         block_d = min(CORRECTION_BLOCK_D, triton.next_power_of_2(features))
@@ -518,11 +520,8 @@ class TritonBackward:
         dw = _mm_float32(d.t(), self.x_parts[0], out=dw_out if into else None)
         for part in self.x_parts[1:]:
             _addmm_float32_(dw, d.t(), part)
-        if self.traced:  # torch ops that torch.compile traces (a Triton launch takes no fake tensor)
-            if into:
-                return dw.addcmul_(w, correction.unsqueeze(1))
-            return torch.addcmul(dw, w, correction.unsqueeze(1), out=torch.empty_like(w) if dw_out is None else dw_out)
-        return dw_correction(dw, w, correction, dw if into else torch.empty_like(w) if dw_out is None else dw_out)
+        out = dw if into else torch.empty_like(w) if dw_out is None else dw_out
+        return dw_correction(dw, w, correction, out)
 
 
 @functools.cache
