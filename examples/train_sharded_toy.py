@@ -16,6 +16,7 @@ data generator; every step's batch then comes out as in an uninterrupted run.
 """
 
 import argparse
+import gc
 import os
 
 import torch
@@ -82,7 +83,12 @@ def main():
     if rank == 0:
         print(f"final loss {loss.item().hex()}", flush=True)  # exact, for comparing runs
     # every rank done with its collectives before any tears down: a rank leaving while the other was still in
-    # gloo's shutdown aborted once under load ("terminate called without an active exception")
+    # gloo's shutdown aborted once under load ("terminate called without an active exception"). The objects
+    # that hold the group (DDP's reducer, the head, the graph of the last loss) go first, while the interpreter is
+    # whole: gloo's threads may still hold work objects whose release at interpreter exit aborts (SIGABRT, seen
+    # twice more under load on 2026-12-05 with the barrier alone)
+    del backbone, head, opt, loss
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
