@@ -10,7 +10,9 @@ or Partial FC's sampled rows of it), with the per-class work done by a kernel ba
    ``w`` (torch, ``_rowmath.target_cosine``; all-reduced over the ranks, so that every rank holds every c_i),
    then the step's margins (``_rowmath.row_margins``: the head's own, or per row: AdaFace's from the norms and
    its running statistics, MagFace's from the norms, ElasticFace's drawn), phi_i, phi'_i and tau_i
-   (``_rowmath.target_logit``) and CurricularFace's t update, identical on every rank.
+   (``_rowmath.target_logit``) and CurricularFace's t update, identical on every rank. Kernels that have their
+   own ``target_rows`` (kernels/triton: one or two launches on CUDA, the Triton mirror of that torch) compute
+   this step for the heads they cover on a single device; the torch runs otherwise.
 3. forward: the kernels give each row's log-sum-exp over w's classes of z_ij = s N(c_ij), z_i,y = s phi_i;
    sharded, all-reduce MAX then SUM of exp(lse_r - max) combines the ranks' partials. loss_i = lse_i - s phi_i
    (+ MagFace's row term).
@@ -66,6 +68,11 @@ class HeadKernels(Protocol):
 
     def inv_norms(self, rows: torch.Tensor) -> torch.Tensor:
         """1 / max(||row||, eps) per row, overflow-safe, NaN for a NaN row."""
+
+    # Optional: ``target_rows(x, w, inv_w, target, valid, t, params, training)``, the pre-pass of step 2 on one
+    # device: (inv_x, c, (phi, phi' times the clamp's derivative, tau) stacked, t_used), t updated in place when
+    # CurricularFace trains (t_used its new value, else a copy; None without t); None for a head it does not
+    # cover (``_rowmath``'s torch then runs).
 
     def lse(self, x, w, inv_x, inv_w, target, phi, tau, t, params: HeadParams, target_cos=None):
         """Per-row (log-sum-exp, max, rank) of the logits over w's classes (the target column, if in w, holds
@@ -311,34 +318,44 @@ def fused_head_loss(
         local = position
     target_col = torch.where(in_shard, local, -1)
 
+    norm_rows = fused_rows = None
     with torch.no_grad():
         x_det, w_det = x_all.detach(), w.detach()
-        inv_x, inv_w = kernels.inv_norms(x_det), kernels.inv_norms(w_det)
-        c, inside = target_cosine(x_det, w_det, target_col, inv_x, inv_w, p)
-        if group is not None:
-            dist.all_reduce(c, group=group)  # one rank owns each row's target: the sum is its cosine
-        norms = row_norms(x_det) if p.row_margins is not None else None
-        margins = row_margins(p, norms, c, valid, training, state)
-        if group is not None and isinstance(p.row_margins, ElasticMargins) and training:
-            # drawn per rank: the first rank's draws are everyone's (identical margins for the same rows)
-            dist.broadcast(margins.m2 if p.row_margins.angular else margins.m3, dist.get_global_rank(group, 0),
-                           group=group)  # fmt: skip
-        logit = target_logit(c, p, margins.m2, margins.m3)
-        phi, tau = logit.phi, logit.tau
-        dphi = logit.dphi * inside  # the clamp's derivative, on the rank whose w holds the target column
-        norm_rows = None
-        if margins.extra is not None:  # MagFace: d phi / dn through the margin that depends on n
-            angular = margins.dm2_dn is not None
-            dphi_dn = logit.dphi_dm2 * margins.dm2_dn if angular else logit.dphi_dm3 * margins.dm3_dn
-            norm_rows = torch.stack([margins.extra, dphi_dn, margins.dextra_dn])
-    t_used = None
-    if p.uses_t:
-        if training:
-            update_t_(t, c, valid, p.momentum)  # the same on every rank
-        # the value this step used, saved for the backward: the caller's buffer moves on at the next forward,
-        # which may run before this backward (gradient accumulation)
-        t_used = t.detach().clone()
-    target_rows = torch.stack([phi, dphi, tau])
+        inv_w = kernels.inv_norms(w_det)
+        if group is None and hasattr(kernels, "target_rows"):
+            # the pre-pass in one or two launches (CUDA), for the heads the kernels cover (None: the torch below);
+            # t updated as update_t_ does
+            fused_rows = kernels.target_rows(x_det, w_det, inv_w, target_col, valid, t, p, training)
+    if fused_rows is not None:
+        inv_x, c, target_rows, t_used = fused_rows
+        phi = target_rows[0]
+    else:
+        with torch.no_grad():
+            inv_x = kernels.inv_norms(x_det)
+            c, inside = target_cosine(x_det, w_det, target_col, inv_x, inv_w, p)
+            if group is not None:
+                dist.all_reduce(c, group=group)  # one rank owns each row's target: the sum is its cosine
+            norms = row_norms(x_det) if p.row_margins is not None else None
+            margins = row_margins(p, norms, c, valid, training, state)
+            if group is not None and isinstance(p.row_margins, ElasticMargins) and training:
+                # drawn per rank: the first rank's draws are everyone's (identical margins for the same rows)
+                dist.broadcast(margins.m2 if p.row_margins.angular else margins.m3, dist.get_global_rank(group, 0),
+                               group=group)  # fmt: skip
+            logit = target_logit(c, p, margins.m2, margins.m3)
+            phi, tau = logit.phi, logit.tau
+            dphi = logit.dphi * inside  # the clamp's derivative, on the rank whose w holds the target column
+            if margins.extra is not None:  # MagFace: d phi / dn through the margin that depends on n
+                angular = margins.dm2_dn is not None
+                dphi_dn = logit.dphi_dm2 * margins.dm2_dn if angular else logit.dphi_dm3 * margins.dm3_dn
+                norm_rows = torch.stack([margins.extra, dphi_dn, margins.dextra_dn])
+        t_used = None
+        if p.uses_t:
+            if training:
+                update_t_(t, c, valid, p.momentum)  # the same on every rank
+            # the value this step used, saved for the backward: the caller's buffer moves on at the next forward,
+            # which may run before this backward (gradient accumulation)
+            t_used = t.detach().clone()
+        target_rows = torch.stack([phi, dphi, tau])
     rows, _, row_max, rank = _HeadRows.apply(x, w, None if group is None else x_all, inv_x, inv_w, target_col,
                                              target_rows, norm_rows, t_used, valid, p, kernels, group, update,
                                              sampled_rows, c if stats else None)  # fmt: skip

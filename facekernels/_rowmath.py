@@ -141,20 +141,8 @@ def target_logit(c: torch.Tensor, p: HeadParams, m2=None, m3=None, differentiabl
             if per_row:
                 dm2_raw = -inside * torch.sin(angle)
     phi, dphi, dm2, dm3 = phi_raw, dphi_raw, dm2_raw, (-ones if per_row else None)
-    if p.fallback not in (Fallback.NONE, Fallback.CLIP):
-        if p.fallback in (Fallback.MONOTONIC, Fallback.OFFSET):
-            # theta + m2 > pi  <=>  c < cos(pi - m2), for m2 > 0; never for m2 <= 0 (an ElasticFace draw may be
-            # negative: the cosine test alone would take rows with theta > pi - |m2|, theta + m2 < pi)
-            if isinstance(m2, torch.Tensor):
-                threshold = torch.where(m2 > 0, torch.cos(math.pi - m2), -math.inf)
-            else:
-                threshold = math.cos(math.pi - m2) if m2 > 0 else -math.inf
-        else:  # POSITIVE: c > 0; ABOVE_M3: c > m3
-            threshold = m3 if p.fallback == Fallback.ABOVE_M3 else 0.0
-        if p.fallback == Fallback.MONOTONIC:  # c - sin(pi - m2) m2
-            offset, d_offset = _sin(math.pi - m2) * m2, _sin(m2) + m2 * _cos(m2)
-        else:
-            offset, d_offset = (p.margin_am if p.fallback == Fallback.OFFSET else 0.0), 0.0
+    if has_fallback_branch(p):
+        threshold, offset, d_offset = fallback_branch(p, m2, m3)
         use_raw = c > threshold
         phi = torch.where(use_raw, phi_raw, c - offset)
         dphi = torch.where(use_raw, dphi_raw, ones)
@@ -164,6 +152,28 @@ def target_logit(c: torch.Tensor, p: HeadParams, m2=None, m3=None, differentiabl
     if p.margin_grad == "straight_through":
         dphi = ones
     return TargetLogit(phi, dphi, phi_raw, dm2, dm3)
+
+
+def has_fallback_branch(p: HeadParams) -> bool:
+    """Whether phi takes a fallback branch c - offset (every fallback but NONE and CLIP, which clips instead)."""
+    return p.fallback not in (Fallback.NONE, Fallback.CLIP)
+
+
+def fallback_branch(p: HeadParams, m2, m3):
+    """(threshold, offset, d offset / d m2) of the fallback branch (``has_fallback_branch``): phi = phi_raw where
+    c > threshold, else c - offset. m2, m3: the head's own (floats) or per row (tensors)."""
+    if p.fallback in (Fallback.MONOTONIC, Fallback.OFFSET):
+        # theta + m2 > pi  <=>  c < cos(pi - m2), for m2 > 0; never for m2 <= 0 (an ElasticFace draw may be
+        # negative: the cosine test alone would take rows with theta > pi - |m2|, theta + m2 < pi)
+        if isinstance(m2, torch.Tensor):
+            threshold = torch.where(m2 > 0, torch.cos(math.pi - m2), -math.inf)
+        else:
+            threshold = math.cos(math.pi - m2) if m2 > 0 else -math.inf
+    else:  # POSITIVE: c > 0; ABOVE_M3: c > m3
+        threshold = m3 if p.fallback == Fallback.ABOVE_M3 else 0.0
+    if p.fallback == Fallback.MONOTONIC:  # c - sin(pi - m2) m2
+        return threshold, _sin(math.pi - m2) * m2, _sin(m2) + m2 * _cos(m2)
+    return threshold, (p.margin_am if p.fallback == Fallback.OFFSET else 0.0), 0.0
 
 
 class _TargetLogitFunction(torch.autograd.Function):

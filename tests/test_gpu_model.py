@@ -88,14 +88,14 @@ def test_head_step_counts_the_code_as_it_is(head_step):
 def test_head_step_sees_a_sync_added_to_the_step(head_step, monkeypatch):
     """A `.item()` added to the step's forward shows as one more sync, with the line that asked for it; with
     on_sync="raise" it raises there."""
-    real = _rowmath.target_cosine
+    real = _rowmath.reduce_row_losses
 
     def synced(*args, **kwargs):
         out = real(*args, **kwargs)
-        out[0].sum().item()
+        out.sum().item()
         return out
 
-    monkeypatch.setattr("facekernels._algorithm.target_cosine", synced)
+    monkeypatch.setattr("facekernels._algorithm.reduce_row_losses", synced)
     got = sm90.count_step(256, 100_000, 512, torch.bfloat16)
     with pytest.raises(sm90.HostSyncError, match="host sync in the counted step"):
         sm90.count_step(256, 100_000, 512, torch.bfloat16, on_sync="raise")

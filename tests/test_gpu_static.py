@@ -36,7 +36,8 @@ def _check(version, launches):
     assert launches, "no launch captured"
     kernels = {f["kernel"] for f in launches}
     # the heads' path: inverse norms, the forward log-sum-exp and its splits' combine, the backward logits gradient
-    assert {"_inv_norm_kernel", "_lse_partial_kernel", "_combine_lse_kernel", "_grad_logits_kernel"} <= kernels, kernels
+    assert {"_inv_norm_kernel", "_target_rows_kernel", "_update_t_kernel", "_lse_partial_kernel", "_combine_lse_kernel",
+            "_grad_logits_kernel"} <= kernels, kernels
     failures = []
     for f in launches:
         where = (f"triton {version}: {f['kernel']} {f['dtype']} B={f['batch']} d={f['features']} "

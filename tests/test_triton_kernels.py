@@ -44,6 +44,12 @@ def test_opcheck(negatives, cos_bound, filter_threshold, subcenters, monkeypatch
     lse = ops.triton_margin_lse(*lse_args)[0]
     grad_args = (torch.randn(7, device=DEVICE), x, w, inv_x, inv_w, target, phi, dphi, tau, t, lse, *options)
     torch.library.opcheck(ops.triton_grad_logits.default, grad_args)
+    # the pre-pass: cos m2, sin m2, m3, threshold, offset, cos bound, linear, fallback, straight-through, k
+    valid = target >= 0
+    margins = (0.9, 0.4, 0.0, -0.9, 0.2, cos_bound, negatives == 1, True, False, subcenters)
+    torch.library.opcheck(ops.triton_target_rows.default, (x, w, inv_w, target, valid, *margins))
+    torch.library.opcheck(ops.triton_target_rows_update_t.default, (x, w, inv_w, target, valid, t.clone(), *margins,
+                                                                    0.01))  # fmt: skip
 
 
 def test_frozen_weight_runs_no_weight_gradient_gemm(monkeypatch):

@@ -93,8 +93,9 @@ def use_h100_target() -> None:
 
 def capture(batch: int, classes: int, features: int, dtype: torch.dtype, variant: Variant):
     """Every launch one forward + backward of the head makes at this shape (meta tensors, nothing runs): the
-    inverse norms, the log-sum-exp, and the logits gradient of the first and of the last backward chunk (chunks
-    as the algorithm cuts them: facekernels/_algorithm.py)."""
+    inverse norms, the per-row pre-pass (an angular margin with its fallback; MV-Softmax's variant a linear one;
+    CurricularFace's with the t update), the log-sum-exp, and the logits gradient of the first and of the last
+    backward chunk (chunks as the algorithm cuts them: facekernels/_algorithm.py)."""
     from ..kernels import triton as tk
 
     meta = dict(device="meta")
@@ -109,8 +110,10 @@ def capture(batch: int, classes: int, features: int, dtype: torch.dtype, variant
     options = (64.0, variant.negatives, 0.2, 1.0, variant.filter_threshold, k)
     tk.CAPTURED_LAUNCHES = []
     try:
-        tk.inv_norms(x)
         tk.inv_norms(w)
+        valid = torch.empty(batch, dtype=torch.bool, **meta)
+        tk.target_rows(x, w, cols, target, valid, t, 0.9, 0.4, 0.0, -0.9, 0.2, 1.0, variant.negatives == 1, True,
+                       False, k, 0.01 if variant.negatives == 2 else None)  # fmt: skip
         tk.margin_lse(x, w, rows, cols, target, rows, rows, t, *options)
         for c0 in sorted({0, last}):
             part = slice(c0 * k, (c0 + chunk) * k)

@@ -1,7 +1,11 @@
 """The Triton kernels of the heads behind the algorithm's kernel interface (``facekernels._algorithm.HeadKernels``):
 ``backend="triton"``, and ``"auto"`` on CUDA tensors.
 
-* inverse norms: ``_inv_norm_kernel`` (float64 sums), once per step for x and W;
+* inverse norms: ``_inv_norm_kernel`` (float64 sums), once per step for W (and x for the heads below);
+* the forward's per-row pre-pass (``target_rows``): ``_target_rows_kernel`` gives x's inverse norms, the target
+  cosines and (phi, phi', tau), and ``_update_t_kernel`` CurricularFace's t, in place of ~60 small torch ops,
+  for the heads' own margins (``covers_target_rows``; AdaFace, MagFace, ElasticFace and the acos heads keep
+  facekernels/_rowmath.py's torch);
 * forward: ``_lse_partial_kernel`` over (row blocks x class splits), wgmma-sized tiles, online log-sum-exp;
   the splits' partials are combined by ``_combine_lse_kernel``;
 * backward (``TritonBackward``, driven chunk by chunk by facekernels/_algorithm.py), per class chunk sized to
@@ -36,7 +40,8 @@ from dataclasses import dataclass
 import torch
 
 from ..._errors import BackendUnavailableError
-from ..._params import NORM_EPS, HeadParams
+from ..._params import NORM_EPS, Fallback, HeadParams
+from ..._rowmath import fallback_branch, has_fallback_branch
 
 try:
     import triton
@@ -46,7 +51,8 @@ except ImportError as err:  # the backend raises BackendUnavailableError when it
 else:
     _TRITON_IMPORT_ERROR = None
     from .backward import _dw_correction_kernel, _grad_logits_kernel, _grad_logits_from_dots_kernel
-    from .forward import _combine_lse_kernel, _inv_norm_kernel, _lse_partial_kernel
+    from .forward import (_combine_lse_kernel, _inv_norm_kernel, _lse_partial_kernel, _target_rows_kernel,
+                          _update_t_kernel)
 
 # Triton decides at decoration time whether its kernels run under the interpreter (CPU tensors).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -167,6 +173,44 @@ def inv_norms(rows: torch.Tensor) -> torch.Tensor:
         _launch(_inv_norm_kernel, (triton.cdiv(n, 32),), rows, out, n, features, rows.stride(0), BLOCK_R=32,
                 BLOCK_K=block_k, eps=NORM_EPS)  # fmt: skip
     return out
+
+
+# ``_target_rows_kernel``'s rows per program and step over d (float64 products, 32 x 64 over 4 warps: 128 wide
+# holds 252 registers for float32 with three sub-centers on triton 3.9)
+TARGET_BLOCK_R, TARGET_BLOCK_K = 32, 64
+# ``_update_t_kernel``'s partials per step
+UPDATE_T_BLOCK_P = 128
+
+
+def covers_target_rows(p: HeadParams) -> bool:
+    """Whether ``target_rows`` computes this head's per-row pre-pass: the head's own margins with m1 = 1 and any
+    fallback but CLIP (every head but AdaFace, MagFace, ElasticFace and the acos ones: those stay in torch)."""
+    return p.row_margins is None and p.m1 == 1.0 and p.fallback != Fallback.CLIP
+
+
+def target_rows(x, w, inv_w, target, valid, t, cos_m2: float, sin_m2: float, m3: float, threshold: float,
+                offset: float, cos_bound: float, linear: bool, fallback: bool, straight_through: bool,
+                subcenters: int, momentum: float | None):  # fmt: skip
+    """(inv_x (B,), c (B,), (phi, phi', tau) (3, B), t_used) float32: ``_target_rows_kernel``, and with a
+    ``momentum`` CurricularFace's t update in place (``_update_t_kernel``, t_used the value it leaves); else
+    t_used is None. Two launches at most."""
+    x, w = _aligned_rows(x), _aligned_rows(w)
+    batch, features = x.shape
+    inv_x, c = _empty(batch, torch.float32, x.device), _empty(batch, torch.float32, x.device)
+    rows = _empty((3, batch), torch.float32, x.device)
+    programs = triton.cdiv(batch, TARGET_BLOCK_R)
+    t_parts = _empty(2 * programs, torch.float64, x.device) if momentum is not None else None
+    if batch:
+        _launch(_target_rows_kernel, (programs,), x, w, inv_w, target, valid, inv_x, c, rows, t_parts, batch,
+                features, x.stride(0), w.stride(0), cos_m2, sin_m2, m3, threshold, offset, cos_bound, NORM_EPS,
+                SUBCENTERS=subcenters, LINEAR=linear, FALLBACK=fallback, STRAIGHT_THROUGH=straight_through,
+                T_PARTS=momentum is not None, BLOCK_R=TARGET_BLOCK_R,
+                BLOCK_K=min(TARGET_BLOCK_K, max(16, triton.next_power_of_2(features))))  # fmt: skip
+    t_used = None
+    if momentum is not None:
+        t_used = _empty((), t.dtype, t.device)
+        _launch(_update_t_kernel, (1,), t_parts, t, t_used, programs, momentum, BLOCK_P=UPDATE_T_BLOCK_P)
+    return inv_x, c, rows, t_used
 
 
 def margin_lse(x, w, inv_x, inv_w, target, phi, tau, t, s: float, negatives: int, mv_t: float, cos_bound: float,
@@ -388,6 +432,42 @@ def _(rows):
     return rows.new_empty(rows.shape[0], dtype=torch.float32)
 
 
+@torch.library.custom_op("facekernels::triton_target_rows", mutates_args=())
+def _target_rows_op(x: torch.Tensor, w: torch.Tensor, inv_w: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+                    cos_m2: float, sin_m2: float, m3: float, threshold: float, offset: float, cos_bound: float,
+                    linear: bool, fallback: bool, straight_through: bool,
+                    subcenters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    with _on_device(x):
+        inv_x, c, rows, _ = target_rows(x, w, inv_w, target, valid, None, cos_m2, sin_m2, m3, threshold, offset,
+                                        cos_bound, linear, fallback, straight_through, subcenters, None)  # fmt: skip
+    return inv_x, c, rows
+
+
+@_target_rows_op.register_fake
+def _(x, w, inv_w, target, valid, cos_m2, sin_m2, m3, threshold, offset, cos_bound, linear, fallback,
+      straight_through, subcenters):  # fmt: skip
+    row = x.new_empty(x.shape[0], dtype=torch.float32)
+    return row, row.clone(), x.new_empty((3, x.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("facekernels::triton_target_rows_update_t", mutates_args=("t",))
+def _target_rows_update_t_op(x: torch.Tensor, w: torch.Tensor, inv_w: torch.Tensor, target: torch.Tensor,
+                             valid: torch.Tensor, t: torch.Tensor, cos_m2: float, sin_m2: float, m3: float,
+                             threshold: float, offset: float, cos_bound: float, linear: bool, fallback: bool,
+                             straight_through: bool, subcenters: int,
+                             momentum: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    with _on_device(x):
+        return target_rows(x, w, inv_w, target, valid, t, cos_m2, sin_m2, m3, threshold, offset, cos_bound, linear,
+                           fallback, straight_through, subcenters, momentum)  # fmt: skip
+
+
+@_target_rows_update_t_op.register_fake
+def _(x, w, inv_w, target, valid, t, cos_m2, sin_m2, m3, threshold, offset, cos_bound, linear, fallback,
+      straight_through, subcenters, momentum):  # fmt: skip
+    row = x.new_empty(x.shape[0], dtype=torch.float32)
+    return row, row.clone(), x.new_empty((3, x.shape[0]), dtype=torch.float32), t.new_empty(())
+
+
 @torch.library.custom_op("facekernels::triton_margin_lse", mutates_args=())
 def _margin_lse_op(x: torch.Tensor, w: torch.Tensor, inv_x: torch.Tensor, inv_w: torch.Tensor, target: torch.Tensor,
                    phi: torch.Tensor, tau: torch.Tensor, t: torch.Tensor | None, s: float, negatives: int,
@@ -460,6 +540,22 @@ class TritonKernels:
 
     def inv_norms(self, rows: torch.Tensor) -> torch.Tensor:
         return _inv_norms_op(rows)
+
+    def target_rows(self, x, w, inv_w, target, valid, t, params: HeadParams, training: bool):
+        """(inv_x, c, (phi, phi', tau), t_used) of the forward's pre-pass in one or two launches (``target_rows``),
+        t updated in place when CurricularFace trains; None for a head it does not cover
+        (``covers_target_rows``: the algorithm then runs the torch of _rowmath)."""
+        p = params
+        if not covers_target_rows(p):
+            return None
+        fallback = has_fallback_branch(p)
+        threshold, offset, _ = fallback_branch(p, p.m2, p.m3) if fallback else (0.0, 0.0, 0.0)
+        margins = (math.cos(p.m2), math.sin(p.m2), p.m3, threshold, offset, p.cos_bound, p.target_is_linear,
+                   fallback, p.margin_grad == "straight_through", p.subcenters)  # fmt: skip
+        if p.uses_t and training:
+            return _target_rows_update_t_op(x, w, inv_w, target, valid, t, *margins, p.momentum)
+        inv_x, c, rows = _target_rows_op(x, w, inv_w, target, valid, *margins)
+        return inv_x, c, rows, (t.detach().clone() if p.uses_t else None)
 
     def lse(self, x, w, inv_x, inv_w, target, phi, tau, t, params: HeadParams, target_cos=None):
         p = params

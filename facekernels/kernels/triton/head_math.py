@@ -1,13 +1,18 @@
-"""The per-class head math of ``docs/heads.md`` as ``@triton.jit`` helpers: the one Triton definition.
+"""The head math of ``docs/heads.md`` as ``@triton.jit`` helpers: the one Triton definition.
 
-The per-row target math (phi, phi', tau, t) is computed once in torch (``facekernels/_rowmath.py``) for every
-backend and reaches the kernels as per-row tensors; what is per (row, class) lives here. The structural
-choice (which N) is a constexpr; the numbers (s, MV's t, CurricularFace's t) are runtime values, so new
-margins do not recompile.
+What is per (row, class) lives here. The per-row target math (phi, phi', tau, t) is defined in torch
+(``facekernels/_rowmath.py``) for every backend; ``target_logit`` is its Triton mirror for the heads' own
+(scalar) margins, which the CUDA forward's one pre-pass kernel uses (tests/test_target_rows.py checks the two
+against each other). The structural choices (which N, which fallback) are constexprs; the numbers (s, the
+margins, MV's t, CurricularFace's t) are runtime values, so new margins do not recompile.
 """
 
 import triton
 import triton.language as tl
+
+from ..._params import SIN_THETA_EPS as _SIN_THETA_EPS
+
+SIN_THETA_EPS = tl.constexpr(_SIN_THETA_EPS)  # the floor of sin(theta) in phi'
 
 
 @triton.jit
@@ -64,3 +69,29 @@ def logit_tile(raw, cols, target, phi, dphi, tau, t, mv_t, s, bound, filter_thre
     inside = (raw > -bound) & (raw < bound)
     dz_draw = s * tl.where(is_target, dphi[:, None], tl.where(inside, dn, 0.0))
     return z, dz_draw, is_target
+
+
+@triton.jit
+def target_logit(c, cos_m2, sin_m2, m3, threshold, offset, LINEAR: tl.constexpr, FALLBACK: tl.constexpr,
+                 STRAIGHT_THROUGH: tl.constexpr):
+    """(phi, phi', tau) of target cosines c (float32) for the head's own margins with m1 = 1: ``_rowmath``'s
+    target_logit without the per-row margins, the acos branch (m1 != 1) and Fallback.CLIP, which stay in torch.
+
+    phi_raw = c - m3 (LINEAR), else c cos m2 - sin(theta) sin m2 - m3 with phi_raw' = cos m2 + c sin m2 /
+    max(sin theta, eps); tau = phi_raw. FALLBACK: phi = c - offset, phi' = 1 where not c > threshold (the branch's
+    constants from ``_rowmath.fallback_branch``). STRAIGHT_THROUGH: phi' = 1."""
+    if LINEAR:
+        phi_raw = c - m3
+        dphi_raw = tl.full(c.shape, 1.0, tl.float32)
+    else:
+        sin_theta = tl.sqrt(tl.maximum(1.0 - c * c, 0.0))  # a NaN c makes phi and phi' NaN through c itself
+        phi_raw = c * cos_m2 - sin_theta * sin_m2 - m3
+        dphi_raw = cos_m2 + c * sin_m2 / tl.where(sin_theta < SIN_THETA_EPS, SIN_THETA_EPS, sin_theta)
+    phi, dphi = phi_raw, dphi_raw
+    if FALLBACK:
+        use_raw = c > threshold
+        phi = tl.where(use_raw, phi_raw, c - offset)
+        dphi = tl.where(use_raw, dphi_raw, 1.0)
+    if STRAIGHT_THROUGH:
+        dphi = tl.full(c.shape, 1.0, tl.float32)
+    return phi, dphi, phi_raw
