@@ -244,6 +244,14 @@ def test_a_gather_touches_what_it_reads_not_its_whole_source():
     assert call.touches[0][1] == 8 * 64 * 4 and call.bytes < 100_000 * 4
 
 
+def test_the_pre_pass_kernel_touches_the_target_rows_not_the_whole_weight(head_step):
+    # _target_rows_kernel reads W's rows of the B targets (GATHERING_KERNELS), not W: 1024 rows of 512 bfloat16
+    (call,) = [c for c in head_step.calls if c.name == "_target_rows_kernel"]
+    sizes = sorted(size for _, size, written in call.touches if not written)
+    assert sizes[-1] == sizes[-2] == 1024 * 512 * 2  # x and W's target rows
+    assert sum(sizes) < 3 * 1024 * 512 * 2
+
+
 def test_float32_gemms_at_highest_precision_run_without_tensor_cores():
     assert M.cublas_rate(2 * 8192**3, "fp32") == pytest.approx(0.8 * M.FP32_PEAK)
     previous = torch.get_float32_matmul_precision()

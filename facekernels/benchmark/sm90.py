@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -197,6 +198,8 @@ SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "_uniqu
                       "unique_consecutive", "equal"})  # fmt: skip
 # Ops that read rows / elements of their first tensor by index
 GATHER_OPS = frozenset({"index_select", "gather", "embedding", "index", "take", "_unsafe_index"})
+# Triton kernels that read rows of a tensor argument by index: {kernel: {argument: the argument holding the rows}}
+GATHERING_KERNELS = {"_target_rows_kernel": {"W": "target_ptr", "inv_w_ptr": "target_ptr"}}
 KINDS = ("triton", "gemm", "kernel", "custom_op", "view", "alloc", "host", "sync")
 LAUNCH_KINDS = ("triton", "gemm", "kernel")
 
@@ -313,6 +316,20 @@ class StepCounter(TorchDispatchMode):
         tensors = [a for a in args if isinstance(a, torch.Tensor) and a.numel()]
         fresh = [a.untyped_storage()._cdata in self._allocated - self._touched for a in tensors]
         touches = tuple(self._touch(a, new) for a, new in zip(tensors, fresh))
+        gathered = GATHERING_KERNELS.get(kernel.fn.__name__)
+        if gathered:
+            # rows read by index: as many rows as the index tensor has entries (times the sub-centers), not the
+            # whole tensor
+            names = list(inspect.signature(kernel.fn).parameters)
+            by_id = {id(a): i for i, a in enumerate(tensors)}
+            touches = list(touches)
+            for source, index in gathered.items():
+                a, rows = args[names.index(source)], args[names.index(index)]
+                row_bytes = _distinct_bytes(a[:1]) if a.dim() > 1 else a.element_size()
+                i = by_id[id(a)]
+                touches[i] = (touches[i][0], min(touches[i][1], rows.numel() * meta.get("SUBCENTERS", 1) * row_bytes),
+                              False)  # fmt: skip
+            touches = tuple(touches)
         with _disable_current_modes():  # the stand-ins are not the step's: not counted
             launch = (kernel, grid, tuple(_stand_in(a) for a in args), meta)
         self._add("triton", kernel.fn.__name__, args=len(args), launch=launch, touches=touches,
