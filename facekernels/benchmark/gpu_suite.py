@@ -43,8 +43,8 @@ SWEEP_RESERVE_S = 240  # of the suite's budget, kept for the sweep
 # tests/test_benchmark.py checks that none is missing); the rest of the suite tests the CPU paths, which CI
 # runs (six of these files took 62-78 s with 12 workers on the H200 machine)
 GPU_TESTS = ("test_api.py", "test_extension.py", "test_fallback.py", "test_heads.py", "test_heads_lowp.py",
-             "test_heads_more.py", "test_optim.py", "test_registry.py", "test_stats_rank.py", "test_triplet_fused.py",
-             "test_triton_kernels.py")  # fmt: skip
+             "test_heads_more.py", "test_optim.py", "test_registry.py", "test_stats_rank.py", "test_target_rows.py",
+             "test_triplet_fused.py", "test_triton_kernels.py")  # fmt: skip
 
 
 def doubling(start: int, stop: int) -> list:
