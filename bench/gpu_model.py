@@ -28,9 +28,10 @@ CUDA driver cost of a launch (DRIVER_LAUNCH), summed over the step's counted cal
 the step between host syncs, the larger of host and GPU time; plus KERNEL_BOUNDARY per dependent kernel (one
 stream: every kernel waits for the one before) and SYNC_LATENCY per sync.
 
-The eager line is the reference backend's step counted the same way. The torch.compile line is NOT traced
-(inductor's GPU kernels cannot be generated without a GPU here): it is the eager step's GEMMs with its other
-kernels assumed fused into COMPILE_KERNELS kernels over 4 (B, C) passes (``compile_lines``).
+The eager line is the reference backend's step counted the same way. The torch.compile line is the eager step's
+GEMMs and inductor's other kernels as its CPU backend generates them (inductor's GPU kernels cannot be generated
+without a GPU here), with the bytes inductor counts for them, traced at small shapes and extrapolated
+(``inductor_trace``, ``compile_lines``).
 """
 
 from __future__ import annotations
@@ -483,55 +484,86 @@ def wall_time(times: list) -> dict:
 
 
 _INDUCTOR_TRACE = r"""
-import json, torch, torch._inductor.config as config, torch._inductor.metrics as metrics
+import json, sys, torch, torch._inductor.config as config, torch._inductor.metrics as metrics
+from torch._inductor.scheduler import ExternKernelSchedulerNode
+torch._logging.set_logs(inductor_metrics=True)  # makes inductor count each fused kernel's buffer bytes
 import facekernels as fk
 config.fx_graph_cache = False
+batch, classes, features, dtype = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), getattr(torch, sys.argv[4])
 torch.manual_seed(0)
-head = fk.CurricularFace(64, 4096, backend="reference").train()
-x, y = torch.randn(64, 64, requires_grad=True), torch.randint(0, 4096, (64,))
+head = fk.CurricularFace(features, classes, backend="reference").train().to(dtype)
+x, y = torch.randn(batch, features, dtype=dtype, requires_grad=True), torch.randint(0, classes, (batch,))
 metrics.reset()
 torch.compile(head)(x, y).backward()
-print(json.dumps({"kernels": metrics.generated_kernel_count}))
+fused = [4 * n for node, n in metrics.nodes_num_elem if not isinstance(node, ExternKernelSchedulerNode)]
+print(json.dumps({"kernels": metrics.generated_kernel_count, "bytes": sum(fused)}))
 """
+# the corners of the traced shapes (B, C): the bytes of inductor's kernels are fitted as a + b B + c C + e B C
+INDUCTOR_SHAPES = ((64, 4096), (128, 4096), (64, 8192), (128, 8192))
 
 
-def inductor_kernels() -> tuple[int, str]:
-    """(kernels, how known) of torch.compile of the reference head's forward + backward: traced by inductor's
-    CPU backend at a small shape (B = 64, C = 4096, d = 64) in a fresh process: its loop nests besides the
-    GEMMs (extern calls), each about one Triton kernel on a GPU. COMPILE_KERNELS when that fails here."""
+def bilinear(corners, values):
+    """f(B, C) = a + b B + c C + e B C through four values at the corners (B0, C0), (B1, C0), (B0, C1), (B1, C1);
+    ``f.per_pair`` is e."""
+    (b0, c0), (b1, _), (_, c1), _ = corners
+    y00, y10, y01, y11 = values
+    e = (y11 - y10 - y01 + y00) / ((b1 - b0) * (c1 - c0))
+    b_coef = (y10 - y00) / (b1 - b0) - e * c0
+    c_coef = (y01 - y00) / (c1 - c0) - e * b0
+    a = y00 - b_coef * b0 - c_coef * c0 - e * b0 * c0
+
+    def f(batch, classes):
+        return a + b_coef * batch + c_coef * classes + e * batch * classes
+
+    f.per_pair = e
+    return f
+
+
+def inductor_trace(features: int, dtype: torch.dtype):
+    """(kernels, bytes(B, C), how known) of torch.compile of the reference head's forward + backward, traced by
+    inductor's CPU backend in fresh processes at the four INDUCTOR_SHAPES, at this d and dtype: its loop nests
+    besides the GEMMs (extern calls), each about one Triton kernel on a GPU, and the bytes they read and write
+    (inductor's own count of each fused kernel's buffers), fitted bilinearly in B and C and extrapolated.
+    COMPILE_KERNELS and 4 (B, C) passes (ASSUMED) when the trace fails here. The CPU backend's fusions are
+    not necessarily the GPU's: a trace, not a measurement."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    name = str(dtype).removeprefix("torch.")
     try:
-        done = subprocess.run([sys.executable, "-c", _INDUCTOR_TRACE], capture_output=True, text=True, env=env,
-                              timeout=900)  # fmt: skip
-        kernels = int(json.loads(done.stdout.strip().splitlines()[-1])["kernels"])
-        return kernels, "traced by inductor (CPU backend, B = 64, C = 4096, d = 64)"
+        traced = []
+        for b, c in INDUCTOR_SHAPES:
+            done = subprocess.run([sys.executable, "-c", _INDUCTOR_TRACE, str(b), str(c), str(features), name],
+                                  capture_output=True, text=True, env=env, timeout=900)  # fmt: skip
+            traced.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        traffic = bilinear(INDUCTOR_SHAPES, [t["bytes"] for t in traced])
+        how = (f"traced by inductor's CPU backend at (B, C) = {', '.join(f'({b}, {c})' for b, c in INDUCTOR_SHAPES)}, "
+               f"d = {features}: {traffic.per_pair:.1f} bytes per (row, class)")  # fmt: skip
+        return traced[0]["kernels"], traffic, how
     except Exception as err:  # noqa: BLE001 - a model's fallback, said in its output
-        return COMPILE_KERNELS, f"ASSUMED (inductor trace failed here: {type(err).__name__})"
+        elem = dtype.itemsize
+        return COMPILE_KERNELS, lambda batch, classes: 4 * batch * classes * elem, (
+            f"ASSUMED (inductor trace failed here: {type(err).__name__}): 4 (B, C) passes")
 
 
-def compile_lines(eager: list, batch: int, classes: int, elem: int, kernels: int) -> list:
+def compile_lines(eager: list, batch: int, classes: int, kernels: int, traffic) -> list:
     """torch.compile of the reference: the eager step's GEMM calls as they are, and ``kernels`` other kernels
-    (inductor's count). Their bytes are ASSUMED: 4 passes over the (B, C) logits at the GEMM dtype (the
-    logits GEMM writes them; the fused softmax forward reads them; the backward's fused softmax gradient reads
-    them and writes its gradient), in two of the kernels; the rest small (GPU_MIN_KERNEL). Host: a launch each
+    (inductor's count) moving ``traffic(B, C)`` bytes through HBM (inductor_trace), charged as one line (the
+    trace does not tell forward from backward), each other kernel at least GPU_MIN_KERNEL. Host: a launch each
     from inductor's generated wrapper (DRIVER_LAUNCH + the measured cost of a torch op for its Python)."""
     gemms = [t for t in eager if t.kind == "gemm"]
-    bc = batch * classes
-    passes = 3 * bc * elem  # beyond the GEMM's own write of the logits
-    per = passes / HBM_BW / 2 + GPU_MIN_KERNEL
+    moved = traffic(batch, classes)
     host = gemms[0].host if gemms else HOST_SCALE * (4e-6 + DRIVER_LAUNCH)  # a torch op's call and its launch
-    fused = [CallTime("kernel", "compiled (B, C) pass", "forward", per, host, "HBM", hbm=passes / 2),
-             CallTime("kernel", "compiled (B, C) pass", "backward", per, host, "HBM", hbm=passes / 2)]
+    fused = [CallTime("kernel", "compiled kernels' traced bytes", "step", moved / HBM_BW + GPU_MIN_KERNEL, host,
+                      "HBM", hbm=moved)]  # fmt: skip
     rest = [CallTime("kernel", "compiled small kernel", "step", GPU_MIN_KERNEL, host, "launch")
-            for _ in range(max(kernels - 2, 0))]  # fmt: skip
+            for _ in range(max(kernels - 1, 0))]  # fmt: skip
     return gemms + fused + rest
 
 
 def model(batch: int, classes: int, features: int, dtype: torch.dtype, head: str = "CurricularFace",
           host: dict | None = None) -> dict:  # fmt: skip
-    """{path: (times, wall parts)} for the fused path, eager reference and (assumed) torch.compile."""
+    """{path: (times, wall parts)} for the fused path, eager reference and (traced) torch.compile."""
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "tf32"}[dtype]
     fused = sm90.count_step(batch, classes, features, dtype, head)
     eager = sm90.count_step(batch, classes, features, dtype, head, backend="reference")
@@ -543,13 +575,11 @@ def model(batch: int, classes: int, features: int, dtype: torch.dtype, head: str
     for name, count in (("fused (backend='triton')", fused), ("eager (backend='reference')", eager)):
         times = time_calls(count, host, facts, precision, features)
         out[name] = (times, wall_time(times), count)
-    elem = dtype.itemsize
     if "inductor" not in host:
-        host["inductor"] = inductor_kernels()
-    kernels, how = host["inductor"]
-    compiled = compile_lines(out["eager (backend='reference')"][0], batch, classes, elem, kernels)
-    out[f"torch.compile(reference): {kernels} kernels + GEMMs, {how}; (B, C) bytes assumed"] = (
-        compiled, wall_time(compiled), None)
+        host["inductor"] = inductor_trace(features, dtype)
+    kernels, traffic, how = host["inductor"]
+    compiled = compile_lines(out["eager (backend='reference')"][0], batch, classes, kernels, traffic)
+    out[f"torch.compile(reference): {kernels} kernels + GEMMs, {how}"] = (compiled, wall_time(compiled), None)
     return out, host
 
 

@@ -252,6 +252,15 @@ def test_the_pre_pass_kernel_touches_the_target_rows_not_the_whole_weight(head_s
     assert sum(sizes) < 3 * 1024 * 512 * 2
 
 
+def test_bilinear_fit_of_the_traced_bytes_extrapolates_exactly():
+    # inductor's traced bytes at four small shapes give torch.compile's traffic at the target shape
+    gm = _model()
+    exact = lambda b, c: 100 + 7 * b + 3 * c + 39 * b * c  # noqa: E731
+    f = gm.bilinear(gm.INDUCTOR_SHAPES, [exact(b, c) for b, c in gm.INDUCTOR_SHAPES])
+    assert f.per_pair == pytest.approx(39)
+    assert f(1024, 1_000_000) == pytest.approx(exact(1024, 1_000_000), rel=1e-12)
+
+
 def test_float32_gemms_at_highest_precision_run_without_tensor_cores():
     assert M.cublas_rate(2 * 8192**3, "fp32") == pytest.approx(0.8 * M.FP32_PEAK)
     previous = torch.get_float32_matmul_precision()
