@@ -15,6 +15,8 @@ from facekernels._params import SIN_THETA_EPS, AdaFaceMargins, Fallback, HeadPar
 
 triton = pytest.importorskip("triton")
 tk = pytest.importorskip("facekernels.kernels.triton")
+tl = triton.language
+from facekernels.kernels.triton.head_math import target_logit  # noqa: E402 (needs triton)
 
 DEVICE = kit.TRITON_DEVICE
 EPS32 = torch.finfo(torch.float32).eps
@@ -37,6 +39,18 @@ CASES = {
 }
 
 
+@triton.jit
+def _logit_kernel(c_ptr, out_ptr, n, cos_m2, sin_m2, m3, threshold, offset, LINEAR: tl.constexpr,
+                  FALLBACK: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr, BLOCK: tl.constexpr):
+    """head_math.target_logit alone: (phi, phi', tau) of n cosines into out (3, n)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    c = tl.load(c_ptr + i, mask=i < n, other=0.0)
+    phi, dphi, tau = target_logit(c, cos_m2, sin_m2, m3, threshold, offset, LINEAR, FALLBACK, STRAIGHT_THROUGH)
+    tl.store(out_ptr + i, phi, mask=i < n)
+    tl.store(out_ptr + n + i, dphi, mask=i < n)
+    tl.store(out_ptr + 2 * n + i, tau, mask=i < n)
+
+
 def _inputs(p: HeadParams, dtype, batch=77, classes=13, features=45, seed=0, nan=True):
     """x (B, d), w (C k, d) in ``dtype``, targets (-1: not in w) and the valid rows, with rows along (row 1), against
     (row 2) and close to (row 3, outside a 0.9 bound) a target row of w, an ignored row (4); ``nan``: a NaN row (0),
@@ -50,7 +64,9 @@ def _inputs(p: HeadParams, dtype, batch=77, classes=13, features=45, seed=0, nan
     target[1:4] = torch.tensor([2, 5, 7])
     k = p.subcenters
     w[5 * k + 1 : 5 * k + k] = w[5 * k] * 1.5  # class 5's sub-centers all along one direction: row 2 reaches -1
-    x[1], x[2] = 3 * w[2 * k], -2 * w[5 * k]
+    # near-parallel, not parallel: a cosine of +-1 up to a rounding would make the clamp's derivative a coin toss
+    x[1] = 3 * w[2 * k] + 0.1 * w[2 * k].norm() / math.sqrt(features) * torch.randn(features, generator=gen)
+    x[2] = -2 * w[5 * k] + 0.1 * w[5 * k].norm() / math.sqrt(features) * torch.randn(features, generator=gen)
     x[3] = w[7 * k] + 0.3 * w[7 * k].norm() / math.sqrt(features) * torch.randn(features, generator=gen)
     if nan:
         x[0, 3] = math.nan
@@ -62,8 +78,9 @@ def _inputs(p: HeadParams, dtype, batch=77, classes=13, features=45, seed=0, nan
     return x.to(dtype), w.to(dtype), target, valid
 
 
-def _oracle(x, w, target, p: HeadParams):
-    """float64 from the spec (docs/heads.md): inv_x, c, phi, phi' (0 outside the cosine bound), tau."""
+def _oracle_cosines(x, w, target, p: HeadParams):
+    """float64 from the spec (docs/heads.md): inv_x, the target cosines c and whether the raw cosine lies inside
+    the bound (the clamp's derivative)."""
     x64, w64 = x.double(), w.double()
     k, b = p.subcenters, p.cos_bound
     inv_x = 1 / x64.norm(dim=1).clamp_min(1e-12)
@@ -72,7 +89,13 @@ def _oracle(x, w, target, p: HeadParams):
     raw = torch.stack([((x64 * inv_x[:, None]) * w_hat[rows * k + j]).sum(dim=1) for j in range(k)], dim=1)
     raw = torch.where(raw.isnan().any(dim=1), math.nan, raw.amax(dim=1))
     raw = torch.where(target >= 0, raw, 0.0)
-    c = raw.clamp(-b, b)
+    return inv_x, raw.clamp(-b, b), (target >= 0) & (raw > -b) & (raw < b)
+
+
+def _oracle_logit(c, inside, p: HeadParams):
+    """float64 from the spec: (phi, phi' times the clamp's derivative, tau) at the cosines c (float64). The kernel's
+    own cosines go in, so that its phi' is not judged by the rounding of c (phi' changes by sin m2 / sin^3 theta
+    per unit of c)."""
     theta = torch.acos(c)
     sin_theta = torch.sin(theta)
     phi_raw = torch.cos(theta + p.m2) - p.m3
@@ -90,16 +113,19 @@ def _oracle(x, w, target, p: HeadParams):
         dphi = torch.where(use_raw, dphi_raw, 1.0)
     if p.margin_grad == "straight_through":
         dphi = torch.ones_like(c)
-    inside = (target >= 0) & (raw > -b) & (raw < b)  # the clamp's derivative (NaN * 0: a NaN row stays NaN)
-    return inv_x, c, torch.stack([phi, dphi * inside, phi_raw])
+    return torch.stack([phi, dphi * inside, phi_raw])  # NaN * 0: a NaN row stays NaN
 
 
-def _torch_rows(x, w, target, p: HeadParams):
-    """The same from facekernels/_rowmath.py's torch (float32): the definition the kernel mirrors."""
+def _torch_cosines(x, w, target, p: HeadParams):
+    """inv_x, c and the clamp's derivative from facekernels/_rowmath.py's torch (float32): the definition the kernel
+    mirrors."""
     inv_x, inv_w = tk.inv_norms(x), tk.inv_norms(w)
-    c, inside = _rowmath.target_cosine(x, w, target, inv_x, inv_w, p)
+    return (inv_x, *_rowmath.target_cosine(x, w, target, inv_x, inv_w, p))
+
+
+def _torch_logit(c, inside, p: HeadParams):
     logit = _rowmath.target_logit(c, p)
-    return inv_x, c, torch.stack([logit.phi, logit.dphi * inside, logit.tau])
+    return torch.stack([logit.phi, logit.dphi * inside.to(c.device), logit.tau])
 
 
 def _assert_within(got, yardstick, want, what):
@@ -126,15 +152,18 @@ def test_target_rows_against_float64(case, dtype, monkeypatch):
     got = tk.KERNELS.target_rows(x_dev, w_dev, inv_w, target_dev, valid_dev, t, p, training=False)
     assert got is not None
     inv_x, c, rows, t_used = got
-    want = _oracle(x, w, target, p)
-    yardstick = _torch_rows(x_dev, w_dev, target_dev, p)
-    for name, g, y, o in zip(("inv_x", "c", "phi / phi' / tau"), (inv_x, c, rows), yardstick, want):
-        _assert_within(g, y, o, f"{case} {dtype} {name}")
+    want_inv_x, want_c, inside = _oracle_cosines(x, w, target, p)
+    torch_inv_x, torch_c, _ = _torch_cosines(x_dev, w_dev, target_dev, p)
+    _assert_within(inv_x, torch_inv_x, want_inv_x, f"{case} {dtype} inv_x")
+    _assert_within(c, torch_c, want_c, f"{case} {dtype} c")
+    # phi, phi', tau at the kernel's own cosines
+    want_rows = _oracle_logit(c.double().cpu(), inside, p)
+    _assert_within(rows, _torch_logit(c, inside, p), want_rows, f"{case} {dtype} phi / phi' / tau")
     # the cases reach what they are for: a fallback row, a row outside the bound, a NaN row
     if p.fallback in (Fallback.MONOTONIC, Fallback.OFFSET) and p.m2 > 0:
         assert (c.cpu() < math.cos(math.pi - p.m2)).any()
     if p.cos_bound < 1:
-        assert rows[1, 3] == 0 and want[2][1, 3] == 0 and yardstick[2][1, 3] == 0
+        assert rows[1, 3] == 0 and not inside[3]
     assert rows[0, :1].isnan().all() and rows[2, :1].isnan().all() and c[5].isnan() and c[6] == 0
     if p.uses_t:
         assert t_used is not t and t_used.item() == t.item() == pytest.approx(0.3)
@@ -157,7 +186,7 @@ def test_curricular_t_update(valid_rows, monkeypatch):
     x_dev, w_dev, target_dev, valid_dev = (a.to(DEVICE) for a in (x, w, target, valid))
     t = torch.tensor(0.3, device=DEVICE)
     want = t.clone()
-    _, c, _ = _torch_rows(x_dev, w_dev, target_dev, p)
+    _, c, _ = _torch_cosines(x_dev, w_dev, target_dev, p)
     _rowmath.update_t_(want, c, valid_dev, p.momentum)
     inv_x, c_got, rows, t_used = tk.KERNELS.target_rows(x_dev, w_dev, tk.inv_norms(w_dev), target_dev, valid_dev, t,
                                                         p, training=True)  # fmt: skip
@@ -181,3 +210,26 @@ def test_heads_outside_the_kernel_are_left_to_torch():
     got = tk.KERNELS.target_rows(*args, tk.inv_norms(args[1]), target.to(DEVICE), valid.to(DEVICE), None,
                                  HeadParams(s=64.0, m1=2.0), training=True)  # fmt: skip
     assert got is None
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_target_logit_mirror_on_a_grid_of_cosines(case, monkeypatch):
+    # head_math.target_logit alone, on 2,001 cosines over [-1, 1] (both ends: sin(theta) = 0, phi' floored), the
+    # fallback's threshold and its neighbours, and NaN: against the float64 oracle, torch's _rowmath as the yardstick
+    p = CASES[case]
+    fallback = _rowmath.has_fallback_branch(p)
+    threshold, offset, _ = _rowmath.fallback_branch(p, p.m2, p.m3) if fallback else (0.0, 0.0, 0.0)
+    grid = torch.linspace(-1, 1, 2001, dtype=torch.float64).float()
+    edge = torch.tensor(threshold if math.isfinite(threshold) else 0.0, dtype=torch.float32)
+    near = torch.stack([torch.nextafter(edge, torch.tensor(-2.0)), edge, torch.nextafter(edge, torch.tensor(2.0))])
+    c = torch.cat([grid, near, torch.tensor([math.nan])])
+    out = torch.full((3, c.numel()), math.nan, device=DEVICE)
+    c_dev = c.to(DEVICE)
+    _logit_kernel[(triton.cdiv(c.numel(), 256),)](c_dev, out, c.numel(), math.cos(p.m2), math.sin(p.m2), p.m3,
+                                                   threshold, offset, LINEAR=p.target_is_linear, FALLBACK=fallback,
+                                                   STRAIGHT_THROUGH=p.margin_grad == "straight_through", BLOCK=256)
+    inside = torch.ones(c.numel(), dtype=torch.bool)
+    want = _oracle_logit(c.double(), inside, p)
+    _assert_within(out, _torch_logit(c_dev, inside, p), want, f"{case} target_logit")
+    # the floor is reached (c = 1: sin(theta) = 0)
+    assert out[1, :-1].abs().max() > 1e3 or p.target_is_linear or p.margin_grad == "straight_through"
