@@ -326,11 +326,9 @@ def fused_head_loss(
             # the pre-pass in one or two launches (CUDA), for the heads the kernels cover (None: the torch below);
             # t updated as update_t_ does
             fused_rows = kernels.target_rows(x_det, w_det, inv_w, target_col, valid, t, p, training)
-    if fused_rows is not None:
-        inv_x, c, target_rows, t_used = fused_rows
-        phi = target_rows[0]
-    else:
-        with torch.no_grad():
+        if fused_rows is not None:
+            inv_x, c, target_rows, t_used = fused_rows
+        else:
             inv_x = kernels.inv_norms(x_det)
             c, inside = target_cosine(x_det, w_det, target_col, inv_x, inv_w, p)
             if group is not None:
@@ -342,20 +340,19 @@ def fused_head_loss(
                 dist.broadcast(margins.m2 if p.row_margins.angular else margins.m3, dist.get_global_rank(group, 0),
                                group=group)  # fmt: skip
             logit = target_logit(c, p, margins.m2, margins.m3)
-            phi, tau = logit.phi, logit.tau
             dphi = logit.dphi * inside  # the clamp's derivative, on the rank whose w holds the target column
             if margins.extra is not None:  # MagFace: d phi / dn through the margin that depends on n
                 angular = margins.dm2_dn is not None
                 dphi_dn = logit.dphi_dm2 * margins.dm2_dn if angular else logit.dphi_dm3 * margins.dm3_dn
                 norm_rows = torch.stack([margins.extra, dphi_dn, margins.dextra_dn])
-        t_used = None
-        if p.uses_t:
-            if training:
-                update_t_(t, c, valid, p.momentum)  # the same on every rank
-            # the value this step used, saved for the backward: the caller's buffer moves on at the next forward,
-            # which may run before this backward (gradient accumulation)
-            t_used = t.detach().clone()
-        target_rows = torch.stack([phi, dphi, tau])
+            t_used = None
+            if p.uses_t:
+                if training:
+                    update_t_(t, c, valid, p.momentum)  # the same on every rank
+                # the value this step used, saved for the backward: the caller's buffer moves on at the next
+                # forward, which may run before this backward (gradient accumulation)
+                t_used = t.detach().clone()
+            target_rows = torch.stack([logit.phi, dphi, logit.tau])
     rows, _, row_max, rank = _HeadRows.apply(x, w, None if group is None else x_all, inv_x, inv_w, target_col,
                                              target_rows, norm_rows, t_used, valid, p, kernels, group, update,
                                              sampled_rows, c if stats else None)  # fmt: skip
@@ -365,4 +362,4 @@ def fused_head_loss(
         # than a finite number without the target's term (valid > in_shard: valid and not in range)
         rows = torch.where(valid > in_shard, torch.nan, rows)
     loss = reduce_row_losses(rows.to(acc_dtype(dtype)), valid, p.reduction)
-    return (loss, head_stats(c, p.s * phi, row_max, valid, rank)) if stats else loss
+    return (loss, head_stats(c, p.s * target_rows[0], row_max, valid, rank)) if stats else loss
